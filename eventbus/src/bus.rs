@@ -1,0 +1,354 @@
+//! The core of the event bus: channels, their subscribers, and the paths in
+//! (publish, join) and out (history, channel lists).
+//!
+//! `Bus` is a cheap `Clone` handle around `Arc<Shared>`. Publishes go through
+//! one writer thread (see `writer.rs`), which numbers events, commits them to
+//! the store in groups and then hands them to live subscribers. Joins take the
+//! channel's lock, replay what was missed from the store and register the
+//! subscriber under that same lock, so that a subscriber sees every event
+//! exactly once, in offset order, across replay and live delivery.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Event, Position,
+    config::Config,
+    error::BusError,
+    store::Store,
+    writer::{Published, WriteRequest},
+};
+
+/// How many deliveries a subscription stream may have queued before it is
+/// considered lagging and ended (the subscriber then resubscribes with its
+/// position and recovers from history).
+pub const SUBSCRIBER_QUEUE: usize = 4096;
+
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) epoch: Arc<str>,
+    /// Every known channel. A std lock: it is held only to look up or insert.
+    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    writer: mpsc::Sender<WriteRequest>,
+    pub(crate) published_total: AtomicU64,
+    subscriptions: AtomicU64,
+    next_subscriber: AtomicU64,
+}
+
+pub(crate) struct Channel {
+    pub(crate) name: Arc<str>,
+    /// Position and subscribers. The writer and joins take this lock without
+    /// any `.await` inside, so replay and live delivery cannot interleave.
+    pub(crate) state: Mutex<ChannelState>,
+}
+
+pub(crate) struct ChannelState {
+    /// Offset of the newest committed event.
+    pub(crate) top: u64,
+    /// Offset of the oldest stored event (`top + 1` when none is).
+    pub(crate) first: u64,
+    pub(crate) subscribers: HashMap<u64, Subscriber>,
+}
+
+/// A new event, checked, before it has a position.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub channel: String,
+    pub name: String,
+    pub data: Bytes,
+    pub idempotency_key: Option<String>,
+    pub meta: Vec<(String, String)>,
+}
+
+/// What a subscription stream receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Joined { channel: Arc<str>, position: Position, recovered: bool, missed: u64 },
+    JoinFailed { channel: String, error: String },
+    Events(Arc<[Event]>),
+    Left { channel: Arc<str> },
+}
+
+/// The sending half of one subscription stream, registered in each channel it joined.
+#[derive(Clone)]
+pub(crate) struct Subscriber {
+    tx: mpsc::Sender<Delivery>,
+    /// Cancelled when the stream's queue overflowed: the stream then ends.
+    lagged: CancellationToken,
+}
+
+impl Subscriber {
+    /// Queues a delivery without waiting; a full queue marks the stream as lagging.
+    pub(crate) fn deliver(&self, delivery: Delivery) -> bool {
+        if self.tx.try_send(delivery).is_ok() {
+            return true;
+        }
+        self.lagged.cancel();
+        false
+    }
+}
+
+/// One subscription stream: any number of channels, one queue.
+pub struct Subscription {
+    bus: Bus,
+    id: u64,
+    subscriber: Subscriber,
+    channels: Vec<Arc<Channel>>,
+}
+
+// === impl Bus ===
+
+impl Bus {
+    pub(crate) fn new(config: Config, store: Arc<dyn Store>) -> (Bus, mpsc::Receiver<WriteRequest>) {
+        let (writer, rx) = mpsc::channel(8192);
+        let epoch = store.epoch();
+        let bus = Bus {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                epoch,
+                channels: Mutex::default(),
+                writer,
+                published_total: AtomicU64::new(0),
+                subscriptions: AtomicU64::new(0),
+                next_subscriber: AtomicU64::new(1),
+            }),
+        };
+        (bus, rx)
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.shared.epoch
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.shared.config.backend.name()
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Returns the channel, creating its in-memory state when it is new.
+    pub(crate) fn channel(&self, name: &str) -> Arc<Channel> {
+        let mut channels = self.shared.channels.lock().unwrap();
+        if let Some(ch) = channels.get(name) {
+            return ch.clone();
+        }
+        let name: Arc<str> = Arc::from(name);
+        let ch = Arc::new(Channel {
+            name: name.clone(),
+            state: Mutex::new(ChannelState { top: 0, first: 1, subscribers: HashMap::new() }),
+        });
+        channels.insert(name, ch.clone());
+        ch
+    }
+
+    /// Restores a channel's position from storage at startup.
+    pub(crate) fn restore(&self, name: Arc<str>, top: u64, first: u64) {
+        let ch = self.channel(&name);
+        let mut st = ch.state.lock().unwrap();
+        st.top = top;
+        st.first = first;
+    }
+
+    pub(crate) fn all_channels(&self) -> Vec<Arc<Channel>> {
+        self.shared.channels.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Checks an event against the contract (SPEC §5, §9).
+    pub fn check(&self, event: &NewEvent) -> Result<(), BusError> {
+        switchboard_proto::channel::validate(&event.channel)?;
+        if event.name.len() > 255 {
+            return Err(BusError::InvalidArgument("event name is longer than 255 bytes".into()));
+        }
+        let size = event.name.len()
+            + event.data.len()
+            + event.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let limit = self.shared.config.max_event_bytes;
+        if size > limit {
+            return Err(BusError::TooLarge { size, limit });
+        }
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event.data)
+            .map_err(|e| BusError::InvalidJson(e.to_string()))?;
+        if event.idempotency_key.as_ref().is_some_and(|k| k.len() > 255) {
+            return Err(BusError::InvalidArgument("idempotency key is longer than 255 bytes".into()));
+        }
+        Ok(())
+    }
+
+    /// Stores an event and returns its position once it is committed.
+    pub async fn publish(&self, event: NewEvent) -> Result<Published, BusError> {
+        self.check(&event)?;
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .writer
+            .send(WriteRequest::Publish { event, reply })
+            .await
+            .map_err(|_| BusError::ShuttingDown)?;
+        rx.await.map_err(|_| BusError::ShuttingDown)?
+    }
+
+    pub(crate) fn writer(&self) -> &mpsc::Sender<WriteRequest> {
+        &self.shared.writer
+    }
+
+    /// Opens a subscription stream whose deliveries arrive on the returned receiver.
+    pub fn subscribe(&self) -> (Subscription, mpsc::Receiver<Delivery>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let lagged = CancellationToken::new();
+        let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let subscriber = Subscriber { tx, lagged: lagged.clone() };
+        (Subscription { bus: self.clone(), id, subscriber, channels: Vec::new() }, rx, lagged)
+    }
+
+    /// Returns stored events after `since` (or from the oldest), and the channel's position.
+    pub fn history(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<(Vec<Event>, Position), BusError> {
+        switchboard_proto::channel::validate(channel)?;
+        let (top, first) = self.position_of(channel);
+        let after = since.unwrap_or(0).max(first.saturating_sub(1));
+        // Events above `top` may be committed but not yet announced; they are left out
+        // so that history never runs ahead of live delivery.
+        let limit = limit.min(top.saturating_sub(after) as usize);
+        let events = if reverse {
+            let mut evs = self.shared.store.read(channel, top.saturating_sub(limit as u64).max(after), limit)?;
+            evs.reverse();
+            evs
+        } else {
+            self.shared.store.read(channel, after, limit)?
+        };
+        Ok((events, Position { offset: top, epoch: self.shared.epoch.clone() }))
+    }
+
+    fn position_of(&self, channel: &str) -> (u64, u64) {
+        let ch = self.shared.channels.lock().unwrap().get(channel).cloned();
+        match ch {
+            Some(ch) => {
+                let st = ch.state.lock().unwrap();
+                (st.top, st.first)
+            }
+            None => (0, 1),
+        }
+    }
+
+    /// Lists channels whose name starts with `prefix`: name, position, subscribers.
+    pub fn channels(&self, prefix: &str) -> Vec<(Arc<str>, Position, u64)> {
+        let mut out: Vec<_> = self
+            .all_channels()
+            .into_iter()
+            .filter(|ch| ch.name.starts_with(prefix))
+            .map(|ch| {
+                let st = ch.state.lock().unwrap();
+                let pos = Position { offset: st.top, epoch: self.shared.epoch.clone() };
+                (ch.name.clone(), pos, st.subscribers.len() as u64)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    pub fn stats(&self) -> (u64, u64, u64) {
+        (
+            self.shared.channels.lock().unwrap().len() as u64,
+            self.shared.subscriptions.load(Ordering::Relaxed),
+            self.shared.published_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+// === impl Subscription ===
+
+impl Subscription {
+    /// Adds a channel. With `since`, replays the events after it when the
+    /// whole gap is stored (SPEC §6), and reports `recovered: false` otherwise.
+    pub fn join(&mut self, channel: &str, since: Option<Position>) {
+        if let Err(e) = switchboard_proto::channel::validate(channel) {
+            self.subscriber.deliver(Delivery::JoinFailed { channel: channel.to_owned(), error: e.to_string() });
+            return;
+        }
+        if self.channels.iter().any(|c| &*c.name == channel) {
+            // Joining twice restarts nothing; answer with the current position.
+            let ch = self.bus.channel(channel);
+            let st = ch.state.lock().unwrap();
+            let position = Position { offset: st.top, epoch: self.bus.shared.epoch.clone() };
+            self.subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered: since.is_some(), missed: 0 });
+            return;
+        }
+        let ch = self.bus.channel(channel);
+        let shared = &self.bus.shared;
+        let mut st = ch.state.lock().unwrap();
+        let position = Position { offset: st.top, epoch: shared.epoch.clone() };
+        let mut replay = Vec::new();
+        let mut recovered = false;
+        if let Some(since) = since {
+            let gap = st.top.saturating_sub(since.offset);
+            recovered = *since.epoch == *shared.epoch
+                && since.offset <= st.top
+                && since.offset + 1 >= st.first
+                && gap <= shared.config.recovery_max;
+            if recovered && gap > 0 {
+                match shared.store.read(channel, since.offset, gap as usize) {
+                    Ok(events) if events.len() as u64 == gap => replay = events,
+                    Ok(_) => recovered = false,
+                    Err(e) => {
+                        tracing::error!(cause = %e, channel, "history read failed");
+                        recovered = false;
+                    }
+                }
+            }
+        }
+        let missed = replay.len() as u64;
+        let ok = self.subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
+            && (replay.is_empty() || self.subscriber.deliver(Delivery::Events(replay.into())));
+        if ok {
+            st.subscribers.insert(self.id, self.subscriber.clone());
+            shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+            drop(st);
+            self.channels.push(ch);
+        }
+    }
+
+    /// Removes a channel and confirms with `Left`.
+    pub fn leave(&mut self, channel: &str) {
+        if let Some(i) = self.channels.iter().position(|c| &*c.name == channel) {
+            let ch = self.channels.swap_remove(i);
+            self.detach(&ch);
+        }
+        self.subscriber.deliver(Delivery::Left { channel: Arc::from(channel) });
+    }
+
+    fn detach(&self, ch: &Channel) {
+        if ch.state.lock().unwrap().subscribers.remove(&self.id).is_some() {
+            self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for ch in std::mem::take(&mut self.channels) {
+            self.detach(&ch);
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The Switchboard event bus: channels of ordered, offset-numbered events,
+//! served over gRPC (`switchboard.eventbus.v1.EventBus`).
+//!
+//! # Layout
+//! - `bus`: the core: channels, subscribers, joins with recovery, history.
+//! - `writer`: the one thread that numbers, commits and announces events.
+//! - `store`: the storage trait and its `memory` and `embedded` backends.
+//! - `service`: the tonic service, the only module that sees proto types.
+//! - `config`, `error`.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod bus;
+pub mod config;
+pub mod error;
+mod service;
+pub mod store;
+mod writer;
+
+pub use bus::{Bus, Delivery, NewEvent};
+pub use config::{Backend, Config, Fsync, HistoryPolicy};
+pub use error::{BusError, StoreError};
+pub use writer::Published;
+
+/// An event as stored and delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// UUID (v7) given by the bus.
+    pub id: String,
+    pub channel: Arc<str>,
+    /// The event's name (`mission_updated`).
+    pub name: String,
+    /// UTF-8 JSON, checked on the way in.
+    pub data: bytes::Bytes,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub timestamp_ms: i64,
+    pub meta: Vec<(String, String)>,
+}
+
+/// A place in a channel: the last offset seen, and the epoch of its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// Opens the configured store and returns a running bus core, without
+/// binding anything. The writer thread runs until `stop` is awaited.
+///
+/// # Errors
+/// When the data directory cannot be opened, or another process holds it.
+pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
+    let store: Arc<dyn store::Store> = match config.backend {
+        Backend::Memory => Arc::new(store::memory::MemoryStore::new()),
+        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync)?),
+    };
+    let channels = store.channels()?;
+    let (bus, rx) = Bus::new(config, store);
+    for meta in channels {
+        bus.restore(meta.channel, meta.top, meta.first);
+    }
+    let writer_bus = bus.clone();
+    let thread = std::thread::Builder::new()
+        .name("eventbus-writer".into())
+        .spawn(move || writer::run(writer_bus, rx))
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    Ok((bus.clone(), BusHandle { bus, thread: Some(thread) }))
+}
+
+/// Owns the writer thread of a bus opened with `open`.
+pub struct BusHandle {
+    bus: Bus,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusHandle {
+    /// Finishes queued writes, stops the writer and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.bus.writer().send(writer::WriteRequest::Stop).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Serves the event bus on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// When the store cannot be opened or the server fails.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (bus, handle) = open(config)?;
+    serve_bus(bus.clone(), listener, shutdown).await?;
+    handle.stop().await;
+    Ok(())
+}
+
+/// Serves an opened bus; `serve` is this plus `open` and `stop`.
+pub async fn serve_bus(
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let token = CancellationToken::new();
+    let expiry = tokio::spawn(expire_every_second(bus.clone(), token.clone()));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<switchboard_proto::eventbus::v1::event_bus_server::EventBusServer<service::EventBusService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are built by the proto crate");
+    let api_key = bus.config().api_key.clone();
+    let svc = service::EventBusService::new(bus, token.clone());
+    let stop = token.clone();
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service::with_key(svc, api_key))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Live subscription streams end here; otherwise they would hold the server open.
+            stop.cancel();
+        })
+        .await;
+    token.cancel();
+    let _ = expiry.await;
+    result
+}
+
+async fn expire_every_second(bus: Bus, token: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {
+                if bus.writer().send(writer::WriteRequest::Expire).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

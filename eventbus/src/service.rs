@@ -1,0 +1,285 @@
+//! The tonic service: converts proto messages to domain types, calls the
+//! `Bus`, and maps errors to statuses. Proto types go no further than here.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt, stream::FuturesOrdered};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming, service::interceptor::InterceptedService};
+
+use switchboard_proto::eventbus::v1 as pb;
+
+use crate::{Bus, Delivery, Event, NewEvent, Position, Published};
+
+/// Most publishes of one `PublishStream` in flight at once.
+const PUBLISH_PIPELINE: usize = 256;
+/// Default and largest `History` page.
+const HISTORY_DEFAULT: usize = 100;
+const HISTORY_MAX: usize = 10_000;
+
+pub struct EventBusService {
+    bus: Bus,
+    /// Cancelled at shutdown, so that live streams end.
+    shutdown: CancellationToken,
+}
+
+impl EventBusService {
+    pub fn new(bus: Bus, shutdown: CancellationToken) -> Self {
+        EventBusService { bus, shutdown }
+    }
+}
+
+/// Wraps the service so that, when `key` is set, every call must carry
+/// `authorization: Bearer <key>`; the key is compared in constant time.
+pub fn with_key(
+    svc: EventBusService,
+    key: Option<String>,
+) -> InterceptedService<
+    pb::event_bus_server::EventBusServer<EventBusService>,
+    impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone,
+> {
+    let key: Option<Arc<[u8]>> = key.map(|k| Arc::from(k.into_bytes()));
+    let server = pb::event_bus_server::EventBusServer::new(svc)
+        .max_decoding_message_size(16 * 1024 * 1024);
+    InterceptedService::new(server, move |req: Request<()>| {
+            let Some(key) = &key else { return Ok(req) };
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if bool::from(given.as_bytes().ct_eq(key)) {
+                Ok(req)
+            } else {
+                Err(Status::unauthenticated("missing or wrong api key"))
+            }
+        })
+}
+
+fn new_event(req: pb::PublishRequest) -> NewEvent {
+    NewEvent {
+        channel: req.channel,
+        name: if req.event.is_empty() { "message".to_owned() } else { req.event },
+        data: req.data,
+        idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
+        meta: req.meta.into_iter().collect(),
+    }
+}
+
+fn published(p: Published) -> pb::PublishResponse {
+    pb::PublishResponse {
+        event_id: p.event_id,
+        offset: p.position.offset,
+        epoch: p.position.epoch.to_string(),
+        duplicate: p.duplicate,
+        error: None,
+    }
+}
+
+fn position(p: &Position) -> pb::StreamPosition {
+    pb::StreamPosition { offset: p.offset, epoch: p.epoch.to_string() }
+}
+
+fn event(e: &Event) -> pb::Event {
+    pb::Event {
+        event_id: e.id.clone(),
+        channel: e.channel.to_string(),
+        event: e.name.clone(),
+        data: e.data.clone(),
+        offset: e.offset,
+        epoch: e.epoch.to_string(),
+        timestamp_ms: e.timestamp_ms,
+        meta: e.meta.iter().cloned().collect(),
+    }
+}
+
+fn delivery(d: Delivery) -> pb::SubscribeResponse {
+    use pb::subscribe_response::Response as R;
+    let response = match d {
+        Delivery::Joined { channel, position: p, recovered, missed } => R::Joined(pb::Joined {
+            channel: channel.to_string(),
+            position: Some(position(&p)),
+            recovered,
+            missed,
+            error: None,
+        }),
+        Delivery::JoinFailed { channel, error } => R::Joined(pb::Joined {
+            channel,
+            position: None,
+            recovered: false,
+            missed: 0,
+            error: Some(pb::Error { code: "invalid_argument".into(), message: error }),
+        }),
+        Delivery::Events(events) => {
+            R::Events(pb::EventBatch { events: events.iter().map(event).collect() })
+        }
+        Delivery::Left { channel } => R::Left(pb::Left { channel: channel.to_string() }),
+    };
+    pb::SubscribeResponse { response: Some(response) }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::event_bus_server::EventBus for EventBusService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let p = self.bus.publish(new_event(request.into_inner())).await?;
+        Ok(Response::new(published(p)))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let bus = self.bus.clone();
+        let (tx, rx) = mpsc::channel(PUBLISH_PIPELINE);
+        tokio::spawn(async move {
+            let mut in_flight = FuturesOrdered::new();
+            let mut inbound_done = false;
+            loop {
+                tokio::select! {
+                    item = inbound.next(), if !inbound_done && in_flight.len() < PUBLISH_PIPELINE => {
+                        match item {
+                            Some(Ok(req)) => {
+                                let bus = bus.clone();
+                                in_flight.push_back(async move { bus.publish(new_event(req)).await });
+                            }
+                            Some(Err(status)) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                            None => inbound_done = true,
+                        }
+                    }
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                        let response = match result {
+                            Ok(p) => published(p),
+                            Err(e) => pb::PublishResponse {
+                                error: Some(pb::Error { code: e.code_name().into(), message: e.to_string() }),
+                                ..Default::default()
+                            },
+                        };
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+                if inbound_done && in_flight.is_empty() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (mut subscription, mut deliveries, lagged) = self.bus.subscribe();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the event bus is shutting down"))).await;
+                        return;
+                    }
+                    _ = lagged.cancelled() => {
+                        let _ = tx.send(Err(Status::resource_exhausted("subscriber lagged; resubscribe from your positions"))).await;
+                        return;
+                    }
+                    item = inbound.next() => {
+                        use pb::subscribe_request::Request as R;
+                        match item {
+                            Some(Ok(pb::SubscribeRequest { request: Some(R::Join(join)) })) => {
+                                let since = join.since.map(|s| Position { offset: s.offset, epoch: Arc::from(s.epoch) });
+                                subscription.join(&join.channel, since);
+                            }
+                            Some(Ok(pb::SubscribeRequest { request: Some(R::Leave(leave)) })) => {
+                                subscription.leave(&leave.channel);
+                            }
+                            Some(Ok(pb::SubscribeRequest { request: None })) => {
+                                let _ = tx.send(Err(Status::invalid_argument("empty subscribe request"))).await;
+                                return;
+                            }
+                            Some(Err(_)) | None => return,
+                        }
+                    }
+                    Some(d) = deliveries.recv() => {
+                        if tx.send(Ok(delivery(d))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => HISTORY_DEFAULT,
+            n => n.min(HISTORY_MAX),
+        };
+        let since = req.since.map(|s| s.offset);
+        let (events, pos) = self.bus.history(&req.channel, since, limit, req.reverse)?;
+        Ok(Response::new(pb::HistoryResponse {
+            events: events.iter().map(event).collect(),
+            position: Some(position(&pos)),
+        }))
+    }
+
+    async fn channels(
+        &self,
+        request: Request<pb::ChannelsRequest>,
+    ) -> Result<Response<pb::ChannelsResponse>, Status> {
+        let prefix = request.into_inner().prefix;
+        let channels = self
+            .bus
+            .channels(&prefix)
+            .into_iter()
+            .map(|(name, pos, subscribers)| pb::ChannelInfo {
+                channel: name.to_string(),
+                position: Some(position(&pos)),
+                subscribers,
+            })
+            .collect();
+        Ok(Response::new(pb::ChannelsResponse { channels }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let (channels, subscriptions, published_total) = self.bus.stats();
+        Ok(Response::new(pb::InfoResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            backend: self.bus.backend().to_owned(),
+            node: self.bus.config().node.clone(),
+            channels,
+            subscriptions,
+            published_total,
+        }))
+    }
+}

@@ -1,0 +1,249 @@
+//! The writer: one thread that numbers, commits and announces every event.
+//!
+//! Publishers queue requests; the writer takes everything queued at once (up
+//! to `MAX_BATCH`), assigns offsets, commits the whole group with one sync
+//! (group commit), then hands each channel's new events to its subscribers
+//! and answers the publishers. One writer means offsets are gap-free and
+//! announcements are in offset order without any lock held across a sync.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    Event, Position,
+    bus::{Bus, Channel, Delivery, NewEvent},
+    config::Fsync,
+    error::BusError,
+    store::{Batch, ChannelMeta, IdempotencyRecord},
+};
+
+/// Most requests committed together.
+const MAX_BATCH: usize = 1024;
+
+/// How long an idempotency key is remembered (SPEC §5).
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+
+/// The answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub event_id: String,
+    pub position: Position,
+    pub duplicate: bool,
+}
+
+pub(crate) enum WriteRequest {
+    Publish { event: NewEvent, reply: oneshot::Sender<Result<Published, BusError>> },
+    /// Drops events past their namespace's TTL and forgets old idempotency keys.
+    Expire,
+    /// Ends the writer once everything queued before it is done.
+    Stop,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+/// Runs the writer until `Stop`; meant for a dedicated thread.
+pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
+    let mut writer = Writer { bus, idempotency: HashMap::new() };
+    writer.load_idempotency();
+    let fsync = writer.bus.config().fsync;
+    let interval = writer.bus.config().fsync_interval;
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        if fsync == Fsync::Batch {
+            std::thread::sleep(interval);
+        }
+        requests.push(first);
+        while requests.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        if !writer.process(&mut requests) {
+            return;
+        }
+    }
+}
+
+struct Writer {
+    bus: Bus,
+    /// `(channel, key)` → the first result and when the key expires (Unix ms).
+    idempotency: HashMap<(Arc<str>, String), (Published, i64)>,
+}
+
+/// A channel touched by the batch being built.
+struct Pending {
+    channel: Arc<Channel>,
+    top: u64,
+    first: u64,
+    events: Vec<Event>,
+}
+
+impl Writer {
+    fn load_idempotency(&mut self) {
+        match self.bus.shared.store.idempotency(now_ms()) {
+            Ok(records) => {
+                for r in records {
+                    let published = Published {
+                        event_id: r.event_id,
+                        position: Position { offset: r.offset, epoch: self.bus.shared.epoch.clone() },
+                        duplicate: true,
+                    };
+                    self.idempotency.insert((r.channel, r.key), (published, r.expires_ms));
+                }
+            }
+            Err(e) => tracing::error!(cause = %e, "cannot load idempotency keys"),
+        }
+    }
+
+    /// Handles one group of requests; returns false when the writer must stop.
+    fn process(&mut self, requests: &mut Vec<WriteRequest>) -> bool {
+        let now = now_ms();
+        let epoch = self.bus.shared.epoch.clone();
+        let mut keep_going = true;
+        let mut expire = false;
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut replies = Vec::new();
+        let mut new_keys = Vec::new();
+        let mut records = Vec::new();
+        for request in requests.drain(..) {
+            let (event, reply) = match request {
+                WriteRequest::Publish { event, reply } => (event, reply),
+                WriteRequest::Expire => {
+                    expire = true;
+                    continue;
+                }
+                WriteRequest::Stop => {
+                    keep_going = false;
+                    continue;
+                }
+            };
+            let name: Arc<str> = match index.get_key_value(event.channel.as_str()) {
+                Some((name, _)) => name.clone(),
+                None => {
+                    let channel = self.bus.channel(&event.channel);
+                    let (top, first) = {
+                        let st = channel.state.lock().unwrap();
+                        (st.top, st.first)
+                    };
+                    let name = channel.name.clone();
+                    index.insert(name.clone(), pending.len());
+                    pending.push(Pending { channel, top, first, events: Vec::new() });
+                    name
+                }
+            };
+            if let Some(key) = &event.idempotency_key {
+                if let Some((first, expires)) = self.idempotency.get(&(name.clone(), key.clone())) {
+                    if *expires > now {
+                        replies.push((reply, Ok(first.clone())));
+                        continue;
+                    }
+                }
+            }
+            let p = &mut pending[index[&name]];
+            p.top += 1;
+            let event_id = uuid::Uuid::now_v7().to_string();
+            let published = Published {
+                event_id: event_id.clone(),
+                position: Position { offset: p.top, epoch: epoch.clone() },
+                duplicate: false,
+            };
+            if let Some(key) = event.idempotency_key {
+                let expires_ms = now + IDEMPOTENCY_WINDOW.as_millis() as i64;
+                let dup = Published { duplicate: true, ..published.clone() };
+                self.idempotency.insert((name.clone(), key.clone()), (dup, expires_ms));
+                new_keys.push((name.clone(), key.clone()));
+                records.push(IdempotencyRecord {
+                    channel: name.clone(),
+                    key,
+                    event_id: event_id.clone(),
+                    offset: p.top,
+                    expires_ms,
+                });
+            }
+            p.events.push(Event {
+                id: event_id,
+                channel: name,
+                name: event.name,
+                data: event.data,
+                offset: p.top,
+                epoch: epoch.clone(),
+                timestamp_ms: now,
+                meta: event.meta,
+            });
+            replies.push((reply, Ok(published)));
+        }
+
+        let touched: Vec<&Pending> = pending.iter().filter(|p| !p.events.is_empty()).collect();
+        if !touched.is_empty() {
+            let mut batch = Batch { idempotency: records, ..Batch::default() };
+            for p in &touched {
+                let size = self.bus.config().history_of(&p.channel.name).size.max(1);
+                let first = p.first.max(p.top.saturating_sub(size) + 1);
+                batch.metas.push(ChannelMeta { channel: p.channel.name.clone(), top: p.top, first });
+                batch.events.extend(p.events.iter().cloned());
+            }
+            if let Err(e) = self.bus.shared.store.commit(&batch) {
+                tracing::error!(cause = %e, "commit failed");
+                for key in new_keys {
+                    self.idempotency.remove(&key);
+                }
+                let msg = e.to_string();
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(BusError::Store(crate::error::StoreError::Io(msg.clone()))));
+                }
+                return keep_going;
+            }
+            let count: usize = pending.iter().map(|p| p.events.len()).sum();
+            self.bus.shared.published_total.fetch_add(count as u64, Ordering::Relaxed);
+            for (p, meta) in pending.into_iter().filter(|p| !p.events.is_empty()).zip(batch.metas) {
+                let events: Arc<[Event]> = p.events.into();
+                let mut st = p.channel.state.lock().unwrap();
+                st.top = meta.top;
+                st.first = meta.first;
+                st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
+            }
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+        if expire {
+            self.expire(now);
+        }
+        keep_going
+    }
+
+    fn expire(&mut self, now: i64) {
+        self.idempotency.retain(|_, (_, expires)| *expires > now);
+        let mut cutoffs = Vec::new();
+        let mut channels = HashMap::new();
+        for ch in self.bus.all_channels() {
+            let st = ch.state.lock().unwrap();
+            if st.first <= st.top {
+                let ttl = self.bus.config().history_of(&ch.name).ttl;
+                cutoffs.push((ch.name.clone(), now - ttl.as_millis() as i64));
+                drop(st);
+                channels.insert(ch.name.clone(), ch);
+            }
+        }
+        match self.bus.shared.store.expire(&cutoffs, now) {
+            Ok(changed) => {
+                for (name, first) in changed {
+                    if let Some(ch) = channels.get(&name) {
+                        let mut st = ch.state.lock().unwrap();
+                        st.first = st.first.max(first);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(cause = %e, "expiry failed"),
+        }
+    }
+}

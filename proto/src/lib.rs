@@ -1,0 +1,19 @@
+//! Generated gRPC types and services of Switchboard.
+//!
+//! Only this crate runs code generation. The types stop at each service's
+//! edge: domain code converts them with `From`/`TryFrom`.
+
+#![forbid(unsafe_code)]
+
+pub mod channel;
+
+/// `switchboard.eventbus.v1`: the event bus.
+pub mod eventbus {
+    #[allow(clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("switchboard.eventbus.v1");
+    }
+}
+
+/// The encoded descriptor set of every service, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");
