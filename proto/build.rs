@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .compile_fds(fds)?;
     // compile_fds emits no rerun-if-changed for its inputs.
-    println!("cargo:rerun-if-changed={}", root.join("switchboard").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("switchboard").display()
+    );
     Ok(())
 }

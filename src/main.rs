@@ -1,1 +1,630 @@
-fn main(){}
+//! `switchboard`: runs the gateway, the event bus, or both (`up`), and the
+//! command-line tools `publish` and `tail`.
+//!
+//! This file only parses the command line and configuration, installs
+//! tracing, binds sockets and calls each service's `serve`; everything else
+//! lives in the service libraries.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod settings;
+
+use std::{
+    collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use switchboard_proto::eventbus::v1 as pb;
+
+use settings::{AccessSetting, Settings, addr};
+
+/// Exit code for invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Real-time event and agent gateway"
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// `text` or `json`.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the gateway and the event bus in one process (dev mode unless --production).
+    Up(ServeArgs),
+    /// Runs the gateway alone.
+    Gateway(ServeArgs),
+    /// Runs the event bus alone.
+    Eventbus(ServeArgs),
+    /// Publishes one event through the bus.
+    Publish {
+        channel: String,
+        event: String,
+        /// The event's data, as JSON.
+        json: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Prints a channel's events as they arrive, one JSON object per line.
+    Tail {
+        channel: String,
+        /// Replays what came after this position first.
+        #[arg(long, value_name = "OFFSET:EPOCH")]
+        since: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args, Default, Clone)]
+struct ServeArgs {
+    /// Anonymous connections, generated secrets (implied by `up`).
+    #[arg(long)]
+    dev: bool,
+    /// Refuses anonymous connections; secrets must be configured.
+    #[arg(long, conflicts_with = "dev")]
+    production: bool,
+    /// Overrides `gateway.listen`.
+    #[arg(long)]
+    gateway_listen: Option<String>,
+    /// Overrides `eventbus.listen`.
+    #[arg(long)]
+    eventbus_listen: Option<String>,
+    /// Overrides `eventbus.backend`.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Overrides `eventbus.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The event bus.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    url: String,
+    /// API key of the bus, when it requires one.
+    #[arg(long, env = "SWITCHBOARD_AUTH__ADMIN_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Up,
+    Gateway,
+    Eventbus,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("SWITCHBOARD_"))
+        .collect();
+    let (role, args) = match cli.command.unwrap_or(Command::Up(ServeArgs::default())) {
+        Command::Up(a) => (Role::Up, a),
+        Command::Gateway(a) => (Role::Gateway, a),
+        Command::Eventbus(a) => (Role::Eventbus, a),
+        Command::Publish {
+            channel,
+            event,
+            json,
+            client,
+            idempotency_key,
+        } => {
+            return runtime.block_on(publish(client, channel, event, json, idempotency_key));
+        }
+        Command::Tail {
+            channel,
+            since,
+            client,
+        } => return runtime.block_on(tail(client, channel, since)),
+    };
+    let plan =
+        match settings::load(cli.config.as_deref(), &env).and_then(|s| Plan::new(s, role, &args)) {
+            Ok(plan) => plan,
+            Err(message) => {
+                eprintln!("error: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+    runtime.block_on(plan.run())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// What to run, checked and ready to bind.
+struct Plan {
+    role: Role,
+    dev: bool,
+    gateway_listen: SocketAddr,
+    eventbus_listen: SocketAddr,
+    gateway: switchboard_gateway::Config,
+    /// Whether `gateway.eventbus_url` was left to default to the local bus.
+    local_bus: bool,
+    eventbus: switchboard_eventbus::Config,
+    admin_key_generated: bool,
+}
+
+fn random_key() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn access(
+    key: &str,
+    setting: Option<&AccessSetting>,
+    default: switchboard_gateway::Access,
+) -> Result<switchboard_gateway::Access, String> {
+    use switchboard_gateway::Access;
+    Ok(match setting {
+        None => default,
+        Some(AccessSetting::Word(w)) => match w.as_str() {
+            "none" => Access::None,
+            "anonymous" => Access::Anonymous,
+            "authenticated" => Access::Authenticated,
+            other => {
+                return Err(format!(
+                    "{key}: {other:?} is not one of none, anonymous, authenticated, or a list of roles"
+                ));
+            }
+        },
+        Some(AccessSetting::Roles(roles)) => Access::Roles(roles.clone()),
+    })
+}
+
+impl Plan {
+    fn new(mut s: Settings, role: Role, args: &ServeArgs) -> Result<Plan, String> {
+        if let Some(v) = &args.gateway_listen {
+            s.gateway.listen = v.clone();
+        }
+        if let Some(v) = &args.eventbus_listen {
+            s.eventbus.listen = v.clone();
+        }
+        if let Some(v) = &args.backend {
+            s.eventbus.backend = v.clone();
+        }
+        if let Some(v) = &args.data_dir {
+            s.eventbus.data_dir = v.clone();
+        }
+        let dev = args.dev || (role == Role::Up && !args.production);
+        let gateway_listen = addr("gateway.listen", &s.gateway.listen)?;
+        let eventbus_listen = addr("eventbus.listen", &s.eventbus.listen)?;
+        let backend = match s.eventbus.backend.as_str() {
+            "embedded" => switchboard_eventbus::Backend::Embedded,
+            "memory" => switchboard_eventbus::Backend::Memory,
+            "redis" | "nats" => {
+                return Err(format!(
+                    "eventbus.backend: the {} backend is not available in this build yet",
+                    s.eventbus.backend
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "eventbus.backend: {other:?} is not one of embedded, memory, redis, nats"
+                ));
+            }
+        };
+        let fsync = match s.eventbus.fsync.as_str() {
+            "always" => switchboard_eventbus::Fsync::Always,
+            "batch" => switchboard_eventbus::Fsync::Batch,
+            "never" => switchboard_eventbus::Fsync::Never,
+            other => {
+                return Err(format!(
+                    "eventbus.fsync: {other:?} is not one of always, batch, never"
+                ));
+            }
+        };
+        let l = &s.limits;
+        for (key, value) in [
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_subscriptions", l.max_subscriptions),
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_connections_per_user",
+                l.max_connections_per_user,
+            ),
+            ("limits.rate_per_second", l.rate_per_second as usize),
+            ("limits.rate_burst", l.rate_burst as usize),
+            (
+                "limits.protocol_errors_per_minute",
+                l.protocol_errors_per_minute,
+            ),
+            ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            ("limits.max_event_bytes", l.max_event_bytes),
+            ("limits.history_size", l.history_size as usize),
+        ] {
+            if value == 0 {
+                return Err(format!("{key}: must be greater than 0"));
+            }
+        }
+        if s.gateway.heartbeat_interval.0.is_zero() {
+            return Err("gateway.heartbeat_interval: must be greater than 0".into());
+        }
+        let mut admin_key_generated = false;
+        let admin_key = match s.auth.admin_key.clone() {
+            Some(k) if k.len() < 16 => return Err("auth.admin_key: must be at least 16 characters".into()),
+            Some(k) => Some(k),
+            None if dev => {
+                admin_key_generated = true;
+                Some(random_key())
+            }
+            None => return Err("auth.admin_key: required outside --dev (or set it with SWITCHBOARD_AUTH__ADMIN_KEY)".into()),
+        };
+        let anonymous = s.auth.anonymous.unwrap_or(dev);
+
+        let history = switchboard_eventbus::HistoryPolicy {
+            size: l.history_size,
+            ttl: l.history_ttl.0,
+        };
+        let mut bus_namespaces = HashMap::new();
+        let mut gw_namespaces = HashMap::new();
+        for (name, ns) in &s.namespaces {
+            bus_namespaces.insert(
+                name.clone(),
+                switchboard_eventbus::HistoryPolicy {
+                    size: ns.history_size.unwrap_or(history.size),
+                    ttl: ns.history_ttl.map(|d| d.0).unwrap_or(history.ttl),
+                },
+            );
+            gw_namespaces.insert(
+                name.clone(),
+                switchboard_gateway::Namespace {
+                    subscribe: access(
+                        &format!("namespaces.{name}.subscribe"),
+                        ns.subscribe.as_ref(),
+                        switchboard_gateway::Access::Anonymous,
+                    )?,
+                    publish: access(
+                        &format!("namespaces.{name}.publish"),
+                        ns.publish.as_ref(),
+                        switchboard_gateway::Access::None,
+                    )?,
+                },
+            );
+        }
+        let eventbus = switchboard_eventbus::Config {
+            backend,
+            data_dir: s.eventbus.data_dir.clone(),
+            fsync,
+            fsync_interval: s.eventbus.fsync_interval.0,
+            max_event_bytes: l.max_event_bytes,
+            recovery_max: l.recovery_max,
+            history,
+            namespaces: bus_namespaces,
+            // A generated (dev) key guards only the HTTP admin API, so that
+            // `switchboard publish` and producers work out of the box in dev.
+            api_key: s.auth.admin_key.clone(),
+            node: "eventbus".into(),
+        };
+        let local_bus = s.gateway.eventbus_url.is_none();
+        let gateway = switchboard_gateway::Config {
+            node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
+            eventbus_url: s
+                .gateway
+                .eventbus_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{eventbus_listen}")),
+            admin_key,
+            anonymous,
+            heartbeat_interval: s.gateway.heartbeat_interval.0,
+            heartbeat_timeout: s.gateway.heartbeat_timeout.0,
+            shutdown_grace: s.gateway.shutdown_grace.0,
+            limits: switchboard_gateway::Limits {
+                max_message_bytes: l.max_message_bytes,
+                max_subscriptions: l.max_subscriptions,
+                max_connections: l.max_connections,
+                max_connections_per_user: l.max_connections_per_user,
+                rate_per_second: l.rate_per_second,
+                rate_burst: l.rate_burst,
+                protocol_errors_per_minute: l.protocol_errors_per_minute,
+                outbound_queue_bytes: l.outbound_queue_bytes,
+                recovery_max: l.recovery_max,
+            },
+            namespaces: gw_namespaces,
+            allowed_origins: s.gateway.allowed_origins.clone(),
+        };
+        Ok(Plan {
+            role,
+            dev,
+            gateway_listen,
+            eventbus_listen,
+            gateway,
+            local_bus,
+            eventbus,
+            admin_key_generated,
+        })
+    }
+
+    async fn run(mut self) -> ExitCode {
+        let stop = CancellationToken::new();
+        tokio::spawn(signal(stop.clone()));
+        let runs_bus = self.role != Role::Gateway;
+        let runs_gateway = self.role != Role::Eventbus;
+        let bus_listener = if runs_bus {
+            match TcpListener::bind(self.eventbus_listen).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot listen on {} (eventbus.listen): {e}",
+                        self.eventbus_listen
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            None
+        };
+        let gateway_listener = if runs_gateway {
+            match TcpListener::bind(self.gateway_listen).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot listen on {} (gateway.listen): {e}",
+                        self.gateway_listen
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            None
+        };
+        let mut bus_task = None;
+        if let Some(listener) = bus_listener {
+            let bus_addr = listener.local_addr().ok();
+            if self.local_bus {
+                if let Some(a) = bus_addr {
+                    self.gateway.eventbus_url = format!("http://{a}");
+                }
+            }
+            let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    eprintln!("error: cannot open the event bus store: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!(
+                "eventbus  grpc://{}  (backend {}, epoch {})",
+                bus_addr.map(|a| a.to_string()).unwrap_or_default(),
+                bus.backend(),
+                bus.epoch()
+            );
+            let token = stop.clone();
+            bus_task = Some(tokio::spawn(async move {
+                let r =
+                    switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
+                handle.stop().await;
+                r.map_err(|e| e.to_string())
+            }));
+        }
+        let mut gateway_task = None;
+        if let Some(listener) = gateway_listener {
+            if let Ok(a) = listener.local_addr() {
+                println!("gateway   ws://{a}/ws/connect");
+                println!("          http://{a}/api/ws/info");
+            }
+            let token = stop.clone();
+            let config = self.gateway.clone();
+            gateway_task = Some(tokio::spawn(async move {
+                switchboard_gateway::serve(config, listener, token.cancelled_owned())
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+        }
+        if self.admin_key_generated {
+            if let Some(key) = &self.gateway.admin_key {
+                println!("admin key {key}  (generated; set auth.admin_key to keep one)");
+            }
+        }
+        println!(
+            "mode      {}",
+            if self.dev {
+                "dev: anonymous connections allowed"
+            } else {
+                "production"
+            }
+        );
+        let mut code = ExitCode::SUCCESS;
+        // Gateway first: its sessions say goodbye while the bus still serves.
+        for task in [gateway_task, bus_task].into_iter().flatten() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    stop.cancel();
+                    code = ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("error: service task failed: {e}");
+                    code = ExitCode::FAILURE;
+                }
+            }
+        }
+        code
+    }
+}
+
+async fn signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    stop.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    stop.cancel();
+}
+
+type Client = pb::event_bus_client::EventBusClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        switchboard_gateway::link::ApiKey,
+    >,
+>;
+
+fn client(args: &ClientArgs) -> Result<Client, String> {
+    switchboard_gateway::link::client(&args.url, args.key.as_deref())
+}
+
+async fn publish(
+    args: ClientArgs,
+    channel: String,
+    event: String,
+    json: String,
+    key: Option<String>,
+) -> ExitCode {
+    let mut client = match client(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let request = pb::PublishRequest {
+        channel,
+        event,
+        data: json.into_bytes().into(),
+        idempotency_key: key.unwrap_or_default(),
+        meta: Default::default(),
+    };
+    match client.publish(request).await {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            println!(
+                "{}",
+                serde_json::json!({ "event_id": r.event_id, "offset": r.offset, "epoch": r.epoch, "duplicate": r.duplicate })
+            );
+            ExitCode::SUCCESS
+        }
+        Err(status) => {
+            eprintln!("error: {}: {}", status.code(), status.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn tail(args: ClientArgs, channel: String, since: Option<String>) -> ExitCode {
+    let since = match since
+        .as_deref()
+        .map(switchboard_gateway::protocol::parse_since)
+    {
+        None => None,
+        Some(Some(s)) => Some(pb::StreamPosition {
+            offset: s.offset,
+            epoch: s.epoch,
+        }),
+        Some(None) => {
+            eprintln!("error: --since must be OFFSET:EPOCH");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut client = match client(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let join = pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Join(pb::Join {
+            channel,
+            since,
+        })),
+    };
+    // The request stream stays open (and the subscription with it) until exit.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let _ = tx.send(join).await;
+    let mut stream = match client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            eprintln!("error: {}: {}", status.code(), status.message());
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            m = stream.message() => m,
+        };
+        use pb::subscribe_response::Response as R;
+        match msg {
+            Ok(Some(pb::SubscribeResponse {
+                response: Some(R::Joined(j)),
+            })) => {
+                if let Some(err) = j.error {
+                    eprintln!("error: {}", err.message);
+                    return ExitCode::FAILURE;
+                }
+                let p = j.position.unwrap_or_default();
+                eprintln!(
+                    "# joined {} at {}:{} (recovered: {}, missed: {})",
+                    j.channel, p.offset, p.epoch, j.recovered, j.missed
+                );
+            }
+            Ok(Some(pb::SubscribeResponse {
+                response: Some(R::Events(batch)),
+            })) => {
+                for e in &batch.events {
+                    println!("{}", switchboard_gateway::link::frame(e).text.as_str());
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(status) => {
+                eprintln!("error: {}: {}", status.code(), status.message());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}

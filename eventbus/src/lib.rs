@@ -59,7 +59,10 @@ pub struct Position {
 pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
     let store: Arc<dyn store::Store> = match config.backend {
         Backend::Memory => Arc::new(store::memory::MemoryStore::new()),
-        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync)?),
+        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(
+            &config.data_dir,
+            config.fsync,
+        )?),
     };
     let channels = store.channels()?;
     let (bus, rx) = Bus::new(config, store);
@@ -71,7 +74,13 @@ pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
         .name("eventbus-writer".into())
         .spawn(move || writer::run(writer_bus, rx))
         .map_err(|e| StoreError::Io(e.to_string()))?;
-    Ok((bus.clone(), BusHandle { bus, thread: Some(thread) }))
+    Ok((
+        bus.clone(),
+        BusHandle {
+            bus,
+            thread: Some(thread),
+        },
+    ))
 }
 
 /// Owns the writer thread of a bus opened with `open`.
@@ -127,11 +136,14 @@ pub async fn serve_bus(
         .add_service(health)
         .add_service(reflection)
         .add_service(service::with_key(svc, api_key))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            // Live subscription streams end here; otherwise they would hold the server open.
-            stop.cancel();
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                shutdown.await;
+                // Live subscription streams end here; otherwise they would hold the server open.
+                stop.cancel();
+            },
+        )
         .await;
     token.cancel();
     let _ = expiry.await;

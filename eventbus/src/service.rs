@@ -42,28 +42,32 @@ pub fn with_key(
     impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone,
 > {
     let key: Option<Arc<[u8]>> = key.map(|k| Arc::from(k.into_bytes()));
-    let server = pb::event_bus_server::EventBusServer::new(svc)
-        .max_decoding_message_size(16 * 1024 * 1024);
+    let server =
+        pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
     InterceptedService::new(server, move |req: Request<()>| {
-            let Some(key) = &key else { return Ok(req) };
-            let given = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if bool::from(given.as_bytes().ct_eq(key)) {
-                Ok(req)
-            } else {
-                Err(Status::unauthenticated("missing or wrong api key"))
-            }
-        })
+        let Some(key) = &key else { return Ok(req) };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(key)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong api key"))
+        }
+    })
 }
 
 fn new_event(req: pb::PublishRequest) -> NewEvent {
     NewEvent {
         channel: req.channel,
-        name: if req.event.is_empty() { "message".to_owned() } else { req.event },
+        name: if req.event.is_empty() {
+            "message".to_owned()
+        } else {
+            req.event
+        },
         data: req.data,
         idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
         meta: req.meta.into_iter().collect(),
@@ -81,7 +85,10 @@ fn published(p: Published) -> pb::PublishResponse {
 }
 
 fn position(p: &Position) -> pb::StreamPosition {
-    pb::StreamPosition { offset: p.offset, epoch: p.epoch.to_string() }
+    pb::StreamPosition {
+        offset: p.offset,
+        epoch: p.epoch.to_string(),
+    }
 }
 
 fn event(e: &Event) -> pb::Event {
@@ -100,7 +107,12 @@ fn event(e: &Event) -> pb::Event {
 fn delivery(d: Delivery) -> pb::SubscribeResponse {
     use pb::subscribe_response::Response as R;
     let response = match d {
-        Delivery::Joined { channel, position: p, recovered, missed } => R::Joined(pb::Joined {
+        Delivery::Joined {
+            channel,
+            position: p,
+            recovered,
+            missed,
+        } => R::Joined(pb::Joined {
             channel: channel.to_string(),
             position: Some(position(&p)),
             recovered,
@@ -112,14 +124,21 @@ fn delivery(d: Delivery) -> pb::SubscribeResponse {
             position: None,
             recovered: false,
             missed: 0,
-            error: Some(pb::Error { code: "invalid_argument".into(), message: error }),
+            error: Some(pb::Error {
+                code: "invalid_argument".into(),
+                message: error,
+            }),
         }),
-        Delivery::Events(events) => {
-            R::Events(pb::EventBatch { events: events.iter().map(event).collect() })
-        }
-        Delivery::Left { channel } => R::Left(pb::Left { channel: channel.to_string() }),
+        Delivery::Events(events) => R::Events(pb::EventBatch {
+            events: events.iter().map(event).collect(),
+        }),
+        Delivery::Left { channel } => R::Left(pb::Left {
+            channel: channel.to_string(),
+        }),
     };
-    pb::SubscribeResponse { response: Some(response) }
+    pb::SubscribeResponse {
+        response: Some(response),
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

@@ -17,10 +17,16 @@ impl std::fmt::Display for ChannelNameError {
         match self {
             ChannelNameError::Empty => write!(f, "channel name is empty"),
             ChannelNameError::TooLong => {
-                write!(f, "channel name is longer than {MAX_CHANNEL_LEN} characters")
+                write!(
+                    f,
+                    "channel name is longer than {MAX_CHANNEL_LEN} characters"
+                )
             }
             ChannelNameError::BadCharacter(c) => {
-                write!(f, "channel name contains {c:?}; allowed are A-Z a-z 0-9 _ - . : # , @ =")
+                write!(
+                    f,
+                    "channel name contains {c:?}; allowed are A-Z a-z 0-9 _ - . : # , @ ="
+                )
             }
         }
     }
@@ -65,7 +71,13 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in ["missions", "task:42", "thread:7f3c#alice", "a.b-c_d:e#f,g@h=i", "x"] {
+        for ok in [
+            "missions",
+            "task:42",
+            "thread:7f3c#alice",
+            "a.b-c_d:e#f,g@h=i",
+            "x",
+        ] {
             assert_eq!(validate(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate(&"a".repeat(255)), Ok(()));

@@ -16,4 +16,5 @@ pub mod eventbus {
 }
 
 /// The encoded descriptor set of every service, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("switchboard_descriptor");

@@ -17,7 +17,10 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
-        MemoryStore { epoch: new_epoch(), channels: RwLock::default() }
+        MemoryStore {
+            epoch: new_epoch(),
+            channels: RwLock::default(),
+        }
     }
 }
 
@@ -43,7 +46,10 @@ impl Store for MemoryStore {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut channels = self.channels.write().unwrap();
         for event in &batch.events {
-            channels.entry(event.channel.clone()).or_default().push_back(event.clone());
+            channels
+                .entry(event.channel.clone())
+                .or_default()
+                .push_back(event.clone());
         }
         for meta in &batch.metas {
             if let Some(log) = channels.get_mut(&meta.channel) {
@@ -57,7 +63,9 @@ impl Store for MemoryStore {
 
     fn read(&self, channel: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         let channels = self.channels.read().unwrap();
-        let Some(log) = channels.get(channel) else { return Ok(Vec::new()) };
+        let Some(log) = channels.get(channel) else {
+            return Ok(Vec::new());
+        };
         // Offsets are dense, so the position of `after + 1` is computed, not searched.
         let start = match log.front() {
             Some(first) if after >= first.offset => (after + 1 - first.offset) as usize,
@@ -73,8 +81,16 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let channels = self.channels.read().unwrap();
-        let Some(log) = channels.get(channel) else { return Ok(Vec::new()) };
-        Ok(log.iter().rev().take_while(|e| e.offset > after).take(limit).cloned().collect())
+        let Some(log) = channels.get(channel) else {
+            return Ok(Vec::new());
+        };
+        Ok(log
+            .iter()
+            .rev()
+            .take_while(|e| e.offset > after)
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     fn expire(
@@ -85,7 +101,9 @@ impl Store for MemoryStore {
         let mut channels = self.channels.write().unwrap();
         let mut changed = Vec::new();
         for (channel, cutoff) in cutoffs {
-            let Some(log) = channels.get_mut(channel) else { continue };
+            let Some(log) = channels.get_mut(channel) else {
+                continue;
+            };
             let mut dropped = None;
             while log.front().is_some_and(|e| e.timestamp_ms < *cutoff) {
                 dropped = log.pop_front().map(|e| e.offset);

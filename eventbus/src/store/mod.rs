@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::{error::StoreError, Event};
+use crate::{Event, error::StoreError};
 
 pub mod embedded;
 pub mod memory;
@@ -60,8 +60,12 @@ pub trait Store: Send + Sync + 'static {
     fn read(&self, channel: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
 
     /// Returns up to `limit` events of `channel` with offsets above `after`, newest first.
-    fn read_newest(&self, channel: &str, after: u64, limit: usize)
-    -> Result<Vec<Event>, StoreError>;
+    fn read_newest(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
 
     /// Drops events older than `cutoff_ms` and forgets expired idempotency
     /// keys; returns the new `first` of each channel that changed.

@@ -1,0 +1,110 @@
+//! Configuration of the gateway: pure data; the binary loads and checks it.
+
+use std::{collections::HashMap, time::Duration};
+
+/// Every limit of SPEC §9 that the gateway enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest text frame; bigger ones close the connection with `1009`.
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    /// Connections on this node; more get HTTP 503 before the upgrade.
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// Frames per second a client may send, and the burst above it.
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    /// Protocol errors per minute before closing with `4501`.
+    pub protocol_errors_per_minute: usize,
+    /// Bytes queued for a connection before it is closed with `4002`.
+    pub outbound_queue_bytes: usize,
+    /// Most events replayed to a recovering client.
+    pub recovery_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_subscriptions: 128,
+            max_connections: 10_000,
+            max_connections_per_user: 16,
+            rate_per_second: 100,
+            rate_burst: 200,
+            protocol_errors_per_minute: 10,
+            outbound_queue_bytes: 1024 * 1024,
+            recovery_max: 1000,
+        }
+    }
+}
+
+/// Who may do something in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    None,
+    Anonymous,
+    Authenticated,
+    Roles(Vec<String>),
+}
+
+/// Rules of one namespace (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub subscribe: Access,
+    /// Client publishing; off unless a namespace allows it.
+    pub publish: Access,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace {
+            subscribe: Access::Anonymous,
+            publish: Access::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name of this node in frames and stats.
+    pub node: String,
+    /// The event bus, such as `http://127.0.0.1:50051`.
+    pub eventbus_url: String,
+    /// Key for the admin HTTP API, also sent to the bus as a bearer token.
+    pub admin_key: Option<String>,
+    /// Whether connections without a token are let in.
+    pub anonymous: bool,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// How long shutdown waits for connections to flush and close.
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+    /// Rules by namespace; others get `Namespace::default()`.
+    pub namespaces: HashMap<String, Namespace>,
+    /// Origins allowed to open WebSockets and call the API; empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: "gateway".to_owned(),
+            eventbus_url: "http://127.0.0.1:50051".to_owned(),
+            admin_key: None,
+            anonymous: true,
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+            namespaces: HashMap::new(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn namespace(&self, channel: &str) -> Namespace {
+        let ns = switchboard_proto::channel::namespace(channel);
+        self.namespaces.get(ns).cloned().unwrap_or_default()
+    }
+}

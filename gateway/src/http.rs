@@ -1,0 +1,582 @@
+//! The router: WebSocket endpoints (SPEC §3.1) and the HTTP API (SPEC §4).
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, Query, State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use switchboard_proto::eventbus::v1 as pb;
+
+use crate::{
+    Node,
+    disconnect::Disconnect,
+    hub::BROADCAST_CHANNEL,
+    protocol::{self, Since},
+    session::{self, Params, status_error},
+};
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/ws", any(ws_connect))
+        .route("/ws/connect", any(ws_connect))
+        .route("/ws/channel/{channel}", any(ws_channel))
+        .route("/ws/tasks/{task_id}", any(ws_task))
+        .route("/api/ws/broadcast", post(broadcast))
+        .route("/api/ws/broadcast/all", post(broadcast_all))
+        .route("/api/ws/users/{user_id}/send", post(send_to_user))
+        .route("/api/ws/connections/{id}/disconnect", post(disconnect))
+        .route("/api/ws/stats", get(stats))
+        .route("/api/v1/websocket/status", get(stats))
+        .route("/api/ws/channels/{channel}", get(channel_info))
+        .route("/api/ws/channels/{channel}/history", get(history))
+        .route("/api/ws/info", get(info))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(node)
+}
+
+/// An error answer: `{"error": {"code", "message"}}` with a status.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn from_status(status: &tonic::Status) -> Self {
+        let (code, message) = status_error(status);
+        let http = match code {
+            "invalid_frame" => StatusCode::BAD_REQUEST,
+            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let code = if code == "invalid_frame" {
+            "invalid_request"
+        } else {
+            code
+        };
+        ApiError::new(http, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(body: Value) -> ApiResult {
+    Ok(axum::Json(body).into_response())
+}
+
+/// Checks `Authorization: Bearer <key>` or `X-API-Key` against the admin key,
+/// in constant time. Without a configured key the API is open (dev tools only;
+/// the binary always configures one).
+fn admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &node.config.admin_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    match given {
+        Some(g) if bool::from(g.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong admin key",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin key required as `Authorization: Bearer <key>` or `X-API-Key`",
+        )),
+    }
+}
+
+fn json_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Returns the first of `names` present in `body` as a string.
+fn string_field(
+    body: &serde_json::Map<String, Value>,
+    names: &[&str],
+) -> Result<Option<String>, ApiError> {
+    for name in names {
+        match body.get(*name) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => return Ok(Some(s.clone())),
+            Some(_) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("field `{name}` must be a string"),
+                ));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn data_field(body: &serde_json::Map<String, Value>, names: &[&str]) -> Value {
+    names
+        .iter()
+        .find_map(|n| body.get(*n).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn check_channel(channel: &str) -> Result<(), ApiError> {
+    switchboard_proto::channel::validate(channel)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
+}
+
+async fn publish(
+    node: &Node,
+    channel: &str,
+    event: String,
+    data: &Value,
+) -> Result<pb::PublishResponse, ApiError> {
+    let request = pb::PublishRequest {
+        channel: channel.to_owned(),
+        event,
+        data: data.to_string().into(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let result = node.bus.clone().publish(request).await;
+    node.metrics
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+        .map(|r| r.into_inner())
+        .map_err(|s| ApiError::from_status(&s))
+}
+
+// === WebSocket endpoints ===
+
+#[derive(Deserialize, Default)]
+struct WsQuery {
+    token: Option<String>,
+    since: Option<String>,
+}
+
+async fn ws_connect(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(node, headers, q, ws, None)
+}
+
+async fn ws_channel(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(channel): Path<String>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(node, headers, q, ws, Some(channel))
+}
+
+async fn ws_task(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(node, headers, q, ws, Some(format!("task:{task_id}")))
+}
+
+fn upgrade(
+    node: Arc<Node>,
+    headers: HeaderMap,
+    q: WsQuery,
+    ws: WebSocketUpgrade,
+    channel: Option<String>,
+) -> Response {
+    if !node.config.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if let Some(origin) = origin {
+            if !node.config.allowed_origins.iter().any(|o| o == origin) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    "origin not allowed",
+                )
+                .into_response();
+            }
+        }
+    }
+    if !node.ready() && node.shutdown.is_cancelled() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        )
+        .into_response();
+    }
+    if node.hub.connection_count() >= node.config.limits.max_connections {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_exceeded",
+            "this node is at its connection limit",
+        )
+        .into_response();
+    }
+    let since: Option<Since> = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(s) => match protocol::parse_since(s) {
+            Some(since) => Some(since),
+            None => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "`since` must be OFFSET:EPOCH",
+                )
+                .into_response();
+            }
+        },
+    };
+    if q.token.is_some() || !node.config.anonymous {
+        // Token authentication is not part of this build yet: refuse rather than
+        // let a token holder in unchecked.
+        let anonymous = node.config.anonymous && q.token.is_none();
+        if !anonymous {
+            return ws.on_upgrade(move |socket| refuse(socket, Disconnect::UNAUTHORIZED));
+        }
+    }
+    let limit = node.config.limits.max_message_bytes;
+    let params = Params {
+        channel,
+        since,
+        ..Params::default()
+    };
+    let sessions = node.sessions.clone();
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| sessions.track_future(session::run(node, socket, params)))
+}
+
+async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let bye = protocol::frame(
+        "disconnect",
+        None,
+        json!({ "code": reason.code, "reason": reason.reason, "reconnect": false }),
+    );
+    let _ = socket.send(Message::Text(bye.into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: reason.code,
+            reason: reason.reason.into(),
+        })))
+        .await;
+}
+
+// === HTTP API ===
+
+async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    admin(&node, &headers)?;
+    let body = json_body(&body)?;
+    let channel = string_field(&body, &["channel"])?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "field `channel` is missing",
+        )
+    })?;
+    check_channel(&channel)?;
+    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
+    let data = data_field(&body, &["message", "data"]);
+    let published = publish(&node, &channel, event, &data).await?;
+    let (listeners, _) = node.hub.channel(&channel);
+    ok(json!({
+        "status": "broadcasted",
+        "channel": channel,
+        "subscribers": listeners.len(),
+        "offset": published.offset,
+        "event_id": published.event_id,
+    }))
+}
+
+async fn broadcast_all(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    admin(&node, &headers)?;
+    let body = json_body(&body)?;
+    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
+    let data = data_field(&body, &["data", "message"]);
+    let published = publish(&node, BROADCAST_CHANNEL, event, &data).await?;
+    ok(json!({
+        "status": "broadcasted",
+        "channel": BROADCAST_CHANNEL,
+        "connections": node.hub.connection_count(),
+        "offset": published.offset,
+        "event_id": published.event_id,
+    }))
+}
+
+async fn send_to_user(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    admin(&node, &headers)?;
+    let body = json_body(&body)?;
+    let channel = format!("user#{user_id}");
+    check_channel(&channel)?;
+    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
+    let data = data_field(&body, &["data", "message"]);
+    let published = publish(&node, &channel, event, &data).await?;
+    ok(json!({
+        "status": "sent",
+        "user_id": user_id,
+        "channel": channel,
+        "offset": published.offset,
+        "event_id": published.event_id,
+    }))
+}
+
+async fn disconnect(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    admin(&node, &headers)?;
+    let queue = uuid::Uuid::parse_str(&id)
+        .ok()
+        .and_then(|id| node.hub.connection_queue(id));
+    let Some(queue) = queue else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no connection {id}"),
+        ));
+    };
+    queue.close(Disconnect::FORBIDDEN);
+    ok(json!({ "status": "disconnected", "connection_id": id }))
+}
+
+async fn stats(State(node): State<Arc<Node>>, headers: HeaderMap) -> ApiResult {
+    admin(&node, &headers)?;
+    let (connections, users, channels) = node.hub.stats();
+    let total_channels = channels.len();
+    let channels: serde_json::Map<String, Value> =
+        channels.into_iter().map(|(k, n)| (k, json!(n))).collect();
+    ok(json!({
+        "total_connections": connections,
+        "total_users": users,
+        "total_channels": total_channels,
+        "channels": channels,
+        "node": node.config.node,
+        "bus_linked": node.hub.link_is_up(),
+    }))
+}
+
+async fn channel_info(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(channel): Path<String>,
+) -> ApiResult {
+    admin(&node, &headers)?;
+    check_channel(&channel)?;
+    let (listeners, position) = node.hub.channel(&channel);
+    let position = match position {
+        Some(p) => json!(p),
+        None => {
+            // Not subscribed on this node: ask the bus where the channel stands.
+            let request = pb::HistoryRequest {
+                channel: channel.clone(),
+                limit: 1,
+                reverse: true,
+                ..Default::default()
+            };
+            let resp = node
+                .bus
+                .clone()
+                .history(request)
+                .await
+                .map_err(|s| ApiError::from_status(&s))?
+                .into_inner();
+            resp.position
+                .map(|p| json!({ "offset": p.offset, "epoch": p.epoch }))
+                .unwrap_or(Value::Null)
+        }
+    };
+    ok(json!({
+        "channel": channel,
+        "subscribers": listeners.len(),
+        "connection_ids": listeners,
+        "position": position,
+    }))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult {
+    admin(&node, &headers)?;
+    check_channel(&channel)?;
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(s) => {
+            let offset = s
+                .split(':')
+                .next()
+                .and_then(|o| o.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "`since` must be OFFSET or OFFSET:EPOCH",
+                    )
+                })?;
+            Some(pb::StreamPosition {
+                offset,
+                epoch: String::new(),
+            })
+        }
+    };
+    let request = pb::HistoryRequest {
+        channel,
+        since,
+        limit: q.limit.unwrap_or(100),
+        reverse: false,
+    };
+    let resp = node
+        .bus
+        .clone()
+        .history(request)
+        .await
+        .map_err(|s| ApiError::from_status(&s))?
+        .into_inner();
+    let events: Vec<Value> = resp
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "channel": e.channel,
+                "event": e.event,
+                "data": serde_json::from_slice::<Value>(&e.data).unwrap_or(Value::Null),
+                "id": e.event_id,
+                "offset": e.offset,
+                "epoch": e.epoch,
+                "timestamp": e.timestamp_ms as f64 / 1000.0,
+            })
+        })
+        .collect();
+    let position = resp
+        .position
+        .map(|p| json!({ "offset": p.offset, "epoch": p.epoch }));
+    ok(json!({ "events": events, "position": position }))
+}
+
+async fn info(State(node): State<Arc<Node>>) -> ApiResult {
+    let limits = &node.config.limits;
+    ok(json!({
+        "name": "switchboard",
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": "v1",
+        "node": node.config.node,
+        "endpoints": {
+            "websocket": ["/ws", "/ws/connect", "/ws/channel/{channel}", "/ws/tasks/{task_id}"],
+            "api": "/api/ws",
+            "health": "/health",
+            "ready": "/ready",
+            "metrics": "/metrics",
+        },
+        "limits": {
+            "max_message_bytes": limits.max_message_bytes,
+            "max_subscriptions": limits.max_subscriptions,
+            "max_connections": limits.max_connections,
+            "max_connections_per_user": limits.max_connections_per_user,
+            "rate_per_second": limits.rate_per_second,
+            "rate_burst": limits.rate_burst,
+            "outbound_queue_bytes": limits.outbound_queue_bytes,
+            "recovery_max": limits.recovery_max,
+        },
+        "heartbeat": {
+            "interval": node.config.heartbeat_interval.as_secs_f64(),
+            "timeout": node.config.heartbeat_timeout.as_secs_f64(),
+        },
+        "bus_linked": node.hub.link_is_up(),
+    }))
+}
+
+async fn health() -> ApiResult {
+    ok(json!({ "status": "ok" }))
+}
+
+async fn ready(State(node): State<Arc<Node>>) -> Response {
+    let ready = node.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({ "ready": ready, "bus_linked": node.hub.link_is_up() })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}

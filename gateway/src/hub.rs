@@ -1,0 +1,684 @@
+//! The hub: which connection listens to which channel on this node, and the
+//! state of each channel's one subscription on the bus.
+//!
+//! Every method is synchronous and holds the hub lock only for map updates
+//! and queue pushes, never across an `.await`. Events from the bus are
+//! serialized once per node and the same frame is pushed to every listener.
+//!
+//! A listener goes through phases: `Waiting` until the bus confirms the
+//! channel, `Recovering` while its missed events are fetched from history
+//! (live events are buffered meanwhile), and `Live`. Each listener keeps the
+//! last offset it was sent, so it sees every event once and in order across
+//! recovery, live delivery and relinks of the bus.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::{
+    disconnect::Disconnect,
+    metrics::Metrics,
+    protocol::{self, Position, Since},
+    queue::Outbound,
+};
+
+/// The reserved channel of `POST /api/ws/broadcast/all`: every connection
+/// receives its events without subscribing.
+pub const BROADCAST_CHANNEL: &str = "broadcast";
+
+/// What the hub asks of the bus link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkCommand {
+    Join {
+        channel: Arc<str>,
+        since: Option<Position>,
+    },
+    Leave {
+        channel: Arc<str>,
+    },
+}
+
+/// A subscribe that failed, with its `error.code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeError {
+    AlreadySubscribed,
+    LimitExceeded,
+    Unavailable,
+    UnknownConnection,
+}
+
+impl SubscribeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubscribeError::AlreadySubscribed => "already_subscribed",
+            SubscribeError::LimitExceeded => "limit_exceeded",
+            SubscribeError::Unavailable => "unavailable",
+            SubscribeError::UnknownConnection => "internal",
+        }
+    }
+}
+
+/// An event of a batch from the bus, with its frame already written.
+pub struct Frame {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub text: Utf8Bytes,
+    pub timestamp_ms: i64,
+}
+
+/// Events fetched from history for a recovering listener.
+pub struct Recovered {
+    pub frames: Vec<Frame>,
+    pub position: Position,
+}
+
+/// Work the hub hands back to its caller, which may `.await`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecoveryJob {
+    pub connection: Uuid,
+    pub channel: Arc<str>,
+    pub since: Since,
+}
+
+pub struct Hub {
+    inner: Mutex<Inner>,
+    link: mpsc::Sender<LinkCommand>,
+    link_up: AtomicBool,
+    recovery_max: u64,
+    max_subscriptions: usize,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Inner {
+    channels: HashMap<Arc<str>, Channel>,
+    connections: HashMap<Uuid, Connection>,
+    /// Connections per user id.
+    users: HashMap<String, usize>,
+    /// Listeners across all channels.
+    subscriptions: usize,
+}
+
+pub struct Connection {
+    pub queue: Arc<Outbound>,
+    pub user_id: Option<String>,
+    channels: HashSet<Arc<str>>,
+}
+
+struct Channel {
+    link: LinkState,
+    /// The newest event delivered on this node, or where the bus said the channel starts.
+    position: Option<Position>,
+    listeners: HashMap<Uuid, Listener>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// A join was sent; `resuming` when it carried our position after a relink.
+    Pending {
+        resuming: bool,
+    },
+    Active,
+    /// A leave was sent and no one listens.
+    Leaving,
+    /// A leave was sent, then someone subscribed: join again once it is confirmed.
+    Rejoining,
+}
+
+struct Listener {
+    queue: Arc<Outbound>,
+    /// Offset of the last event sent to this listener.
+    last_offset: u64,
+    phase: Phase,
+}
+
+enum Phase {
+    Waiting {
+        id: Option<Value>,
+    },
+    Recovering {
+        id: Option<Value>,
+        since: Since,
+        buffer: Vec<(u64, Utf8Bytes)>,
+        fetching: bool,
+    },
+    Live,
+}
+
+fn subscribed(
+    channel: &str,
+    id: Option<&Value>,
+    position: &Position,
+    recovery: Option<(bool, u64)>,
+) -> Utf8Bytes {
+    let mut fields = json!({ "channel": channel, "position": position });
+    if let Some((recovered, missed)) = recovery {
+        fields["recovered"] = json!(recovered);
+        fields["missed"] = json!(missed);
+    }
+    Utf8Bytes::from(protocol::frame("subscribed", id, fields))
+}
+
+// === impl Hub ===
+
+impl Hub {
+    pub fn new(
+        link: mpsc::Sender<LinkCommand>,
+        recovery_max: u64,
+        max_subscriptions: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Hub {
+            inner: Mutex::default(),
+            link,
+            link_up: AtomicBool::new(false),
+            recovery_max,
+            max_subscriptions,
+            metrics,
+        }
+    }
+
+    pub fn recovery_max(&self) -> u64 {
+        self.recovery_max
+    }
+
+    pub fn link_is_up(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
+    }
+
+    /// Registers a connection; refuses it when its user already has `max_per_user`.
+    pub fn add_connection(
+        &self,
+        id: Uuid,
+        queue: Arc<Outbound>,
+        user_id: Option<String>,
+        max_per_user: usize,
+    ) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(user) = &user_id {
+            let n = inner.users.entry(user.clone()).or_default();
+            if *n >= max_per_user {
+                return false;
+            }
+            *n += 1;
+        }
+        inner.connections.insert(
+            id,
+            Connection {
+                queue,
+                user_id,
+                channels: HashSet::new(),
+            },
+        );
+        self.metrics.connections.set(inner.connections.len() as i64);
+        true
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub fn remove_connection(&self, id: Uuid) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(conn) = inner.connections.remove(&id) else {
+            return;
+        };
+        if let Some(user) = &conn.user_id {
+            if let Some(n) = inner.users.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.users.remove(user);
+                }
+            }
+        }
+        for channel in conn.channels {
+            self.detach(&mut inner, &channel, id);
+        }
+        self.metrics.connections.set(inner.connections.len() as i64);
+        self.update_gauges(&inner);
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.inner.lock().unwrap().connections.len()
+    }
+
+    /// Returns the queue of a connection, to close it.
+    pub fn connection_queue(&self, id: Uuid) -> Option<Arc<Outbound>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .connections
+            .get(&id)
+            .map(|c| c.queue.clone())
+    }
+
+    /// Closes every connection with `reason`.
+    pub fn close_all(&self, reason: Disconnect) {
+        let inner = self.inner.lock().unwrap();
+        for conn in inner.connections.values() {
+            conn.queue.close(reason);
+        }
+    }
+
+    /// Subscribes a connection. The `subscribed` reply (and any recovered
+    /// events) are queued when the channel is confirmed; a returned job must
+    /// be run to fetch what a recovering listener missed.
+    pub fn subscribe(
+        &self,
+        conn: Uuid,
+        channel: &str,
+        since: Option<Since>,
+        id: Option<Value>,
+    ) -> Result<Option<RecoveryJob>, SubscribeError> {
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        let connection = inner
+            .connections
+            .get_mut(&conn)
+            .ok_or(SubscribeError::UnknownConnection)?;
+        if connection.channels.contains(channel) {
+            return Err(SubscribeError::AlreadySubscribed);
+        }
+        if connection.channels.len() >= self.max_subscriptions {
+            return Err(SubscribeError::LimitExceeded);
+        }
+        if !self.link_is_up() {
+            return Err(SubscribeError::Unavailable);
+        }
+        let queue = connection.queue.clone();
+        let name: Arc<str> = match inner.channels.get_key_value(channel) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(channel);
+                let join = LinkCommand::Join {
+                    channel: name.clone(),
+                    since: None,
+                };
+                if self.link.try_send(join).is_err() {
+                    return Err(SubscribeError::Unavailable);
+                }
+                inner.channels.insert(
+                    name.clone(),
+                    Channel {
+                        link: LinkState::Pending { resuming: false },
+                        position: None,
+                        listeners: HashMap::new(),
+                    },
+                );
+                name
+            }
+        };
+        connection.channels.insert(name.clone());
+        let ch = inner.channels.get_mut(&name).expect("inserted above");
+        if ch.link == LinkState::Leaving {
+            ch.link = LinkState::Rejoining;
+        }
+        let phase = match since {
+            Some(since) => Phase::Recovering {
+                id,
+                since,
+                buffer: Vec::new(),
+                fetching: false,
+            },
+            None => Phase::Waiting { id },
+        };
+        let mut listener = Listener {
+            queue,
+            last_offset: 0,
+            phase,
+        };
+        let job = if ch.link == LinkState::Active {
+            activate(&name, ch.position.as_ref(), conn, &mut listener)
+        } else {
+            None
+        };
+        ch.listeners.insert(conn, listener);
+        inner.subscriptions += 1;
+        self.update_gauges(inner);
+        Ok(job)
+    }
+
+    /// Unsubscribes a connection; returns false when it was not subscribed.
+    pub fn unsubscribe(&self, conn: Uuid, channel: &str) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let removed = inner
+            .connections
+            .get_mut(&conn)
+            .is_some_and(|c| c.channels.remove(channel));
+        if removed {
+            self.detach(&mut inner, channel, conn);
+            self.update_gauges(&inner);
+        }
+        removed
+    }
+
+    fn detach(&self, inner: &mut Inner, channel: &str, conn: Uuid) {
+        let Some(ch) = inner.channels.get_mut(channel) else {
+            return;
+        };
+        if ch.listeners.remove(&conn).is_some() {
+            inner.subscriptions -= 1;
+        }
+        if ch.listeners.is_empty() {
+            match ch.link {
+                LinkState::Active | LinkState::Pending { .. } => {
+                    let name = inner
+                        .channels
+                        .get_key_value(channel)
+                        .map(|(k, _)| k.clone())
+                        .expect("present");
+                    if self
+                        .link
+                        .try_send(LinkCommand::Leave { channel: name })
+                        .is_ok()
+                    {
+                        inner.channels.get_mut(channel).expect("present").link = LinkState::Leaving;
+                    } else {
+                        // The link is down or saturated; forget the channel and let the
+                        // next relink not rejoin it.
+                        inner.channels.remove(channel);
+                    }
+                }
+                LinkState::Rejoining => ch.link = LinkState::Leaving,
+                LinkState::Leaving => {}
+            }
+        }
+    }
+
+    /// The bus confirmed a channel. Returns recoveries to start.
+    pub fn on_joined(
+        &self,
+        channel: &str,
+        position: Position,
+        recovered: bool,
+    ) -> Vec<RecoveryJob> {
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        let Some(name) = inner
+            .channels
+            .get_key_value(channel)
+            .map(|(k, _)| k.clone())
+        else {
+            return Vec::new();
+        };
+        let ch = inner.channels.get_mut(&name).expect("present");
+        let LinkState::Pending { resuming } = ch.link else {
+            return Vec::new();
+        };
+        if resuming && !recovered {
+            // The bus lost what this node had not yet delivered: its listeners
+            // must reconnect and recover on their own (SPEC §6).
+            tracing::warn!(
+                channel,
+                "cannot resume channel after relink; closing its connections with 4004"
+            );
+            let listeners: Vec<Uuid> = ch.listeners.keys().copied().collect();
+            for conn in listeners {
+                if let Some(c) = inner.connections.get(&conn) {
+                    c.queue.close(Disconnect::INSUFFICIENT_STATE);
+                }
+            }
+            ch.position = Some(position);
+            ch.link = LinkState::Active;
+            return Vec::new();
+        }
+        ch.link = LinkState::Active;
+        if !resuming || ch.position.is_none() {
+            ch.position = Some(position);
+        }
+        let mut jobs = Vec::new();
+        for (conn, listener) in ch.listeners.iter_mut() {
+            jobs.extend(activate(&name, ch.position.as_ref(), *conn, listener));
+        }
+        jobs
+    }
+
+    /// The bus confirmed a leave.
+    pub fn on_left(&self, channel: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some((name, ch)) = inner.channels.get_key_value(channel) else {
+            return;
+        };
+        match ch.link {
+            LinkState::Leaving => {
+                inner.channels.remove(channel);
+            }
+            LinkState::Rejoining => {
+                let join = LinkCommand::Join {
+                    channel: name.clone(),
+                    since: None,
+                };
+                if self.link.try_send(join).is_ok() {
+                    inner.channels.get_mut(channel).expect("present").link =
+                        LinkState::Pending { resuming: false };
+                }
+            }
+            _ => {}
+        }
+        self.update_gauges(&inner);
+    }
+
+    /// Fans a batch of one channel's events out to its listeners.
+    pub fn on_events(&self, channel: &str, frames: &[Frame]) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ch) = inner.channels.get_mut(channel) else {
+            return;
+        };
+        if ch.link != LinkState::Active {
+            return;
+        }
+        let mut sent = 0u64;
+        for frame in frames {
+            let Some(pos) = ch.position.as_mut() else {
+                break;
+            };
+            if frame.offset <= pos.offset && *frame.epoch == *pos.epoch {
+                continue;
+            }
+            pos.offset = frame.offset;
+            pos.epoch = frame.epoch.to_string();
+            for listener in ch.listeners.values_mut() {
+                match &mut listener.phase {
+                    Phase::Live => {
+                        if frame.offset > listener.last_offset {
+                            listener.last_offset = frame.offset;
+                            listener.queue.push(frame.text.clone());
+                            sent += 1;
+                        }
+                    }
+                    Phase::Recovering { buffer, .. } => {
+                        if buffer.len() as u64 > self.recovery_max {
+                            listener.queue.close(Disconnect::SLOW);
+                        } else {
+                            buffer.push((frame.offset, frame.text.clone()));
+                        }
+                    }
+                    Phase::Waiting { .. } => {}
+                }
+            }
+        }
+        self.metrics.messages_sent.inc_by(sent);
+    }
+
+    /// Delivers frames to every connection (the `broadcast` channel).
+    pub fn on_broadcast(&self, frames: &[Frame]) {
+        let inner = self.inner.lock().unwrap();
+        for conn in inner.connections.values() {
+            for frame in frames {
+                conn.queue.push(frame.text.clone());
+            }
+        }
+        self.metrics
+            .messages_sent
+            .inc_by((frames.len() * inner.connections.len()) as u64);
+    }
+
+    /// Completes a recovery with what history returned (or `None` when the
+    /// bus could not be read).
+    pub fn finish_recovery(&self, job: &RecoveryJob, fetched: Option<Recovered>) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ch) = inner.channels.get_mut(&job.channel) else {
+            return;
+        };
+        let current = ch.position.clone();
+        let Some(listener) = ch.listeners.get_mut(&job.connection) else {
+            return;
+        };
+        let Phase::Recovering {
+            id, since, buffer, ..
+        } = &mut listener.phase
+        else {
+            return;
+        };
+        let id = id.take();
+        let buffer = std::mem::take(buffer);
+        let Some(current) = current else { return };
+        let Some(fetched) = fetched else {
+            listener.queue.push(Utf8Bytes::from(protocol::error(
+                "unavailable",
+                "the event bus is unavailable",
+                id.as_ref(),
+            )));
+            listener.phase = Phase::Live;
+            listener.last_offset = current.offset;
+            return;
+        };
+        let gap = fetched.position.offset.saturating_sub(since.offset);
+        let complete = fetched.position.epoch == since.epoch
+            && fetched.position.epoch == current.epoch
+            && since.offset <= fetched.position.offset
+            && gap <= self.recovery_max
+            && fetched.frames.len() as u64 == gap
+            && fetched
+                .frames
+                .first()
+                .is_none_or(|f| f.offset == since.offset + 1);
+        let mut out = Vec::new();
+        let mut last = since.offset;
+        if complete {
+            for f in fetched.frames {
+                last = f.offset;
+                out.push(f.text);
+            }
+            for (offset, text) in buffer {
+                if offset > last {
+                    last = offset;
+                    out.push(text);
+                }
+            }
+        } else {
+            last = current.offset;
+        }
+        let position = Position {
+            offset: last.max(current.offset),
+            epoch: current.epoch.clone(),
+        };
+        let missed = out.len() as u64;
+        listener.queue.push(subscribed(
+            &job.channel,
+            id.as_ref(),
+            &position,
+            Some((complete, missed)),
+        ));
+        for text in out {
+            listener.queue.push(text);
+        }
+        listener.last_offset = last.max(current.offset);
+        listener.phase = Phase::Live;
+    }
+
+    /// The bus link was lost: new subscribes are refused until it is back.
+    pub fn link_down(&self) {
+        let _inner = self.inner.lock().unwrap();
+        self.link_up.store(false, Ordering::Release);
+    }
+
+    /// The bus link is back: returns the joins to send (with positions, so
+    /// that nothing published meanwhile is missed) and opens the hub again.
+    pub fn relink(&self) -> Vec<LinkCommand> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.channels.retain(|_, ch| ch.link != LinkState::Leaving);
+        let mut joins = Vec::new();
+        for (name, ch) in inner.channels.iter_mut() {
+            let since = match ch.link {
+                LinkState::Active | LinkState::Pending { resuming: true } => ch.position.clone(),
+                _ => None,
+            };
+            ch.link = LinkState::Pending {
+                resuming: since.is_some(),
+            };
+            joins.push(LinkCommand::Join {
+                channel: name.clone(),
+                since,
+            });
+        }
+        self.link_up.store(true, Ordering::Release);
+        self.update_gauges(&inner);
+        joins
+    }
+
+    /// Returns `(connections, users, {channel: listeners})` on this node.
+    pub fn stats(&self) -> (usize, usize, Vec<(String, usize)>) {
+        let inner = self.inner.lock().unwrap();
+        let mut channels: Vec<_> = inner
+            .channels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.listeners.len()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        channels.sort();
+        (inner.connections.len(), inner.users.len(), channels)
+    }
+
+    /// Returns the listeners of a channel and its position on this node.
+    pub fn channel(&self, channel: &str) -> (Vec<Uuid>, Option<Position>) {
+        let inner = self.inner.lock().unwrap();
+        match inner.channels.get(channel) {
+            Some(ch) => (ch.listeners.keys().copied().collect(), ch.position.clone()),
+            None => (Vec::new(), None),
+        }
+    }
+
+    fn update_gauges(&self, inner: &Inner) {
+        self.metrics.subscriptions.set(inner.subscriptions as i64);
+        self.metrics.channels.set(inner.channels.len() as i64);
+    }
+}
+
+/// Moves a listener on once its channel is active: a plain subscribe is
+/// answered now; a recovery is handed back as a job.
+fn activate(
+    channel: &Arc<str>,
+    position: Option<&Position>,
+    conn: Uuid,
+    listener: &mut Listener,
+) -> Option<RecoveryJob> {
+    let position = position?;
+    match &mut listener.phase {
+        Phase::Waiting { id } => {
+            listener
+                .queue
+                .push(subscribed(channel, id.as_ref(), position, None));
+            listener.last_offset = position.offset;
+            listener.phase = Phase::Live;
+            None
+        }
+        Phase::Recovering {
+            since, fetching, ..
+        } if !*fetching => {
+            *fetching = true;
+            Some(RecoveryJob {
+                connection: conn,
+                channel: channel.clone(),
+                since: since.clone(),
+            })
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,288 @@
+//! The bus link: this node's one `Subscribe` stream to the event bus, and the
+//! client used for publishes and history.
+//!
+//! The link joins a channel when the first local listener subscribes and
+//! leaves it when the last one goes. When the stream breaks it reconnects
+//! with backoff and rejoins every channel from the last position this node
+//! delivered, so listeners see no gap (or are closed with `4004` when the bus
+//! cannot serve it).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use switchboard_proto::eventbus::v1 as pb;
+
+use crate::{
+    hub::{BROADCAST_CHANNEL, Frame, Hub, LinkCommand, Recovered, RecoveryJob},
+    metrics::Metrics,
+    protocol::{self, EventRef, Position},
+};
+
+/// Adds the API key to every call, when one is configured.
+#[derive(Clone)]
+pub struct ApiKey(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for ApiKey {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type BusClient = pb::event_bus_client::EventBusClient<InterceptedService<Channel, ApiKey>>;
+
+/// Builds a client that connects on first use.
+///
+/// # Errors
+/// When the URL or key is malformed.
+pub fn client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("gateway.eventbus_url: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let key = match key {
+        Some(k) => Some(
+            format!("Bearer {k}")
+                .parse()
+                .map_err(|_| "auth.admin_key: not a valid header value".to_owned())?,
+        ),
+        None => None,
+    };
+    Ok(
+        pb::event_bus_client::EventBusClient::with_interceptor(
+            endpoint.connect_lazy(),
+            ApiKey(key),
+        )
+        .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+fn join(channel: &str, since: Option<Position>) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Join(pb::Join {
+            channel: channel.to_owned(),
+            since: since.map(|p| pb::StreamPosition {
+                offset: p.offset,
+                epoch: p.epoch,
+            }),
+        })),
+    }
+}
+
+fn command(cmd: LinkCommand) -> pb::SubscribeRequest {
+    match cmd {
+        LinkCommand::Join { channel, since } => join(&channel, since),
+        LinkCommand::Leave { channel } => pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Leave(pb::Leave {
+                channel: channel.to_string(),
+            })),
+        },
+    }
+}
+
+/// Writes the frame of a bus event once.
+pub fn frame(e: &pb::Event) -> Frame {
+    let text = protocol::event_frame(&EventRef {
+        channel: &e.channel,
+        event: &e.event,
+        data: &e.data,
+        id: &e.event_id,
+        offset: e.offset,
+        epoch: &e.epoch,
+        timestamp_ms: e.timestamp_ms,
+    });
+    Frame {
+        offset: e.offset,
+        epoch: Arc::from(e.epoch.as_str()),
+        text: Utf8Bytes::from(text),
+        timestamp_ms: e.timestamp_ms,
+    }
+}
+
+/// Runs the link until `shutdown`.
+pub async fn run(
+    hub: Arc<Hub>,
+    client: BusClient,
+    mut commands: mpsc::Receiver<LinkCommand>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut broadcast: Option<Position> = None;
+    loop {
+        // Commands queued while the link was down are covered by `relink`.
+        while commands.try_recv().is_ok() {}
+        let (tx, rx) = mpsc::channel(1024);
+        let mut subscriber = client.clone();
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = subscriber.subscribe(ReceiverStream::new(rx)) => r,
+        };
+        let mut inbound = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                tracing::debug!(%status, "event bus unreachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut joins = vec![join(BROADCAST_CHANNEL, broadcast.clone())];
+        joins.extend(hub.relink().into_iter().map(command));
+        let mut ok = true;
+        for j in joins {
+            if tx.send(j).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            tracing::info!("linked to the event bus");
+            backoff = Duration::from_millis(50);
+        }
+        while ok {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    hub.link_down();
+                    return;
+                }
+                Some(cmd) = commands.recv() => {
+                    if tx.send(command(cmd)).await.is_err() {
+                        break;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(resp)) => handle(&hub, &client, &metrics, &mut broadcast, resp),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(%status, "event bus stream ended");
+                        break;
+                    }
+                },
+            }
+        }
+        hub.link_down();
+    }
+}
+
+fn handle(
+    hub: &Arc<Hub>,
+    client: &BusClient,
+    metrics: &Metrics,
+    broadcast: &mut Option<Position>,
+    resp: pb::SubscribeResponse,
+) {
+    use pb::subscribe_response::Response as R;
+    match resp.response {
+        Some(R::Joined(joined)) => {
+            if let Some(err) = joined.error {
+                tracing::error!(channel = %joined.channel, message = %err.message, "bus refused a join");
+                return;
+            }
+            let position = joined
+                .position
+                .map(|p| Position {
+                    offset: p.offset,
+                    epoch: p.epoch,
+                })
+                .unwrap_or(Position {
+                    offset: 0,
+                    epoch: String::new(),
+                });
+            if joined.channel == BROADCAST_CHANNEL {
+                if broadcast.is_none() || !joined.recovered {
+                    *broadcast = Some(position);
+                }
+                return;
+            }
+            for job in hub.on_joined(&joined.channel, position, joined.recovered) {
+                tokio::spawn(recover(hub.clone(), client.clone(), job));
+            }
+        }
+        Some(R::Events(batch)) => {
+            let started = std::time::Instant::now();
+            let mut i = 0;
+            while i < batch.events.len() {
+                // Runs of one channel share one pass over the hub.
+                let channel = &batch.events[i].channel;
+                let end = batch.events[i..]
+                    .iter()
+                    .position(|e| &e.channel != channel)
+                    .map_or(batch.events.len(), |n| i + n);
+                let frames: Vec<Frame> = batch.events[i..end].iter().map(frame).collect();
+                if let Some(last) = frames.last() {
+                    let lag = (protocol::now() - last.timestamp_ms as f64 / 1000.0).max(0.0);
+                    metrics.bus_lag.set(lag);
+                }
+                if channel == BROADCAST_CHANNEL {
+                    if let Some(last) = batch.events[i..end].last() {
+                        *broadcast = Some(Position {
+                            offset: last.offset,
+                            epoch: last.epoch.clone(),
+                        });
+                    }
+                    hub.on_broadcast(&frames);
+                } else {
+                    hub.on_events(channel, &frames);
+                }
+                i = end;
+            }
+            metrics
+                .broadcast_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Some(R::Left(left)) => hub.on_left(&left.channel),
+        None => {}
+    }
+}
+
+/// Fetches what a recovering listener missed and completes its subscribe.
+pub(crate) async fn recover(hub: Arc<Hub>, client: BusClient, job: RecoveryJob) {
+    let limit = hub_recovery_limit(&hub);
+    let request = pb::HistoryRequest {
+        channel: job.channel.to_string(),
+        since: Some(pb::StreamPosition {
+            offset: job.since.offset,
+            epoch: job.since.epoch.clone(),
+        }),
+        limit,
+        reverse: false,
+    };
+    let fetched = match client.clone().history(request).await {
+        Ok(resp) => {
+            let resp = resp.into_inner();
+            let position = resp.position.map(|p| Position {
+                offset: p.offset,
+                epoch: p.epoch,
+            });
+            position.map(|position| Recovered {
+                frames: resp.events.iter().map(frame).collect(),
+                position,
+            })
+        }
+        Err(status) => {
+            tracing::warn!(%status, channel = %job.channel, "history read failed");
+            None
+        }
+    };
+    hub.finish_recovery(&job, fetched);
+}
+
+fn hub_recovery_limit(hub: &Hub) -> u32 {
+    (hub.recovery_max() + 1).min(u32::MAX as u64) as u32
+}

@@ -1,0 +1,400 @@
+//! The browser protocol (SPEC §3): client frames parsed from JSON, server
+//! frames written as JSON. These are the gateway's own types: proto structs
+//! never reach a browser.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A parsed client frame: the request and the `id` to echo in the reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    pub id: Option<Value>,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Authorize {
+        token: String,
+    },
+    Refresh {
+        token: String,
+    },
+    Subscribe {
+        channel: String,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        event: String,
+        data: Value,
+    },
+    Ping,
+    Pong,
+    /// Agent frames (`rpc`, `chat_message`, `run_agent`, `interrupt_stream`),
+    /// served by the agent bridge.
+    Agent {
+        kind: &'static str,
+    },
+}
+
+/// A position a client recovers from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Since {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Why a text frame could not be parsed; each maps to an `error.code`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrameError {
+    InvalidJson(String),
+    InvalidFrame { id: Option<Value>, message: String },
+    UnknownType { id: Option<Value>, kind: String },
+}
+
+impl FrameError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::InvalidJson(_) => "invalid_json",
+            FrameError::InvalidFrame { .. } => "invalid_frame",
+            FrameError::UnknownType { .. } => "unknown_type",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            FrameError::InvalidJson(e) => format!("frame is not valid JSON: {e}"),
+            FrameError::InvalidFrame { message, .. } => message.clone(),
+            FrameError::UnknownType { kind, .. } => format!("unknown frame type {kind:?}"),
+        }
+    }
+
+    pub fn id(&self) -> Option<&Value> {
+        match self {
+            FrameError::InvalidJson(_) => None,
+            FrameError::InvalidFrame { id, .. } | FrameError::UnknownType { id, .. } => id.as_ref(),
+        }
+    }
+}
+
+/// Parses one client text frame.
+pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut obj) = value else {
+        return Err(invalid(None, "frame must be a JSON object"));
+    };
+    let id = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v),
+        Some(_) => return Err(invalid(None, "field `id` must be a string or a number")),
+    };
+    let kind = match obj.remove("type") {
+        Some(Value::String(s)) => s,
+        None => return Err(invalid(id, "field `type` is missing")),
+        Some(_) => return Err(invalid(id, "field `type` must be a string")),
+    };
+    let mut fields = Fields { obj, id };
+    let request = match kind.as_str() {
+        "authorize" => Request::Authorize {
+            token: fields.string("token")?,
+        },
+        "refresh" => Request::Refresh {
+            token: fields.string("token")?,
+        },
+        "subscribe" => Request::Subscribe {
+            channel: fields.string("channel")?,
+            since: fields.since()?,
+        },
+        "unsubscribe" => Request::Unsubscribe {
+            channel: fields.string("channel")?,
+        },
+        "publish" => Request::Publish {
+            channel: fields.string("channel")?,
+            event: fields
+                .opt_string("event")?
+                .unwrap_or_else(|| "message".to_owned()),
+            data: fields.obj.remove("data").unwrap_or(Value::Null),
+        },
+        "ping" => Request::Ping,
+        "pong" => Request::Pong,
+        "rpc" => Request::Agent { kind: "rpc" },
+        "chat_message" => Request::Agent {
+            kind: "chat_message",
+        },
+        "run_agent" => Request::Agent { kind: "run_agent" },
+        "interrupt_stream" => Request::Agent {
+            kind: "interrupt_stream",
+        },
+        _ => {
+            return Err(FrameError::UnknownType {
+                id: fields.id,
+                kind,
+            });
+        }
+    };
+    Ok(ClientFrame {
+        id: fields.id,
+        request,
+    })
+}
+
+fn invalid(id: Option<Value>, message: impl Into<String>) -> FrameError {
+    FrameError::InvalidFrame {
+        id,
+        message: message.into(),
+    }
+}
+
+struct Fields {
+    obj: Map<String, Value>,
+    id: Option<Value>,
+}
+
+impl Fields {
+    fn string(&mut self, name: &str) -> Result<String, FrameError> {
+        match self.opt_string(name)? {
+            Some(s) => Ok(s),
+            None => Err(invalid(
+                self.id.clone(),
+                format!("field `{name}` is missing"),
+            )),
+        }
+    }
+
+    fn opt_string(&mut self, name: &str) -> Result<Option<String>, FrameError> {
+        match self.obj.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(invalid(
+                self.id.clone(),
+                format!("field `{name}` must be a string"),
+            )),
+        }
+    }
+
+    fn since(&mut self) -> Result<Option<Since>, FrameError> {
+        let bad = |id: &Option<Value>| {
+            invalid(
+                id.clone(),
+                "field `since` must be {\"offset\": number, \"epoch\": string}",
+            )
+        };
+        match self.obj.remove("since") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(pos)) => {
+                let offset = pos
+                    .get("offset")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad(&self.id))?;
+                let epoch = pos
+                    .get("epoch")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(&self.id))?;
+                Ok(Some(Since {
+                    offset,
+                    epoch: epoch.to_owned(),
+                }))
+            }
+            Some(_) => Err(bad(&self.id)),
+        }
+    }
+}
+
+/// Parses `OFFSET:EPOCH`, the `since` query parameter.
+pub fn parse_since(s: &str) -> Option<Since> {
+    let (offset, epoch) = s.split_once(':')?;
+    Some(Since {
+        offset: offset.parse().ok()?,
+        epoch: epoch.to_owned(),
+    })
+}
+
+// === Server frames ===
+
+/// Seconds since the Unix epoch with millisecond precision.
+pub fn now() -> f64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    ms as f64 / 1000.0
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Serializes a server frame: `{"type": kind, ...fields, "timestamp"}`, with
+/// `id` when the frame answers a request that had one.
+pub fn frame(kind: &str, id: Option<&Value>, fields: Value) -> String {
+    let mut obj = match fields {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    obj.insert("type".into(), Value::String(kind.to_owned()));
+    if let Some(id) = id {
+        obj.insert("id".into(), id.clone());
+    }
+    obj.insert("timestamp".into(), serde_json::json!(now()));
+    Value::Object(obj).to_string()
+}
+
+/// An `error` frame.
+pub fn error(code: &str, message: &str, id: Option<&Value>) -> String {
+    frame(
+        "error",
+        id,
+        serde_json::json!({ "code": code, "message": message }),
+    )
+}
+
+/// A channel event, as the bus delivered it.
+pub struct EventRef<'a> {
+    pub channel: &'a str,
+    pub event: &'a str,
+    /// UTF-8 JSON, checked by the bus; spliced in as it is.
+    pub data: &'a [u8],
+    pub id: &'a str,
+    pub offset: u64,
+    pub epoch: &'a str,
+    pub timestamp_ms: i64,
+}
+
+/// Writes an `event` frame once, splicing the JSON payload without re-encoding it.
+pub fn event_frame(e: &EventRef<'_>) -> String {
+    let data = std::str::from_utf8(e.data)
+        .ok()
+        .filter(|d| !d.trim().is_empty())
+        .unwrap_or("null");
+    let mut out = String::with_capacity(128 + data.len() + e.channel.len() + e.event.len());
+    out.push_str(r#"{"type":"event","channel":"#);
+    push_json_str(&mut out, e.channel);
+    out.push_str(r#","event":"#);
+    push_json_str(&mut out, e.event);
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push_str(r#","id":"#);
+    push_json_str(&mut out, e.id);
+    out.push_str(r#","offset":"#);
+    out.push_str(&e.offset.to_string());
+    out.push_str(r#","epoch":"#);
+    push_json_str(&mut out, e.epoch);
+    out.push_str(r#","timestamp":"#);
+    let ts = e.timestamp_ms.max(0);
+    out.push_str(&format!("{}.{:03}", ts / 1000, ts % 1000));
+    out.push('}');
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's string escaping cannot fail on a `String` writer.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_every_channel_frame() {
+        let f = parse(r#"{"type":"subscribe","channel":"missions","id":7}"#).unwrap();
+        assert_eq!(f.id, Some(json!(7)));
+        assert_eq!(
+            f.request,
+            Request::Subscribe {
+                channel: "missions".into(),
+                since: None
+            }
+        );
+        let f = parse(r#"{"type":"subscribe","channel":"a","since":{"offset":3,"epoch":"e"}}"#)
+            .unwrap();
+        assert_eq!(
+            f.request,
+            Request::Subscribe {
+                channel: "a".into(),
+                since: Some(Since {
+                    offset: 3,
+                    epoch: "e".into()
+                })
+            }
+        );
+        let f = parse(r#"{"type":"publish","channel":"a","event":"x","data":{"k":1},"id":"r1"}"#)
+            .unwrap();
+        assert_eq!(f.id, Some(json!("r1")));
+        assert_eq!(
+            f.request,
+            Request::Publish {
+                channel: "a".into(),
+                event: "x".into(),
+                data: json!({"k":1})
+            }
+        );
+        assert_eq!(parse(r#"{"type":"ping"}"#).unwrap().request, Request::Ping);
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert_eq!(parse("{").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse("[1]").unwrap_err().code(), "invalid_frame");
+        let e = parse(r#"{"channel":"a"}"#).unwrap_err();
+        assert!(e.message().contains("`type`"), "{}", e.message());
+        let e = parse(r#"{"type":"subscribe","channel":5,"id":1}"#).unwrap_err();
+        assert_eq!(e.code(), "invalid_frame");
+        assert!(e.message().contains("`channel`"));
+        assert_eq!(e.id(), Some(&json!(1)));
+        let e = parse(r#"{"type":"dance"}"#).unwrap_err();
+        assert_eq!(e.code(), "unknown_type");
+        assert_eq!(
+            parse(r#"{"type":"subscribe","channel":"a","since":5}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_frame"
+        );
+        assert_eq!(
+            parse(r#"{"type":"ping","id":[1]}"#).unwrap_err().code(),
+            "invalid_frame"
+        );
+    }
+
+    #[test]
+    fn event_frames_are_valid_json_with_the_payload_spliced() {
+        let s = event_frame(&EventRef {
+            channel: "task:\"1\"",
+            event: "done",
+            data: br#"{"a":[1,2]}"#,
+            id: "u",
+            offset: 42,
+            epoch: "ep",
+            timestamp_ms: 1_700_000_000_123,
+        });
+        let v: Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["channel"], "task:\"1\"");
+        assert_eq!(v["data"], json!({"a":[1,2]}));
+        assert_eq!(v["offset"], 42);
+        assert_eq!(v["timestamp"], json!(1_700_000_000.123));
+    }
+
+    #[test]
+    fn parses_since_query() {
+        assert_eq!(
+            parse_since("12:abc"),
+            Some(Since {
+                offset: 12,
+                epoch: "abc".into()
+            })
+        );
+        assert_eq!(parse_since("x:abc"), None);
+        assert_eq!(parse_since("12"), None);
+    }
+}

@@ -1,0 +1,293 @@
+//! The configuration file and environment (SPEC §2): TOML, overridden by
+//! `SWITCHBOARD_<SECTION>__<KEY>` variables, overridden by flags; checked
+//! before anything is bound, naming the setting at fault.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Format, Toml},
+};
+use serde::{Deserialize, Deserializer};
+
+/// A duration written `25s`, `500ms`, `5m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like 25s, 500ms or 5m ({e})"
+            ))
+        })
+    }
+}
+
+fn secs(n: u64) -> Dur {
+    Dur(Duration::from_secs(n))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub gateway: Gateway,
+    pub eventbus: Eventbus,
+    pub agent_bridge: AgentBridge,
+    pub auth: Auth,
+    pub agents: Agents,
+    pub limits: Limits,
+    pub namespaces: HashMap<String, Namespace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gateway {
+    pub listen: String,
+    pub eventbus_url: Option<String>,
+    pub agent_bridge_url: Option<String>,
+    pub node: Option<String>,
+    pub heartbeat_interval: Dur,
+    pub heartbeat_timeout: Dur,
+    pub shutdown_grace: Dur,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            listen: "127.0.0.1:8000".into(),
+            eventbus_url: None,
+            agent_bridge_url: None,
+            node: None,
+            heartbeat_interval: secs(30),
+            heartbeat_timeout: secs(10),
+            shutdown_grace: secs(10),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Eventbus {
+    pub listen: String,
+    pub backend: String,
+    pub data_dir: PathBuf,
+    pub redis_url: Option<String>,
+    pub nats_url: Option<String>,
+    pub fsync: String,
+    pub fsync_interval: Dur,
+}
+
+impl Default for Eventbus {
+    fn default() -> Self {
+        Eventbus {
+            listen: "127.0.0.1:50051".into(),
+            backend: "embedded".into(),
+            data_dir: PathBuf::from("./data"),
+            redis_url: None,
+            nats_url: None,
+            fsync: "always".into(),
+            fsync_interval: Dur(Duration::from_millis(2)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentBridge {
+    pub listen: String,
+    pub eventbus_url: Option<String>,
+    pub data_dir: PathBuf,
+}
+
+impl Default for AgentBridge {
+    fn default() -> Self {
+        AgentBridge {
+            listen: "127.0.0.1:50052".into(),
+            eventbus_url: None,
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub anonymous: Option<bool>,
+    pub hs256_secret: Option<String>,
+    pub admin_key: Option<String>,
+    pub expiry_grace: Dur,
+    pub authorize_timeout: Dur,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            anonymous: None,
+            hs256_secret: None,
+            admin_key: None,
+            expiry_grace: secs(25),
+            authorize_timeout: secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Agents {
+    pub default: String,
+    pub echo: Echo,
+}
+
+impl Default for Agents {
+    fn default() -> Self {
+        Agents {
+            default: "echo".into(),
+            echo: Echo::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Echo {
+    pub delay_ms: u64,
+}
+
+impl Default for Echo {
+    fn default() -> Self {
+        Echo { delay_ms: 20 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    pub protocol_errors_per_minute: usize,
+    pub outbound_queue_bytes: usize,
+    pub max_event_bytes: usize,
+    pub recovery_max: u64,
+    pub history_size: u64,
+    pub history_ttl: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let g = switchboard_gateway::Limits::default();
+        Limits {
+            max_message_bytes: g.max_message_bytes,
+            max_subscriptions: g.max_subscriptions,
+            max_connections: g.max_connections,
+            max_connections_per_user: g.max_connections_per_user,
+            rate_per_second: g.rate_per_second,
+            rate_burst: g.rate_burst,
+            protocol_errors_per_minute: g.protocol_errors_per_minute,
+            outbound_queue_bytes: g.outbound_queue_bytes,
+            max_event_bytes: 1024 * 1024,
+            recovery_max: g.recovery_max,
+            history_size: 1000,
+            history_ttl: secs(24 * 3600),
+        }
+    }
+}
+
+/// Who may: `"anonymous"`, `"authenticated"`, `"none"`, or a list of roles.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum AccessSetting {
+    Word(String),
+    Roles(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Namespace {
+    pub history_size: Option<u64>,
+    pub history_ttl: Option<Dur>,
+    pub subscribe: Option<AccessSetting>,
+    pub publish: Option<AccessSetting>,
+    pub presence: bool,
+}
+
+/// Reads the file (when given) and the environment.
+///
+/// # Errors
+/// A message naming the setting at fault.
+pub fn load(
+    file: Option<&std::path::Path>,
+    env: &HashMap<String, String>,
+) -> Result<Settings, String> {
+    let mut figment = Figment::new();
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(format!("--config: {} does not exist", file.display()));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    // The environment is passed in (not read here) so that tests never touch
+    // the process environment.
+    let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    figment = figment.merge(EnvMap(vars));
+    figment.extract::<Settings>().map_err(|e| {
+        let key = e.path.join(".");
+        if key.is_empty() {
+            e.to_string()
+        } else {
+            format!("{key}: {e}")
+        }
+    })
+}
+
+/// `SWITCHBOARD_<SECTION>__<KEY>` variables from a given map, as figment's `Env` would read them.
+struct EnvMap(Vec<(String, String)>);
+
+impl figment::Provider for EnvMap {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s)")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        for (k, v) in &self.0 {
+            let Some(rest) = k.strip_prefix("SWITCHBOARD_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let value: Value = v.parse().unwrap_or_else(|_| Value::from(v.clone()));
+            let mut dict = &mut root;
+            for (i, part) in path.iter().enumerate() {
+                if i + 1 == path.len() {
+                    dict.insert(part.clone(), value.clone());
+                } else {
+                    let entry = dict
+                        .entry(part.clone())
+                        .or_insert_with(|| Value::from(Dict::new()));
+                    match entry {
+                        Value::Dict(_, d) => dict = d,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
+/// Parses a listen address, naming the key on failure.
+pub fn addr(key: &str, value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{key}: {value:?} is not an address like 127.0.0.1:8000"))
+}
