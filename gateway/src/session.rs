@@ -154,6 +154,18 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
     {
         writer.abort();
     }
+    if !client_gone {
+        // The closing handshake: read until the client's close, so that it
+        // reads everything we sent before the socket goes away.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     tracing::debug!(code, "connection closed");
 }
 

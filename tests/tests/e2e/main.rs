@@ -1,1 +1,11 @@
+//! End-to-end tests: real services in-process on port 0, real WebSocket and
+//! gRPC clients. One test binary, one module per area.
 
+mod bad_input;
+mod bus;
+mod channels;
+mod http_api;
+mod recovery;
+mod relink;
+mod shutdown;
+mod slow_consumer;
