@@ -406,10 +406,8 @@ impl Plan {
         let mut bus_task = None;
         if let Some(listener) = bus_listener {
             let bus_addr = listener.local_addr().ok();
-            if self.local_bus {
-                if let Some(a) = bus_addr {
-                    self.gateway.eventbus_url = format!("http://{a}");
-                }
+            if let (true, Some(a)) = (self.local_bus, bus_addr) {
+                self.gateway.eventbus_url = format!("http://{a}");
             }
             let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()) {
                 Ok(opened) => opened,
@@ -446,10 +444,8 @@ impl Plan {
                     .map_err(|e| e.to_string())
             }));
         }
-        if self.admin_key_generated {
-            if let Some(key) = &self.gateway.admin_key {
-                println!("admin key {key}  (generated; set auth.admin_key to keep one)");
-            }
+        if let (true, Some(key)) = (self.admin_key_generated, &self.gateway.admin_key) {
+            println!("admin key {key}  (generated; set auth.admin_key to keep one)");
         }
         println!(
             "mode      {}",

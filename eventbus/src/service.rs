@@ -32,20 +32,14 @@ impl EventBusService {
     }
 }
 
-/// Wraps the service so that, when `key` is set, every call must carry
-/// `authorization: Bearer <key>`; the key is compared in constant time.
-pub fn with_key(
-    svc: EventBusService,
-    key: Option<String>,
-) -> InterceptedService<
-    pb::event_bus_server::EventBusServer<EventBusService>,
-    impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone,
-> {
-    let key: Option<Arc<[u8]>> = key.map(|k| Arc::from(k.into_bytes()));
-    let server =
-        pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
-    InterceptedService::new(server, move |req: Request<()>| {
-        let Some(key) = &key else { return Ok(req) };
+/// Checks `authorization: Bearer <key>` on every call when a key is
+/// configured; the key is compared in constant time.
+#[derive(Clone)]
+pub struct KeyCheck(Option<Arc<[u8]>>);
+
+impl tonic::service::Interceptor for KeyCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(key) = &self.0 else { return Ok(req) };
         let given = req
             .metadata()
             .get("authorization")
@@ -57,7 +51,17 @@ pub fn with_key(
         } else {
             Err(Status::unauthenticated("missing or wrong api key"))
         }
-    })
+    }
+}
+
+/// The service behind its key check.
+pub fn with_key(
+    svc: EventBusService,
+    key: Option<String>,
+) -> InterceptedService<pb::event_bus_server::EventBusServer<EventBusService>, KeyCheck> {
+    let server =
+        pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
+    InterceptedService::new(server, KeyCheck(key.map(|k| Arc::from(k.into_bytes()))))
 }
 
 fn new_event(req: pb::PublishRequest) -> NewEvent {

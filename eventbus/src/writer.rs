@@ -158,13 +158,12 @@ impl Writer {
                     name
                 }
             };
-            if let Some(key) = &event.idempotency_key {
-                if let Some((first, expires)) = self.idempotency.get(&(name.clone(), key.clone())) {
-                    if *expires > now {
-                        replies.push((reply, Ok(first.clone())));
-                        continue;
-                    }
-                }
+            let known = event.idempotency_key.as_ref().and_then(|key| {
+                self.idempotency.get(&(name.clone(), key.clone())).filter(|(_, expires)| *expires > now)
+            });
+            if let Some((first, _)) = known {
+                replies.push((reply, Ok(first.clone())));
+                continue;
             }
             let p = &mut pending[index[&name]];
             p.top += 1;

@@ -229,12 +229,10 @@ impl Hub {
         let Some(conn) = inner.connections.remove(&id) else {
             return;
         };
-        if let Some(user) = &conn.user_id {
-            if let Some(n) = inner.users.get_mut(user) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.users.remove(user);
-                }
+        if let Some(n) = conn.user_id.as_ref().and_then(|u| inner.users.get_mut(u)) {
+            *n -= 1;
+            if *n == 0 {
+                inner.users.remove(conn.user_id.as_deref().unwrap_or_default());
             }
         }
         for channel in conn.channels {

@@ -144,34 +144,30 @@ pub async fn run(
         };
         let mut joins = vec![join(BROADCAST_CHANNEL, broadcast.clone())];
         joins.extend(hub.relink().into_iter().map(command));
-        let mut ok = true;
+        let mut linked = true;
         for j in joins {
             if tx.send(j).await.is_err() {
-                ok = false;
+                linked = false;
                 break;
             }
         }
-        if ok {
+        if linked {
             tracing::info!("linked to the event bus");
             backoff = Duration::from_millis(50);
         }
-        while ok {
+        while linked {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     hub.link_down();
                     return;
                 }
-                Some(cmd) = commands.recv() => {
-                    if tx.send(command(cmd)).await.is_err() {
-                        break;
-                    }
-                }
+                Some(cmd) = commands.recv() => linked = tx.send(command(cmd)).await.is_ok(),
                 msg = inbound.message() => match msg {
                     Ok(Some(resp)) => handle(&hub, &client, &metrics, &mut broadcast, resp),
-                    Ok(None) => break,
+                    Ok(None) => linked = false,
                     Err(status) => {
                         tracing::warn!(%status, "event bus stream ended");
-                        break;
+                        linked = false;
                     }
                 },
             }

@@ -4,6 +4,7 @@
 mod bad_input;
 mod bus;
 mod channels;
+mod cli;
 mod http_api;
 mod recovery;
 mod relink;

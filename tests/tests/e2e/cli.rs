@@ -1,0 +1,249 @@
+//! The `switchboard` binary: configuration errors, `up`, `publish`, `tail`,
+//! and durability across SIGKILL.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::json;
+use switchboard_tests::*;
+
+/// Runs the binary to completion and returns its exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(switchboard_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run switchboard");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("switchboard.toml");
+    std::fs::write(&file, "[gateway]\nlisen = \"127.0.0.1:1\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&["up", "--gateway-listen", "nope"], &[], "gateway.listen"),
+        (&["up"], &[("SWITCHBOARD_LIMITS__MAX_SUBSCRIPTIONS", "many")], "limits.max_subscriptions"),
+        (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
+        (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
+        (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
+        (&["up", "--config", file], &[], "lisen"),
+        (&["gateway"], &[], "auth.admin_key"),
+    ];
+    for (args, env, setting) in cases {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, 64, "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(setting), "{args:?} {env:?} must name {setting}: {stderr}");
+    }
+}
+
+/// A `switchboard` process, killed when dropped.
+struct Process {
+    child: Child,
+    grpc: String,
+    ws: Option<String>,
+}
+
+impl Process {
+    fn start(args: &[&str]) -> Process {
+        let mut child = Command::new(switchboard_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn switchboard");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut grpc, mut ws) = (None, None);
+        let wants_gateway = args[0] == "up" || args[0] == "gateway";
+        while grpc.is_none() || (wants_gateway && ws.is_none()) {
+            let line = lines.next().expect("switchboard exited before printing its addresses").unwrap();
+            if let Some(rest) = line.strip_prefix("eventbus  grpc://") {
+                grpc = Some(format!("http://{}", rest.split_whitespace().next().unwrap()));
+            }
+            if let Some(rest) = line.strip_prefix("gateway   ") {
+                ws = Some(rest.trim().to_owned());
+            }
+        }
+        // Keep draining stdout so the process never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, grpc: grpc.unwrap(), ws }
+    }
+
+    fn terminate(&mut self) -> i32 {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("switchboard did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn up_publish_and_tail() {
+    let data = tempfile::tempdir().unwrap();
+    let mut up = Process::start(&[
+        "up",
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--eventbus-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    let ws_url = up.ws.clone().unwrap();
+    let addr: std::net::SocketAddr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http(addr, "GET", "/ready", None, None).await.map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ws = Ws::connect(&ws_url).await.unwrap();
+    ws.subscribe("missions").await;
+
+    let tail = Command::new(switchboard_bin())
+        .args(["tail", "missions", "--url", &up.grpc])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tail = Guard(tail);
+    let mut tail_err = BufReader::new(tail.0.stderr.take().unwrap()).lines();
+    let joined = tail_err.next().unwrap().unwrap();
+    assert!(joined.starts_with("# joined missions"), "{joined}");
+
+    let out = Command::new(switchboard_bin())
+        .args(["publish", "missions", "mission_updated", r#"{"id":7,"status":"go"}"#, "--url", &up.grpc])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let published: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(published["offset"], 1);
+
+    let ev = ws.expect("event").await;
+    assert_eq!(ev["data"], json!({ "id": 7, "status": "go" }));
+    assert_eq!(ev["id"], published["event_id"]);
+
+    let mut tail_out = BufReader::new(tail.0.stdout.take().unwrap()).lines();
+    let line: serde_json::Value = serde_json::from_str(&tail_out.next().unwrap().unwrap()).unwrap();
+    assert_eq!(line["event"], "mission_updated");
+    assert_eq!(line["offset"], 1);
+
+    let bad = Command::new(switchboard_bin())
+        .args(["publish", "missions", "x", "{broken", "--url", &up.grpc])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("JSON"));
+
+    // SIGTERM: clients are told, the process exits cleanly.
+    let code = up.terminate();
+    assert_eq!(code, 0);
+    let (closed, _) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(1001));
+}
+
+/// Kills the child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_sigkill() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap().to_owned();
+    let args = ["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir.as_str()];
+    let bus = Process::start(&args);
+    let url = bus.grpc.clone();
+
+    // Eight publishers on two channels record every acknowledgement until the
+    // process dies under them.
+    let mut publishers = Vec::new();
+    for p in 0..8u64 {
+        let url = url.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut client = bus_client(&url).await;
+            let channel = if p % 2 == 0 { "crash:a" } else { "crash:b" };
+            let mut acked = Vec::new();
+            for i in 0..100_000u64 {
+                let req = pb::PublishRequest {
+                    channel: channel.into(),
+                    event: "e".into(),
+                    data: json!({ "p": p, "i": i }).to_string().into(),
+                    ..Default::default()
+                };
+                match client.publish(req).await {
+                    Ok(r) => acked.push((channel, r.into_inner(), p, i)),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut bus = bus;
+    bus.child.kill().unwrap(); // SIGKILL
+    bus.child.wait().unwrap();
+    let mut acked = Vec::new();
+    for p in publishers {
+        acked.extend(p.await.unwrap());
+    }
+    assert!(acked.len() > 50, "too few publishes before the kill: {}", acked.len());
+
+    let bus = Process::start(&args);
+    let mut client = bus_client(&bus.grpc).await;
+    for channel in ["crash:a", "crash:b"] {
+        let mut stored = Vec::new();
+        let mut since = 0;
+        loop {
+            let h = client
+                .history(pb::HistoryRequest {
+                    channel: channel.into(),
+                    since: Some(pb::StreamPosition { offset: since, epoch: String::new() }),
+                    limit: 10_000,
+                    reverse: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if h.events.is_empty() {
+                break;
+            }
+            since = h.events.last().unwrap().offset;
+            stored.extend(h.events);
+        }
+        let offsets: Vec<u64> = stored.iter().map(|e| e.offset).collect();
+        assert!(offsets.iter().enumerate().all(|(i, o)| *o == i as u64 + 1), "offsets are gap-free from 1");
+        for (ch, r, p, i) in acked.iter().filter(|a| a.0 == channel) {
+            let e = stored.get(r.offset as usize - 1).unwrap_or_else(|| panic!("acknowledged {ch}/{} lost", r.offset));
+            assert_eq!(e.event_id, r.event_id);
+            assert_eq!(e.epoch, r.epoch, "the epoch survives the crash");
+            assert_eq!(e.data, json!({ "p": p, "i": i }).to_string().as_bytes());
+        }
+        let next = publish(&mut client, channel, "e", json!("after")).await;
+        assert_eq!(next.offset, stored.len() as u64 + 1, "offsets continue after the crash");
+        assert_eq!(next.epoch, acked[0].1.epoch);
+    }
+}
