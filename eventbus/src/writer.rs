@@ -159,7 +159,9 @@ impl Writer {
                 }
             };
             let known = event.idempotency_key.as_ref().and_then(|key| {
-                self.idempotency.get(&(name.clone(), key.clone())).filter(|(_, expires)| *expires > now)
+                self.idempotency
+                    .get(&(name.clone(), key.clone()))
+                    .filter(|(_, expires)| *expires > now)
             });
             if let Some((first, _)) = known {
                 replies.push((reply, Ok(first.clone())));

@@ -235,8 +235,12 @@ fn upgrade(
     if !node.config.allowed_origins.is_empty() {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if origin.is_some_and(|origin| !node.config.allowed_origins.iter().any(|o| o == origin)) {
-            return ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "origin not allowed")
-                .into_response();
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                "origin not allowed",
+            )
+            .into_response();
         }
     }
     if !node.ready() && node.shutdown.is_cancelled() {

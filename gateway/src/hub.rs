@@ -232,7 +232,9 @@ impl Hub {
         if let Some(n) = conn.user_id.as_ref().and_then(|u| inner.users.get_mut(u)) {
             *n -= 1;
             if *n == 0 {
-                inner.users.remove(conn.user_id.as_deref().unwrap_or_default());
+                inner
+                    .users
+                    .remove(conn.user_id.as_deref().unwrap_or_default());
             }
         }
         for channel in conn.channels {

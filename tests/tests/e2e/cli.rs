@@ -18,7 +18,10 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run switchboard");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -29,17 +32,36 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     let file = file.to_str().unwrap();
     let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
         (&["up", "--gateway-listen", "nope"], &[], "gateway.listen"),
-        (&["up"], &[("SWITCHBOARD_LIMITS__MAX_SUBSCRIPTIONS", "many")], "limits.max_subscriptions"),
-        (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
-        (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
-        (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
+        (
+            &["up"],
+            &[("SWITCHBOARD_LIMITS__MAX_SUBSCRIPTIONS", "many")],
+            "limits.max_subscriptions",
+        ),
+        (
+            &["up"],
+            &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")],
+            "auth.expiry_grace",
+        ),
+        (
+            &["up"],
+            &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")],
+            "eventbus.backend",
+        ),
+        (
+            &["up"],
+            &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")],
+            "eventbus.fsync",
+        ),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
     ];
     for (args, env, setting) in cases {
         let (code, stderr) = run(args, env);
         assert_eq!(code, 64, "{args:?} {env:?}: {stderr}");
-        assert!(stderr.contains(setting), "{args:?} {env:?} must name {setting}: {stderr}");
+        assert!(
+            stderr.contains(setting),
+            "{args:?} {env:?} must name {setting}: {stderr}"
+        );
     }
 }
 
@@ -63,9 +85,15 @@ impl Process {
         let (mut grpc, mut ws) = (None, None);
         let wants_gateway = args[0] == "up" || args[0] == "gateway";
         while grpc.is_none() || (wants_gateway && ws.is_none()) {
-            let line = lines.next().expect("switchboard exited before printing its addresses").unwrap();
+            let line = lines
+                .next()
+                .expect("switchboard exited before printing its addresses")
+                .unwrap();
             if let Some(rest) = line.strip_prefix("eventbus  grpc://") {
-                grpc = Some(format!("http://{}", rest.split_whitespace().next().unwrap()));
+                grpc = Some(format!(
+                    "http://{}",
+                    rest.split_whitespace().next().unwrap()
+                ));
             }
             if let Some(rest) = line.strip_prefix("gateway   ") {
                 ws = Some(rest.trim().to_owned());
@@ -73,7 +101,11 @@ impl Process {
         }
         // Keep draining stdout so the process never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Process { child, grpc: grpc.unwrap(), ws }
+        Process {
+            child,
+            grpc: grpc.unwrap(),
+            ws,
+        }
     }
 
     fn terminate(&mut self) -> i32 {
@@ -109,9 +141,18 @@ async fn up_publish_and_tail() {
         data.path().to_str().unwrap(),
     ]);
     let ws_url = up.ws.clone().unwrap();
-    let addr: std::net::SocketAddr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
+    let addr: std::net::SocketAddr = ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws/connect")
+        .parse()
+        .unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while http(addr, "GET", "/ready", None, None).await.map(|r| r.0).unwrap_or(0) != 200 {
+    while http(addr, "GET", "/ready", None, None)
+        .await
+        .map(|r| r.0)
+        .unwrap_or(0)
+        != 200
+    {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -130,10 +171,21 @@ async fn up_publish_and_tail() {
     assert!(joined.starts_with("# joined missions"), "{joined}");
 
     let out = Command::new(switchboard_bin())
-        .args(["publish", "missions", "mission_updated", r#"{"id":7,"status":"go"}"#, "--url", &up.grpc])
+        .args([
+            "publish",
+            "missions",
+            "mission_updated",
+            r#"{"id":7,"status":"go"}"#,
+            "--url",
+            &up.grpc,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let published: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(published["offset"], 1);
 
@@ -174,7 +226,14 @@ impl Drop for Guard {
 async fn acknowledged_events_survive_sigkill() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap().to_owned();
-    let args = ["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir.as_str()];
+    let args = [
+        "eventbus",
+        "--dev",
+        "--eventbus-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.as_str(),
+    ];
     let bus = Process::start(&args);
     let url = bus.grpc.clone();
 
@@ -210,7 +269,11 @@ async fn acknowledged_events_survive_sigkill() {
     for p in publishers {
         acked.extend(p.await.unwrap());
     }
-    assert!(acked.len() > 50, "too few publishes before the kill: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few publishes before the kill: {}",
+        acked.len()
+    );
 
     let bus = Process::start(&args);
     let mut client = bus_client(&bus.grpc).await;
@@ -221,7 +284,10 @@ async fn acknowledged_events_survive_sigkill() {
             let h = client
                 .history(pb::HistoryRequest {
                     channel: channel.into(),
-                    since: Some(pb::StreamPosition { offset: since, epoch: String::new() }),
+                    since: Some(pb::StreamPosition {
+                        offset: since,
+                        epoch: String::new(),
+                    }),
                     limit: 10_000,
                     reverse: false,
                 })
@@ -235,15 +301,24 @@ async fn acknowledged_events_survive_sigkill() {
             stored.extend(h.events);
         }
         let offsets: Vec<u64> = stored.iter().map(|e| e.offset).collect();
-        assert!(offsets.iter().enumerate().all(|(i, o)| *o == i as u64 + 1), "offsets are gap-free from 1");
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as u64 + 1),
+            "offsets are gap-free from 1"
+        );
         for (ch, r, p, i) in acked.iter().filter(|a| a.0 == channel) {
-            let e = stored.get(r.offset as usize - 1).unwrap_or_else(|| panic!("acknowledged {ch}/{} lost", r.offset));
+            let e = stored
+                .get(r.offset as usize - 1)
+                .unwrap_or_else(|| panic!("acknowledged {ch}/{} lost", r.offset));
             assert_eq!(e.event_id, r.event_id);
             assert_eq!(e.epoch, r.epoch, "the epoch survives the crash");
             assert_eq!(e.data, json!({ "p": p, "i": i }).to_string().as_bytes());
         }
         let next = publish(&mut client, channel, "e", json!("after")).await;
-        assert_eq!(next.offset, stored.len() as u64 + 1, "offsets continue after the crash");
+        assert_eq!(
+            next.offset,
+            stored.len() as u64 + 1,
+            "offsets continue after the crash"
+        );
         assert_eq!(next.epoch, acked[0].1.epoch);
     }
 }
