@@ -190,7 +190,7 @@ async fn client_publish_only_where_the_namespace_allows_it() {
     ws.send(json!({ "type": "publish", "channel": "chat:room1", "event": "said", "data": { "text": "hi" }, "id": 5 }))
         .await;
     // The reply and the event may come in either order.
-    let mut got = vec![ws.recv().await.unwrap(), ws.recv().await.unwrap()];
+    let mut got = [ws.recv().await.unwrap(), ws.recv().await.unwrap()];
     got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
     assert_eq!(got[0]["type"], "event");
     assert_eq!(got[0]["data"]["text"], "hi");

@@ -30,7 +30,8 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     let file = dir.path().join("switchboard.toml");
     std::fs::write(&file, "[gateway]\nlisen = \"127.0.0.1:1\"\n").unwrap();
     let file = file.to_str().unwrap();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case<'_>] = &[
         (&["up", "--gateway-listen", "nope"], &[], "gateway.listen"),
         (
             &["up"],
