@@ -229,6 +229,16 @@ impl Bus {
 
     /// Stores an event and returns its position once it is committed.
     pub async fn publish(&self, event: NewEvent) -> Result<Published, BusError> {
+        self.submit(event).await?.await
+    }
+
+    /// Queues an event for the writer and returns the future of its result.
+    /// Events submitted one after another are stored in that order, however
+    /// their results are awaited.
+    pub async fn submit(
+        &self,
+        event: NewEvent,
+    ) -> Result<impl Future<Output = Result<Published, BusError>> + use<>, BusError> {
         self.check(&event)?;
         let (reply, rx) = oneshot::channel();
         self.shared
@@ -236,7 +246,7 @@ impl Bus {
             .send(WriteRequest::Publish { event, reply })
             .await
             .map_err(|_| BusError::ShuttingDown)?;
-        rx.await.map_err(|_| BusError::ShuttingDown)?
+        Ok(async move { rx.await.map_err(|_| BusError::ShuttingDown)? })
     }
 
     pub(crate) fn writer(&self) -> &mpsc::Sender<WriteRequest> {

@@ -174,8 +174,15 @@ impl pb::event_bus_server::EventBus for EventBusService {
                     item = inbound.next(), if !inbound_done && in_flight.len() < PUBLISH_PIPELINE => {
                         match item {
                             Some(Ok(req)) => {
-                                let bus = bus.clone();
-                                in_flight.push_back(async move { bus.publish(new_event(req)).await });
+                                // Submitted in request order, so stored in request order;
+                                // only the acknowledgements are awaited concurrently.
+                                let result = bus.submit(new_event(req)).await;
+                                in_flight.push_back(async move {
+                                    match result {
+                                        Ok(ack) => ack.await,
+                                        Err(e) => Err(e),
+                                    }
+                                });
                             }
                             Some(Err(status)) => {
                                 let _ = tx.send(Err(status)).await;
