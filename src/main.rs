@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod bench;
 mod settings;
 
 use std::{
@@ -61,6 +62,9 @@ enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Load generators: publish throughput and WebSocket fan-out (loopback only).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Prints a channel's events as they arrive, one JSON object per line.
     Tail {
         channel: String,
@@ -142,6 +146,15 @@ fn main() -> ExitCode {
             since,
             client,
         } => return runtime.block_on(tail(client, channel, since)),
+        Command::Bench(bench) => {
+            return match runtime.block_on(bench::run(bench)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let plan =
         match settings::load(cli.config.as_deref(), &env).and_then(|s| Plan::new(s, role, &args)) {
