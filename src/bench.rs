@@ -48,6 +48,10 @@ pub struct PublishArgs {
     channels: usize,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Each publisher pipelines over one `PublishStream` (up to 64 in flight)
+    /// instead of waiting for each `Publish`.
+    #[arg(long)]
+    stream: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -169,9 +173,52 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
         let stop = stop.clone();
         let count = count.clone();
         let channel = format!("bench:{}", p % args.channels.max(1));
+        let stream = args.stream;
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
             let mut errors = 0u64;
+            if stream {
+                // Send times ride along in a queue as deep as the pipeline.
+                let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(64);
+                let (times_tx, mut times_rx) = tokio::sync::mpsc::channel::<Instant>(128);
+                let feeder_stop = stop.clone();
+                let feeder = tokio::spawn(async move {
+                    while !feeder_stop.load(Ordering::Relaxed) {
+                        let req = pb::PublishRequest {
+                            channel: channel.clone(),
+                            event: "bench".into(),
+                            data: data.clone().into(),
+                            ..Default::default()
+                        };
+                        if times_tx.send(Instant::now()).await.is_err()
+                            || tx.send(req).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                if let Ok(resp) = client
+                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                {
+                    let mut responses = resp.into_inner();
+                    while let Ok(Some(r)) = responses.message().await {
+                        if let Some(t) = times_rx.recv().await {
+                            let _ = h.record(t.elapsed().as_micros() as u64);
+                        }
+                        if r.error.is_some() {
+                            errors += 1;
+                        } else {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+                feeder.abort();
+                return (h, errors);
+            }
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let req = pb::PublishRequest {
@@ -204,6 +251,7 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
     let n = count.load(Ordering::Relaxed);
     let report = json!({
         "bench": "publish",
+        "mode": if args.stream { "stream" } else { "unary" },
         "publishers": args.publishers,
         "payload_bytes": args.size,
         "channels": args.channels,

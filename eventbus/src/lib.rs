@@ -137,7 +137,7 @@ pub async fn serve_bus(
         .add_service(reflection)
         .add_service(service::with_key(svc, api_key))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 shutdown.await;
                 // Live subscription streams end here; otherwise they would hold the server open.

@@ -323,3 +323,61 @@ async fn acknowledged_events_survive_sigkill() {
         assert_eq!(next.epoch, acked[0].1.epoch);
     }
 }
+
+#[test]
+fn unusable_data_directories_are_refused_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A file where the directory should be.
+    let file = tmp.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    // A store that is not a redb file.
+    let garbage = tmp.path().join("garbage");
+    std::fs::create_dir(&garbage).unwrap();
+    std::fs::write(garbage.join("eventbus.redb"), vec![0x5a; 64 * 1024]).unwrap();
+    for dir in [&file, &garbage] {
+        let (code, stderr) = run(
+            &[
+                "eventbus",
+                "--dev",
+                "--eventbus-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains("cannot open the event bus store"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_second_process_on_the_same_data_directory_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let _first = Process::start(&[
+        "eventbus",
+        "--dev",
+        "--eventbus-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir,
+    ]);
+    let (code, stderr) = run(
+        &[
+            "eventbus",
+            "--dev",
+            "--eventbus-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}

@@ -1,0 +1,145 @@
+//! Token authentication (SPEC §8): JWTs signed with HS256 (a shared secret),
+//! RS256 or ES256 (public keys from PEM files).
+//!
+//! The algorithm of a token must be one configured *and* match the kind of
+//! key it is checked with, so a token signed with HS256 using an RSA public
+//! key as the secret is refused (algorithm confusion).
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+
+/// How tokens are checked.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// Keys with the one algorithm each may verify.
+    pub keys: Vec<(Algorithm, DecodingKey)>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// How long after `exp` a connection may stay without `refresh`.
+    pub expiry_grace: Duration,
+    /// How long a connection without a token may wait before `authorize`.
+    pub authorize_timeout: Duration,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithms", &self.keys.iter().map(|(a, _)| *a).collect::<Vec<_>>())
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field("expiry_grace", &self.expiry_grace)
+            .field("authorize_timeout", &self.authorize_timeout)
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    /// A configuration with no keys: every token is refused.
+    pub fn none() -> Self {
+        AuthConfig {
+            keys: Vec::new(),
+            audience: None,
+            issuer: None,
+            expiry_grace: Duration::from_secs(25),
+            authorize_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Adds an HS256 secret.
+    pub fn with_hs256(mut self, secret: &[u8]) -> Self {
+        self.keys.push((Algorithm::HS256, DecodingKey::from_secret(secret)));
+        self
+    }
+
+    /// Adds a public key from PEM: RS256 for RSA keys, ES256 for P-256 keys.
+    ///
+    /// # Errors
+    /// When the PEM is neither.
+    pub fn with_public_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            self.keys.push((Algorithm::RS256, key));
+        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            self.keys.push((Algorithm::ES256, key));
+        } else {
+            return Err("not an RSA or EC public key in PEM".into());
+        }
+        Ok(self)
+    }
+}
+
+/// Who a valid token says the client is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    /// Channels to subscribe on connect.
+    pub channels: Vec<String>,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    channels: Vec<String>,
+}
+
+/// Why a token was refused; the message is safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthError(pub String);
+
+/// Checks a token and returns its credentials.
+///
+/// # Errors
+/// A bad signature, an unknown or mismatched algorithm, an expired or not yet
+/// valid token, a wrong audience or issuer, or no `sub`.
+pub fn verify(config: &AuthConfig, token: &str) -> Result<Credentials, AuthError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError("malformed token".into()))?;
+    let mut last = AuthError(format!("algorithm {:?} is not accepted", header.alg));
+    for (alg, key) in config.keys.iter().filter(|(alg, _)| *alg == header.alg) {
+        let mut validation = Validation::new(*alg);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+            Ok(data) => {
+                let claims = data.claims;
+                let user_id = claims.sub.filter(|s| !s.is_empty()).ok_or_else(|| AuthError("token has no `sub`".into()))?;
+                return Ok(Credentials { user_id, roles: claims.roles, channels: claims.channels, expires_at: claims.exp });
+            }
+            Err(e) => {
+                last = AuthError(
+                    match e.kind() {
+                        ErrorKind::ExpiredSignature => "token expired",
+                        ErrorKind::ImmatureSignature => "token not yet valid",
+                        ErrorKind::InvalidAudience => "wrong audience",
+                        ErrorKind::InvalidIssuer => "wrong issuer",
+                        ErrorKind::InvalidSignature => "bad signature",
+                        ErrorKind::InvalidAlgorithm => "algorithm not accepted",
+                        ErrorKind::MissingRequiredClaim(c) if c == "sub" => "token has no `sub`",
+                        ErrorKind::MissingRequiredClaim(_) => "token has no `exp`",
+                        _ => "invalid token",
+                    }
+                    .into(),
+                );
+            }
+        }
+    }
+    Err(last)
+}
