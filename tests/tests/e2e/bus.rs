@@ -164,8 +164,21 @@ async fn next(s: &mut tonic::Streaming<pb::SubscribeResponse>) -> pb::subscribe_
 }
 
 #[tokio::test]
-async fn history_size_and_ttl_are_enforced() {
-    let mut config = eventbus::Config::memory();
+async fn history_size_and_ttl_are_enforced_in_memory() {
+    retention(eventbus::Config::memory()).await;
+}
+
+#[tokio::test]
+async fn history_size_and_ttl_are_enforced_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    retention(eventbus::Config {
+        data_dir: dir.path().to_owned(),
+        ..eventbus::Config::default()
+    })
+    .await;
+}
+
+async fn retention(mut config: eventbus::Config) {
     config.namespaces.insert(
         "small".into(),
         eventbus::HistoryPolicy {
@@ -346,6 +359,18 @@ async fn embedded_store_keeps_events_offsets_and_epoch_across_restarts() {
     );
     let next = publish(&mut client, "missions", "e", json!({ "n": 3 })).await;
     assert_eq!(next.offset, 3);
+
+    let other = tempfile::tempdir().unwrap();
+    let fresh = BusServer::embedded(other.path().to_owned()).await;
+    let r = publish(
+        &mut bus_client(&fresh.url()).await,
+        "missions",
+        "e",
+        json!(1),
+    )
+    .await;
+    assert_ne!(r.epoch, first.epoch, "a new directory has a new epoch");
+    assert_eq!(r.offset, 1);
 }
 
 #[tokio::test]
