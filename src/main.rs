@@ -62,6 +62,28 @@ enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Prints an HS256 client token signed with `auth.hs256_secret`.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// A role (`roles` claim); repeat for more.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// A channel subscribed on connect (`channels` claim); repeat for more.
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+        #[arg(long)]
+        audience: Option<String>,
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The HS256 secret.
+        #[arg(long, env = "SWITCHBOARD_AUTH__HS256_SECRET", hide_env_values = true)]
+        secret: String,
+    },
     /// Load generators: publish throughput and WebSocket fan-out (loopback only).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -146,6 +168,34 @@ fn main() -> ExitCode {
             since,
             client,
         } => return runtime.block_on(tail(client, channel, since)),
+        Command::Token {
+            sub,
+            ttl,
+            roles,
+            channels,
+            audience,
+            issuer,
+            secret,
+        } => {
+            let claims = token_claims(
+                &sub,
+                ttl,
+                &roles,
+                &channels,
+                audience.as_deref(),
+                issuer.as_deref(),
+            );
+            return match switchboard_gateway::auth::mint_hs256(secret.as_bytes(), &claims) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Bench(bench) => {
             return match runtime.block_on(bench::run(bench)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -191,6 +241,36 @@ struct Plan {
     local_bus: bool,
     eventbus: switchboard_eventbus::Config,
     admin_key_generated: bool,
+    /// A client token printed in dev mode, signed with the generated secret.
+    dev_token: Option<String>,
+}
+
+fn token_claims(
+    sub: &str,
+    ttl: Duration,
+    roles: &[String],
+    channels: &[String],
+    audience: Option<&str>,
+    issuer: Option<&str>,
+) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut claims = serde_json::json!({ "sub": sub, "iat": now, "exp": now + ttl.as_secs() });
+    if !roles.is_empty() {
+        claims["roles"] = serde_json::json!(roles);
+    }
+    if !channels.is_empty() {
+        claims["channels"] = serde_json::json!(channels);
+    }
+    if let Some(aud) = audience {
+        claims["aud"] = serde_json::json!(aud);
+    }
+    if let Some(iss) = issuer {
+        claims["iss"] = serde_json::json!(iss);
+    }
+    claims
 }
 
 fn random_key() -> String {
@@ -299,6 +379,47 @@ impl Plan {
             None => return Err("auth.admin_key: required outside --dev (or set it with SWITCHBOARD_AUTH__ADMIN_KEY)".into()),
         };
         let anonymous = s.auth.anonymous.unwrap_or(dev);
+        let mut auth = switchboard_gateway::auth::AuthConfig {
+            audience: s.auth.audience.clone(),
+            issuer: s.auth.issuer.clone(),
+            expiry_grace: s.auth.expiry_grace.0,
+            authorize_timeout: s.auth.authorize_timeout.0,
+            ..Default::default()
+        };
+        let mut dev_token = None;
+        let secret = match s.auth.hs256_secret.clone() {
+            Some(secret) if secret.len() < 32 => {
+                return Err("auth.hs256_secret: must be at least 32 characters".into());
+            }
+            Some(secret) => Some(secret),
+            None if dev => {
+                let secret = random_key();
+                let claims = token_claims(
+                    "dev",
+                    Duration::from_secs(24 * 3600),
+                    &[],
+                    &[],
+                    s.auth.audience.as_deref(),
+                    s.auth.issuer.as_deref(),
+                );
+                dev_token = switchboard_gateway::auth::mint_hs256(secret.as_bytes(), &claims).ok();
+                Some(secret)
+            }
+            None => None,
+        };
+        if let Some(secret) = &secret {
+            auth = auth.with_hs256(secret.as_bytes());
+        }
+        for file in &s.auth.public_key_files {
+            let pem = std::fs::read(file)
+                .map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
+            auth = auth
+                .with_public_pem(&pem)
+                .map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
+        }
+        if auth.keys.is_empty() && !anonymous && role != Role::Eventbus {
+            return Err("auth.hs256_secret: a token key (auth.hs256_secret or auth.public_key_files) is required outside --dev unless auth.anonymous = true".into());
+        }
 
         let history = switchboard_eventbus::HistoryPolicy {
             size: l.history_size,
@@ -370,6 +491,7 @@ impl Plan {
             },
             namespaces: gw_namespaces,
             allowed_origins: s.gateway.allowed_origins.clone(),
+            auth,
         };
         Ok(Plan {
             role,
@@ -380,6 +502,7 @@ impl Plan {
             local_bus,
             eventbus,
             admin_key_generated,
+            dev_token,
         })
     }
 
@@ -459,6 +582,11 @@ impl Plan {
         }
         if let (true, Some(key)) = (self.admin_key_generated, &self.gateway.admin_key) {
             println!("admin key {key}  (generated; set auth.admin_key to keep one)");
+        }
+        if let (true, Some(token)) = (self.role != Role::Eventbus, &self.dev_token) {
+            println!(
+                "token     {token}  (user \"dev\", 24 h; signed with a generated auth.hs256_secret)"
+            );
         }
         println!(
             "mode      {}",

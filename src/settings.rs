@@ -64,7 +64,7 @@ impl Default for Gateway {
             heartbeat_interval: secs(30),
             heartbeat_timeout: secs(10),
             shutdown_grace: secs(10),
-            allowed_origins: Vec::new(),
+            allowed_origins: switchboard_gateway::config::localhost_origins(),
         }
     }
 }
@@ -118,6 +118,12 @@ impl Default for AgentBridge {
 pub struct Auth {
     pub anonymous: Option<bool>,
     pub hs256_secret: Option<String>,
+    /// PEM files of RS256 (RSA) or ES256 (P-256) public keys.
+    pub public_key_files: Vec<PathBuf>,
+    /// Required `aud` of tokens, when set.
+    pub audience: Option<String>,
+    /// Required `iss` of tokens, when set.
+    pub issuer: Option<String>,
     pub admin_key: Option<String>,
     pub expiry_grace: Dur,
     pub authorize_timeout: Dur,
@@ -128,6 +134,9 @@ impl Default for Auth {
         Auth {
             anonymous: None,
             hs256_secret: None,
+            public_key_files: Vec::new(),
+            audience: None,
+            issuer: None,
             admin_key: None,
             expiry_grace: secs(25),
             authorize_timeout: secs(10),

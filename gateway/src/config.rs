@@ -81,8 +81,41 @@ pub struct Config {
     pub limits: Limits,
     /// Rules by namespace; others get `Namespace::default()`.
     pub namespaces: HashMap<String, Namespace>,
-    /// Origins allowed to open WebSockets and call the API; empty allows any.
+    /// Origins allowed to open WebSockets and call the API: exact origins,
+    /// `scheme://host:*` for any port, or `*` for any origin. Requests without
+    /// an `Origin` header (non-browser clients) are not affected.
     pub allowed_origins: Vec<String>,
+    /// How tokens are checked.
+    pub auth: crate::auth::AuthConfig,
+}
+
+/// The default allowed origins: pages served from this machine.
+pub fn localhost_origins() -> Vec<String> {
+    [
+        "http://localhost:*",
+        "http://127.0.0.1:*",
+        "https://localhost:*",
+        "https://127.0.0.1:*",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Whether `origin` matches one of `allowed`.
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.iter().any(|pattern| {
+        pattern == "*"
+            || pattern == origin
+            || pattern.strip_suffix(":*").is_some_and(|base| {
+                origin == base
+                    || origin
+                        .strip_prefix(base)
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .is_some_and(|port| {
+                            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+                        })
+            })
+    })
 }
 
 impl Default for Config {
@@ -97,7 +130,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             namespaces: HashMap::new(),
-            allowed_origins: Vec::new(),
+            allowed_origins: localhost_origins(),
+            auth: crate::auth::AuthConfig::none(),
         }
     }
 }
@@ -106,5 +140,26 @@ impl Config {
     pub fn namespace(&self, channel: &str) -> Namespace {
         let ns = switchboard_proto::channel::namespace(channel);
         self.namespaces.get(ns).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_exactly_or_by_port_wildcard() {
+        let allowed = localhost_origins();
+        assert!(origin_allowed(&allowed, "http://localhost:3000"));
+        assert!(origin_allowed(&allowed, "http://localhost"));
+        assert!(origin_allowed(&allowed, "https://127.0.0.1:8443"));
+        assert!(!origin_allowed(&allowed, "http://localhost.evil.com"));
+        assert!(!origin_allowed(&allowed, "http://localhost:80.evil.com"));
+        assert!(!origin_allowed(&allowed, "https://example.com"));
+        assert!(origin_allowed(
+            &["https://app.example.com".into()],
+            "https://app.example.com"
+        ));
+        assert!(origin_allowed(&["*".into()], "https://anything.example"));
     }
 }

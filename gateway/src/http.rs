@@ -17,7 +17,8 @@ use subtle::ConstantTimeEq;
 use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
-    Node,
+    Node, auth,
+    config::origin_allowed,
     disconnect::Disconnect,
     hub::BROADCAST_CHANNEL,
     protocol::{self, Since},
@@ -42,7 +43,24 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .layer(cors(&node.config.allowed_origins))
         .with_state(node)
+}
+
+/// CORS for the HTTP API: the configured origins, the admin headers.
+fn cors(allowed: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allowed = allowed.to_vec();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.to_str().is_ok_and(|o| origin_allowed(&allowed, o))
+        }))
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-api-key"),
+        ])
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with a status.
@@ -232,16 +250,14 @@ fn upgrade(
     ws: WebSocketUpgrade,
     channel: Option<String>,
 ) -> Response {
-    if !node.config.allowed_origins.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if origin.is_some_and(|origin| !node.config.allowed_origins.iter().any(|o| o == origin)) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "permission_denied",
-                "origin not allowed",
-            )
-            .into_response();
-        }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if origin.is_some_and(|o| !origin_allowed(&node.config.allowed_origins, o)) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "origin not allowed",
+        )
+        .into_response();
     }
     if !node.ready() && node.shutdown.is_cancelled() {
         return ApiError::new(
@@ -273,40 +289,46 @@ fn upgrade(
             }
         },
     };
-    if q.token.is_some() || !node.config.anonymous {
-        // Token authentication is not part of this build yet: refuse rather than
-        // let a token holder in unchecked.
-        let anonymous = node.config.anonymous && q.token.is_none();
-        if !anonymous {
-            return ws.on_upgrade(move |socket| refuse(socket, Disconnect::UNAUTHORIZED));
-        }
-    }
-    let limit = node.config.limits.max_message_bytes;
-    let params = Params {
+    let mut params = Params {
         channel,
         since,
         ..Params::default()
     };
+    match q.token.as_deref() {
+        Some(token) => match auth::verify(&node.config.auth, token) {
+            Ok(credentials) => params.credentials = Some(credentials),
+            // Refused after the upgrade, so that a browser sees why.
+            Err(e) => {
+                return ws.on_upgrade(move |socket| refuse(socket, Disconnect::UNAUTHORIZED, e.0));
+            }
+        },
+        None => params.must_authorize = !node.config.anonymous,
+    }
+    let limit = node.config.limits.max_message_bytes;
     let sessions = node.sessions.clone();
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| sessions.track_future(session::run(node, socket, params)))
 }
 
-async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect) {
+async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect, message: String) {
     use axum::extract::ws::{CloseFrame, Message};
+    let error = protocol::error("unauthorized", &message, None);
     let bye = protocol::frame(
         "disconnect",
         None,
-        json!({ "code": reason.code, "reason": reason.reason, "reconnect": false }),
+        json!({ "code": reason.code, "reason": reason.reason, "reconnect": reason.reconnect() }),
     );
-    let _ = socket.send(Message::Text(bye.into())).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: reason.code,
-            reason: reason.reason.into(),
-        })))
-        .await;
+    for frame in [error, bye] {
+        let _ = socket.send(Message::Text(frame.into())).await;
+    }
+    let close = CloseFrame {
+        code: reason.code,
+        reason: reason.reason.into(),
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
+    // The closing handshake: wait briefly for the client's close.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.recv()).await;
 }
 
 // === HTTP API ===

@@ -223,6 +223,26 @@ impl Hub {
         true
     }
 
+    /// Sets the user of an anonymous connection that authorized; refuses it
+    /// when that user already has `max_per_user` connections.
+    pub fn set_user(&self, id: Uuid, user: &str, max_per_user: usize) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        let Some(conn) = inner.connections.get_mut(&id) else {
+            return false;
+        };
+        if conn.user_id.is_some() {
+            return true;
+        }
+        let n = inner.users.entry(user.to_owned()).or_default();
+        if *n >= max_per_user {
+            return false;
+        }
+        *n += 1;
+        conn.user_id = Some(user.to_owned());
+        true
+    }
+
     /// Removes a connection and all its subscriptions.
     pub fn remove_connection(&self, id: Uuid) {
         let mut inner = self.inner.lock().unwrap();

@@ -28,6 +28,7 @@ use std::{
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub mod auth;
 pub mod config;
 pub mod disconnect;
 mod http;

@@ -15,6 +15,7 @@ use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
     Node,
+    auth::{self, Credentials},
     config::Access,
     disconnect::Disconnect,
     hub::{BROADCAST_CHANNEL, SubscribeError},
@@ -27,8 +28,11 @@ use crate::{
 /// Who is on the other end, as established before the upgrade.
 #[derive(Debug, Clone, Default)]
 pub struct Params {
-    pub user_id: Option<String>,
-    pub roles: Vec<String>,
+    /// From a valid `?token=`.
+    pub credentials: Option<Credentials>,
+    /// No token and anonymous connections are not allowed: the client must
+    /// send `authorize` within `auth.authorize_timeout`.
+    pub must_authorize: bool,
     /// Subscribed on open (`/ws/channel/{channel}`, `/ws/tasks/{id}`).
     pub channel: Option<String>,
     pub since: Option<Since>,
@@ -44,7 +48,12 @@ struct Session {
     node: Arc<Node>,
     id: Uuid,
     queue: Arc<Outbound>,
-    params: Params,
+    /// Who the client is, once a token said so.
+    credentials: Option<Credentials>,
+    /// When an unauthenticated connection that must authorize is closed.
+    authorize_by: Option<Instant>,
+    /// When the token expires (the grace period comes on top).
+    expires: Option<Instant>,
     bucket: TokenBucket,
     strikes: u32,
     /// Times of recent protocol errors, for the per-minute budget.
@@ -54,7 +63,8 @@ struct Session {
 /// Runs a connection until it closes.
 pub async fn run(node: Arc<Node>, socket: WebSocket, params: Params) {
     let id = Uuid::new_v4();
-    let span = tracing::info_span!("connection", connection_id = %id, user_id = ?params.user_id);
+    let user = params.credentials.as_ref().map(|c| c.user_id.clone());
+    let span = tracing::info_span!("connection", connection_id = %id, user_id = ?user);
     run_inner(node, socket, params, id).instrument(span).await
 }
 
@@ -71,15 +81,20 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
         node: node.clone(),
         id,
         queue: queue.clone(),
+        credentials: None,
+        authorize_by: params
+            .must_authorize
+            .then(|| Instant::now() + node.config.auth.authorize_timeout),
+        expires: None,
         bucket: TokenBucket::new(limits.rate_per_second, limits.rate_burst),
         strikes: 0,
         errors: VecDeque::new(),
-        params,
     };
+    let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
     let registered = node.hub.add_connection(
         id,
         queue.clone(),
-        session.params.user_id.clone(),
+        user_id.clone(),
         limits.max_connections_per_user,
     );
     if registered {
@@ -89,7 +104,7 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
             None,
             json!({
                 "connection_id": id,
-                "user_id": session.params.user_id,
+                "user_id": user_id,
                 "node": node.config.node,
                 "heartbeat": {
                     "interval": node.config.heartbeat_interval.as_secs_f64(),
@@ -101,9 +116,11 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
                 },
             }),
         ));
-        if let Some(channel) = session.params.channel.take() {
-            let since = session.params.since.take();
-            session.subscribe(channel, since, None);
+        if let Some(credentials) = params.credentials {
+            session.authenticated(credentials);
+        }
+        if let Some(channel) = params.channel {
+            session.subscribe(channel, params.since, None);
         }
     } else {
         queue.close(Disconnect::USER_LIMIT);
@@ -119,6 +136,10 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
             _ = node.shutdown.cancelled(), if open => queue.close(Disconnect::SHUTDOWN),
             _ = &mut writer => writer_done = true,
             _ = tokio::time::sleep_until(last_seen + window), if open => queue.close(Disconnect::NO_PONG),
+            _ = sleep_until(session.authorize_by), if open => queue.close(Disconnect::UNAUTHORIZED),
+            _ = sleep_until(session.expires.map(|t| t + node.config.auth.expiry_grace)), if open => {
+                queue.close(Disconnect::TOKEN_EXPIRED)
+            }
             msg = stream.next(), if !client_gone => match msg {
                 Some(Ok(msg)) => {
                     last_seen = Instant::now();
@@ -167,6 +188,24 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
         .await;
     }
     tracing::debug!(code, "connection closed");
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Converts a token's `exp` (Unix seconds) to an instant.
+fn instant_of(exp: Option<u64>) -> Option<Instant> {
+    let exp = exp?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
 }
 
 /// Whether a read error is the message-size limit.
@@ -295,6 +334,18 @@ impl Session {
 
     fn on_frame(&mut self, frame: ClientFrame) {
         let id = frame.id;
+        let open = matches!(
+            frame.request,
+            Request::Authorize { .. } | Request::Ping | Request::Pong
+        );
+        if self.authorize_by.is_some() && !open {
+            self.error(
+                "unauthorized",
+                "send `authorize` with a token first",
+                id.as_ref(),
+            );
+            return;
+        }
         match frame.request {
             Request::Subscribe { channel, since } => self.subscribe(channel, since, id),
             Request::Unsubscribe { channel } => {
@@ -319,11 +370,8 @@ impl Session {
             } => self.publish(channel, event, data, id),
             Request::Ping => self.push(protocol::frame("pong", id.as_ref(), json!({}))),
             Request::Pong => {}
-            Request::Authorize { .. } | Request::Refresh { .. } => self.error(
-                "unavailable",
-                "token authentication is not enabled on this node",
-                id.as_ref(),
-            ),
+            Request::Authorize { token } => self.authorize(&token, id),
+            Request::Refresh { token } => self.refresh(&token, id),
             Request::Agent { kind } => self.error(
                 "unavailable",
                 &format!("`{kind}` needs the agent bridge, which is not available"),
@@ -332,14 +380,101 @@ impl Session {
         }
     }
 
+    fn user_id(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|c| c.user_id.as_str())
+    }
+
     fn allowed(&self, access: &Access) -> bool {
         match access {
             Access::None => false,
             Access::Anonymous => true,
-            Access::Authenticated => self.params.user_id.is_some(),
-            Access::Roles(roles) => {
-                self.params.user_id.is_some() && self.params.roles.iter().any(|r| roles.contains(r))
+            Access::Authenticated => self.credentials.is_some(),
+            Access::Roles(roles) => self
+                .credentials
+                .as_ref()
+                .is_some_and(|c| c.roles.iter().any(|r| roles.contains(r))),
+        }
+    }
+
+    /// Takes the credentials of a valid token: the personal channel and the
+    /// token's `channels` are subscribed, and its expiry is enforced.
+    fn authenticated(&mut self, credentials: Credentials) {
+        self.expires = instant_of(credentials.expires_at);
+        self.authorize_by = None;
+        let mut channels = vec![format!("user#{}", credentials.user_id)];
+        channels.extend(credentials.channels.iter().cloned());
+        self.credentials = Some(credentials);
+        for channel in channels {
+            if switchboard_proto::channel::validate(&channel).is_ok() {
+                self.subscribe_unchecked(channel, None, None);
             }
+        }
+    }
+
+    fn authorized_frame(&self, id: Option<&Value>) {
+        let c = self.credentials.as_ref();
+        self.push(protocol::frame(
+            "authorized",
+            id,
+            json!({ "user_id": c.map(|c| &c.user_id), "expires_at": c.and_then(|c| c.expires_at) }),
+        ));
+    }
+
+    fn authorize(&mut self, token: &str, id: Option<Value>) {
+        let credentials = match auth::verify(&self.node.config.auth, token) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error("unauthorized", &e.0, id.as_ref());
+                if self.authorize_by.is_some() {
+                    self.queue.close(Disconnect::UNAUTHORIZED);
+                }
+                return;
+            }
+        };
+        match self.user_id() {
+            Some(user) if user != credentials.user_id => {
+                self.error(
+                    "unauthorized",
+                    "a connection cannot change its user; reconnect",
+                    id.as_ref(),
+                );
+            }
+            Some(_) => {
+                // Re-authorizing as the same user refreshes roles and expiry.
+                self.expires = instant_of(credentials.expires_at);
+                self.credentials = Some(credentials);
+                self.authorized_frame(id.as_ref());
+            }
+            None => {
+                let max = self.node.config.limits.max_connections_per_user;
+                if !self.node.hub.set_user(self.id, &credentials.user_id, max) {
+                    self.queue.close(Disconnect::USER_LIMIT);
+                    return;
+                }
+                self.credentials = Some(credentials.clone());
+                self.authorized_frame(id.as_ref());
+                self.authenticated(credentials);
+            }
+        }
+    }
+
+    fn refresh(&mut self, token: &str, id: Option<Value>) {
+        let Some(user) = self.user_id().map(str::to_owned) else {
+            self.error(
+                "unauthorized",
+                "nothing to refresh; send `authorize`",
+                id.as_ref(),
+            );
+            return;
+        };
+        match auth::verify(&self.node.config.auth, token) {
+            Ok(c) if c.user_id == user => {
+                self.expires = instant_of(c.expires_at);
+                self.credentials = Some(c);
+                self.authorized_frame(id.as_ref());
+            }
+            Ok(_) => self.error("unauthorized", "the token is for another user", id.as_ref()),
+            Err(e) => self.error("unauthorized", &e.0, id.as_ref()),
         }
     }
 
@@ -350,7 +485,7 @@ impl Session {
             return false;
         }
         let user_limited = switchboard_proto::channel::allowed_users(channel)
-            .map(|mut users| users.any(|u| Some(u) == self.params.user_id.as_deref()));
+            .map(|mut users| users.any(|u| Some(u) == self.user_id()));
         if channel == BROADCAST_CHANNEL || user_limited == Some(false) || !self.allowed(access) {
             self.error(
                 "permission_denied",
@@ -367,6 +502,11 @@ impl Session {
         if !self.check_channel(&channel, &rule, id.as_ref()) {
             return;
         }
+        self.subscribe_unchecked(channel, since, id);
+    }
+
+    /// Subscribes without the permission check: for server-side subscriptions.
+    fn subscribe_unchecked(&mut self, channel: String, since: Option<Since>, id: Option<Value>) {
         match self
             .node
             .hub

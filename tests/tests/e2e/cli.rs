@@ -55,6 +55,24 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         ),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
+        (
+            &["gateway"],
+            &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")],
+            "auth.hs256_secret",
+        ),
+        (
+            &["up"],
+            &[("SWITCHBOARD_AUTH__HS256_SECRET", "short")],
+            "auth.hs256_secret",
+        ),
+        (
+            &["up"],
+            &[(
+                "SWITCHBOARD_AUTH__PUBLIC_KEY_FILES",
+                "[\"/nonexistent.pem\"]",
+            )],
+            "auth.public_key_files",
+        ),
     ];
     for (args, env, setting) in cases {
         let (code, stderr) = run(args, env);
@@ -380,4 +398,69 @@ fn a_second_process_on_the_same_data_directory_is_refused() {
     );
     assert_eq!(code, 1);
     assert!(stderr.contains("in use by another process"), "{stderr}");
+}
+
+#[tokio::test]
+async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
+    let secret = "a-production-secret-0123456789-abcdef";
+    let bus = BusServer::memory().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut gw = Command::new(switchboard_bin())
+        .args([
+            "gateway",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ])
+        .env("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")
+        .env("SWITCHBOARD_AUTH__HS256_SECRET", secret)
+        .env("SWITCHBOARD_GATEWAY__EVENTBUS_URL", bus.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
+    let ws_url = loop {
+        let line = lines.next().expect("gateway printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("gateway   ") {
+            break rest.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let _guard = Guard(gw);
+
+    let out = Command::new(switchboard_bin())
+        .args([
+            "token",
+            "--sub",
+            "grace",
+            "--ttl",
+            "10m",
+            "--role",
+            "ops",
+            "--channel",
+            "missions",
+        ])
+        .env("SWITCHBOARD_AUTH__HS256_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    // Anonymous connections are refused in production mode.
+    let mut anon = loop {
+        match Ws::connect(&ws_url).await {
+            Ok(ws) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    anon.send(json!({ "type": "subscribe", "channel": "missions" }))
+        .await;
+    assert_eq!(anon.expect("error").await["code"], "unauthorized");
+
+    let mut ws = Ws::connect(&format!("{ws_url}?token={token}"))
+        .await
+        .unwrap();
+    assert_eq!(ws.connected["user_id"], "grace");
 }
