@@ -459,7 +459,7 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
         .await;
     assert_eq!(anon.expect("error").await["code"], "unauthorized");
 
-    let mut ws = Ws::connect(&format!("{ws_url}?token={token}"))
+    let ws = Ws::connect(&format!("{ws_url}?token={token}"))
         .await
         .unwrap();
     assert_eq!(ws.connected["user_id"], "grace");
