@@ -417,8 +417,15 @@ impl Plan {
                 .with_public_pem(&pem)
                 .map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
         }
-        if auth.keys.is_empty() && !anonymous && role != Role::Eventbus {
-            return Err("auth.hs256_secret: a token key (auth.hs256_secret or auth.public_key_files) is required outside --dev unless auth.anonymous = true".into());
+        if let Some(url) = &s.auth.jwks_url {
+            auth.jwks = Some(switchboard_gateway::jwks::Jwks::new(
+                url,
+                s.auth.jwks_refresh.0,
+                s.auth.jwks_timeout.0,
+            )?);
+        }
+        if !auth.has_keys() && !anonymous && role != Role::Eventbus {
+            return Err("auth.hs256_secret: a token key (auth.hs256_secret, auth.public_key_files or auth.jwks_url) is required outside --dev unless auth.anonymous = true".into());
         }
 
         let history = switchboard_eventbus::HistoryPolicy {

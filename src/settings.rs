@@ -120,6 +120,12 @@ pub struct Auth {
     pub hs256_secret: Option<String>,
     /// PEM files of RS256 (RSA) or ES256 (P-256) public keys.
     pub public_key_files: Vec<PathBuf>,
+    /// A JWKS URL whose RS256/ES256 keys verify tokens by their `kid`.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again.
+    pub jwks_refresh: Dur,
+    /// Bound of each JWKS fetch.
+    pub jwks_timeout: Dur,
     /// Required `aud` of tokens, when set.
     pub audience: Option<String>,
     /// Required `iss` of tokens, when set.
@@ -135,6 +141,9 @@ impl Default for Auth {
             anonymous: None,
             hs256_secret: None,
             public_key_files: Vec::new(),
+            jwks_url: None,
+            jwks_refresh: secs(300),
+            jwks_timeout: secs(5),
             audience: None,
             issuer: None,
             admin_key: None,

@@ -23,6 +23,8 @@ pub struct AuthConfig {
     pub expiry_grace: Duration,
     /// How long a connection without a token may wait before `authorize`.
     pub authorize_timeout: Duration,
+    /// Keys from a JWKS URL, looked up by the token's `kid`.
+    pub jwks: Option<std::sync::Arc<crate::jwks::Jwks>>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -36,6 +38,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("issuer", &self.issuer)
             .field("expiry_grace", &self.expiry_grace)
             .field("authorize_timeout", &self.authorize_timeout)
+            .field("jwks", &self.jwks)
             .finish()
     }
 }
@@ -55,7 +58,13 @@ impl AuthConfig {
             issuer: None,
             expiry_grace: Duration::from_secs(25),
             authorize_timeout: Duration::from_secs(10),
+            jwks: None,
         }
+    }
+
+    /// Whether any token could be accepted.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty() || self.jwks.is_some()
     }
 
     /// Adds an HS256 secret.
@@ -116,7 +125,14 @@ pub fn verify(config: &AuthConfig, token: &str) -> Result<Credentials, AuthError
     let header =
         jsonwebtoken::decode_header(token).map_err(|_| AuthError("malformed token".into()))?;
     let mut last = AuthError(format!("algorithm {:?} is not accepted", header.alg));
-    for (alg, key) in config.keys.iter().filter(|(alg, _)| *alg == header.alg) {
+    let from_jwks = match (&config.jwks, &header.kid) {
+        (Some(jwks), Some(kid)) => jwks.key(kid, header.alg).map(|key| (header.alg, key)),
+        _ => None,
+    };
+    let keys = from_jwks
+        .iter()
+        .chain(config.keys.iter().filter(|(alg, _)| *alg == header.alg));
+    for (alg, key) in keys {
         let mut validation = Validation::new(*alg);
         validation.leeway = 0;
         validation.validate_nbf = true;

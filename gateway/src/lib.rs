@@ -33,6 +33,7 @@ pub mod config;
 pub mod disconnect;
 mod http;
 pub mod hub;
+pub mod jwks;
 pub mod link;
 pub mod metrics;
 pub mod protocol;
@@ -93,6 +94,9 @@ pub async fn serve(
     });
     let link_stop = CancellationToken::new();
     let link = tokio::spawn(link::run(hub, bus, link_rx, metrics, link_stop.clone()));
+    if let Some(jwks) = node.config.auth.jwks.clone() {
+        tokio::spawn(jwks.run(link_stop.clone()));
+    }
 
     let app = http::router(node.clone());
     let stopping = node.clone();

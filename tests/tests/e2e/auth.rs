@@ -367,3 +367,98 @@ async fn origins_and_cors() {
         assert_eq!(has, allowed, "{out}");
     }
 }
+
+/// Serves `body` as JSON to every request on a loopback port; returns its URL.
+async fn serve_json(body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_verify_tokens_by_kid() {
+    let url = serve_json(String::from_utf8(key_file("jwks.json")).unwrap()).await;
+    let bus = BusServer::memory().await;
+    let jwks =
+        gateway::jwks::Jwks::new(&url, Duration::from_secs(300), Duration::from_secs(2)).unwrap();
+    assert_eq!(jwks.refresh().await.unwrap(), 2);
+    let gw = GatewayServer::start_with(&bus.url(), |c| {
+        c.anonymous = false;
+        c.auth = gateway::auth::AuthConfig {
+            jwks: Some(jwks),
+            ..gateway::auth::AuthConfig::none()
+        };
+    })
+    .await;
+    let claims = json!({ "sub": "kim", "exp": now() + 600 });
+    let sign = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    };
+    let rsa = EncodingKey::from_rsa_pem(&key_file("rsa_private.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&key_file("ec_private.pem")).unwrap();
+    for token in [
+        sign(Algorithm::RS256, "test-rsa", &rsa),
+        sign(Algorithm::ES256, "test-ec", &ec),
+    ] {
+        let ws = Ws::connect(&gw.ws_url(&format!("/ws?token={token}")))
+            .await
+            .unwrap();
+        assert_eq!(ws.connected["user_id"], "kim");
+    }
+    // A kid the set does not have, a key used with another algorithm, and an
+    // HS256 token signed with a public key are all refused.
+    refused(&gw, &sign(Algorithm::RS256, "rotated-away", &rsa)).await;
+    refused(&gw, &sign(Algorithm::ES256, "test-rsa", &ec)).await;
+    let confused = sign(
+        Algorithm::HS256,
+        "test-rsa",
+        &EncodingKey::from_secret(&key_file("rsa_public.pem")),
+    );
+    refused(&gw, &confused).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_jwks_url_fails_within_its_timeout() {
+    // A listener that accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let jwks = gateway::jwks::Jwks::new(&url, Duration::from_secs(300), Duration::from_millis(300))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(jwks.refresh().await.unwrap_err(), "timed out");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        gateway::jwks::Jwks::new(
+            "ftp://x/keys",
+            Duration::from_secs(1),
+            Duration::from_secs(1)
+        )
+        .is_err()
+    );
+}
