@@ -6,6 +6,7 @@ mod bad_input;
 mod bus;
 mod channels;
 mod cli;
+mod frames_prop;
 mod http_api;
 mod recovery;
 mod relink;
