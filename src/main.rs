@@ -518,34 +518,20 @@ impl Plan {
         tokio::spawn(signal(stop.clone()));
         let runs_bus = self.role != Role::Gateway;
         let runs_gateway = self.role != Role::Eventbus;
-        let bus_listener = if runs_bus {
-            match TcpListener::bind(self.eventbus_listen).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot listen on {} (eventbus.listen): {e}",
-                        self.eventbus_listen
-                    );
-                    return ExitCode::FAILURE;
-                }
+        let mut bus_listener = None;
+        let mut gateway_listener = None;
+        if runs_bus {
+            match bind(self.eventbus_listen, "eventbus.listen").await {
+                Ok(l) => bus_listener = Some(l),
+                Err(code) => return code,
             }
-        } else {
-            None
-        };
-        let gateway_listener = if runs_gateway {
-            match TcpListener::bind(self.gateway_listen).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot listen on {} (gateway.listen): {e}",
-                        self.gateway_listen
-                    );
-                    return ExitCode::FAILURE;
-                }
+        }
+        if runs_gateway {
+            match bind(self.gateway_listen, "gateway.listen").await {
+                Ok(l) => gateway_listener = Some(l),
+                Err(code) => return code,
             }
-        } else {
-            None
-        };
+        }
         let mut bus_task = None;
         if let Some(listener) = bus_listener {
             let bus_addr = listener.local_addr().ok();
@@ -621,6 +607,13 @@ impl Plan {
         }
         code
     }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("error: cannot listen on {addr} ({key}): {e}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn signal(stop: CancellationToken) {

@@ -179,6 +179,16 @@ fn data_field(body: &serde_json::Map<String, Value>, names: &[&str]) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Reads an event body: its name from `type` (or `event`, default `message`)
+/// and its data from the first of `data_names` present.
+fn event_body(
+    body: &serde_json::Map<String, Value>,
+    data_names: &[&str],
+) -> Result<(String, Value), ApiError> {
+    let event = string_field(body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
+    Ok((event, data_field(body, data_names)))
+}
+
 fn check_channel(channel: &str) -> Result<(), ApiError> {
     switchboard_proto::channel::validate(channel)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
@@ -344,8 +354,7 @@ async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Byte
         )
     })?;
     check_channel(&channel)?;
-    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
-    let data = data_field(&body, &["message", "data"]);
+    let (event, data) = event_body(&body, &["message", "data"])?;
     let published = publish(&node, &channel, event, &data).await?;
     let (listeners, _) = node.hub.channel(&channel);
     ok(json!({
@@ -364,8 +373,7 @@ async fn broadcast_all(
 ) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
-    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
-    let data = data_field(&body, &["data", "message"]);
+    let (event, data) = event_body(&body, &["data", "message"])?;
     let published = publish(&node, BROADCAST_CHANNEL, event, &data).await?;
     ok(json!({
         "status": "broadcasted",
@@ -386,8 +394,7 @@ async fn send_to_user(
     let body = json_body(&body)?;
     let channel = format!("user#{user_id}");
     check_channel(&channel)?;
-    let event = string_field(&body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
-    let data = data_field(&body, &["data", "message"]);
+    let (event, data) = event_body(&body, &["data", "message"])?;
     let published = publish(&node, &channel, event, &data).await?;
     ok(json!({
         "status": "sent",

@@ -231,28 +231,6 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
-    fn read_newest(
-        &self,
-        channel: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(EVENTS).map_err(io)?;
-        let mut out = Vec::new();
-        let start = after.saturating_add(1);
-        for row in table
-            .range((channel, start)..=(channel, u64::MAX))
-            .map_err(io)?
-            .rev()
-            .take(limit)
-        {
-            let (k, v) = row.map_err(io)?;
-            out.push(self.decode(channel, k.value().1, v.value())?);
-        }
-        Ok(out)
-    }
-
     fn expire(
         &self,
         cutoffs: &[(Arc<str>, i64)],

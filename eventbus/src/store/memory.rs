@@ -74,25 +74,6 @@ impl Store for MemoryStore {
         Ok(log.iter().skip(start).take(limit).cloned().collect())
     }
 
-    fn read_newest(
-        &self,
-        channel: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, StoreError> {
-        let channels = self.channels.read().unwrap();
-        let Some(log) = channels.get(channel) else {
-            return Ok(Vec::new());
-        };
-        Ok(log
-            .iter()
-            .rev()
-            .take_while(|e| e.offset > after)
-            .take(limit)
-            .cloned()
-            .collect())
-    }
-
     fn expire(
         &self,
         cutoffs: &[(Arc<str>, i64)],

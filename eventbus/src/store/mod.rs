@@ -59,14 +59,6 @@ pub trait Store: Send + Sync + 'static {
     /// Returns up to `limit` events of `channel` with offsets above `after`, oldest first.
     fn read(&self, channel: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
 
-    /// Returns up to `limit` events of `channel` with offsets above `after`, newest first.
-    fn read_newest(
-        &self,
-        channel: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, StoreError>;
-
     /// Drops events older than `cutoff_ms` and forgets expired idempotency
     /// keys; returns the new `first` of each channel that changed.
     fn expire(

@@ -93,8 +93,15 @@ struct Process {
 
 impl Process {
     fn start(args: &[&str]) -> Process {
+        Self::start_with(args, &[])
+    }
+
+    /// Starts `switchboard ARGS` with extra environment and waits for the
+    /// addresses it prints.
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(switchboard_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -103,7 +110,8 @@ impl Process {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut grpc, mut ws) = (None, None);
         let wants_gateway = args[0] == "up" || args[0] == "gateway";
-        while grpc.is_none() || (wants_gateway && ws.is_none()) {
+        let wants_bus = args[0] != "gateway";
+        while (wants_bus && grpc.is_none()) || (wants_gateway && ws.is_none()) {
             let line = lines
                 .next()
                 .expect("switchboard exited before printing its addresses")
@@ -122,7 +130,7 @@ impl Process {
         std::thread::spawn(move || for _ in lines {});
         Process {
             child,
-            grpc: grpc.unwrap(),
+            grpc: grpc.unwrap_or_default(),
             ws,
         }
     }
@@ -405,30 +413,22 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
     let secret = "a-production-secret-0123456789-abcdef";
     let bus = BusServer::memory().await;
     let data = tempfile::tempdir().unwrap();
-    let mut gw = Command::new(switchboard_bin())
-        .args([
+    let bus_url = bus.url();
+    let gw = Process::start_with(
+        &[
             "gateway",
             "--gateway-listen",
             "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),
-        ])
-        .env("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")
-        .env("SWITCHBOARD_AUTH__HS256_SECRET", secret)
-        .env("SWITCHBOARD_GATEWAY__EVENTBUS_URL", bus.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
-    let ws_url = loop {
-        let line = lines.next().expect("gateway printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("gateway   ") {
-            break rest.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let _guard = Guard(gw);
+        ],
+        &[
+            ("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789"),
+            ("SWITCHBOARD_AUTH__HS256_SECRET", secret),
+            ("SWITCHBOARD_GATEWAY__EVENTBUS_URL", &bus_url),
+        ],
+    );
+    let ws_url = gw.ws.clone().unwrap();
 
     let out = Command::new(switchboard_bin())
         .args([
