@@ -99,21 +99,9 @@ pub async fn run(bench: Bench) -> Result<(), String> {
 }
 
 fn check_loopback(url: &str) -> Result<(), String> {
-    let host = url
-        .split("://")
-        .nth(1)
-        .unwrap_or(url)
-        .split(['/', ':'])
-        .next()
-        .unwrap_or("");
+    let host = url.split("://").nth(1).unwrap_or(url).split(['/', ':']).next().unwrap_or("");
     let ok = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{url}: switchboard bench only targets loopback addresses"
-        ))
-    }
+    if ok { Ok(()) } else { Err(format!("{url}: switchboard bench only targets loopback addresses")) }
 }
 
 fn payload(size: usize) -> String {
@@ -121,10 +109,7 @@ fn payload(size: usize) -> String {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
 
 fn histogram() -> Histogram<u64> {
@@ -190,17 +175,12 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
                             data: data.clone().into(),
                             ..Default::default()
                         };
-                        if times_tx.send(Instant::now()).await.is_err()
-                            || tx.send(req).await.is_err()
-                        {
+                        if times_tx.send(Instant::now()).await.is_err() || tx.send(req).await.is_err() {
                             break;
                         }
                     }
                 });
-                if let Ok(resp) = client
-                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                {
+                if let Ok(resp) = client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
                     let mut responses = resp.into_inner();
                     while let Ok(Some(r)) = responses.message().await {
                         if let Some(t) = times_rx.recv().await {
@@ -276,25 +256,15 @@ async fn connect_one(
     url: &str,
     source: Option<IpAddr>,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
-    let host = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap_or("");
-    let addr: SocketAddr = host
-        .parse()
-        .map_err(|_| format!("{url}: use ws://IP:PORT/…"))?;
+    let host = url.trim_start_matches("ws://").split('/').next().unwrap_or("");
+    let addr: SocketAddr = host.parse().map_err(|_| format!("{url}: use ws://IP:PORT/…"))?;
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if let Some(ip) = source {
-        socket
-            .bind(SocketAddr::new(ip, 0))
-            .map_err(|e| e.to_string())?;
+        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
     }
     let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).ok();
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| e.to_string())?;
     Ok(ws)
 }
 
@@ -309,8 +279,8 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     let mut clients = Vec::with_capacity(args.clients);
     let mut connect_errors = 0u64;
     for i in 0..args.clients {
-        let source = (args.source_addrs > 0)
-            .then(|| IpAddr::from([127, 0, 0, 1 + ((i / 20_000) as u8 % args.source_addrs)]));
+        let source =
+            (args.source_addrs > 0).then(|| IpAddr::from([127, 0, 0, 1 + ((i / 20_000) as u8 % args.source_addrs)]));
         let mut ws = match connect_one(&args.ws, source).await {
             Ok(ws) => ws,
             Err(_) => {
@@ -364,12 +334,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     drop(ready_tx);
     let subscribed = readers.len();
     for _ in 0..subscribed {
-        if tokio::time::timeout(Duration::from_secs(30), ready_rx.recv())
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
+        if tokio::time::timeout(Duration::from_secs(30), ready_rx.recv()).await.ok().flatten().is_none() {
             break;
         }
     }
@@ -388,8 +353,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
         let rate = args.rate;
         publishers.push(tokio::spawn(async move {
             let channel = format!("bench:{c}");
-            let mut tick =
-                (rate > 0).then(|| tokio::time::interval(Duration::from_micros(1_000_000 / rate)));
+            let mut tick = (rate > 0).then(|| tokio::time::interval(Duration::from_micros(1_000_000 / rate)));
             while started.elapsed() < duration {
                 if let Some(t) = tick.as_mut() {
                     t.tick().await;

@@ -11,9 +11,7 @@
 mod bench;
 mod settings;
 
-use std::{
-    collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -27,11 +25,7 @@ use settings::{AccessSetting, Settings, addr};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(
-    name = "switchboard",
-    version,
-    about = "Real-time event and agent gateway"
-)]
+#[command(name = "switchboard", version, about = "Real-time event and agent gateway")]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true)]
@@ -51,6 +45,8 @@ enum Command {
     Gateway(ServeArgs),
     /// Runs the event bus alone.
     Eventbus(ServeArgs),
+    /// Runs the agent bridge alone.
+    AgentBridge(ServeArgs),
     /// Publishes one event through the bus.
     Publish {
         channel: String,
@@ -112,10 +108,13 @@ struct ServeArgs {
     /// Overrides `eventbus.listen`.
     #[arg(long)]
     eventbus_listen: Option<String>,
+    /// Overrides `agent_bridge.listen`.
+    #[arg(long)]
+    agent_bridge_listen: Option<String>,
     /// Overrides `eventbus.backend`.
     #[arg(long)]
     backend: Option<String>,
-    /// Overrides `eventbus.data_dir`.
+    /// Overrides `eventbus.data_dir` and `agent_bridge.data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }
@@ -135,6 +134,7 @@ enum Role {
     Up,
     Gateway,
     Eventbus,
+    AgentBridge,
 }
 
 fn main() -> ExitCode {
@@ -153,44 +153,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("SWITCHBOARD_"))
-        .collect();
+    let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("SWITCHBOARD_")).collect();
     let (role, args) = match cli.command.unwrap_or(Command::Up(ServeArgs::default())) {
         Command::Up(a) => (Role::Up, a),
         Command::Gateway(a) => (Role::Gateway, a),
         Command::Eventbus(a) => (Role::Eventbus, a),
-        Command::Publish {
-            channel,
-            event,
-            json,
-            client,
-            idempotency_key,
-        } => {
+        Command::AgentBridge(a) => (Role::AgentBridge, a),
+        Command::Publish { channel, event, json, client, idempotency_key } => {
             return runtime.block_on(publish(client, channel, event, json, idempotency_key));
         }
-        Command::Tail {
-            channel,
-            since,
-            client,
-        } => return runtime.block_on(tail(client, channel, since)),
-        Command::Token {
-            sub,
-            ttl,
-            roles,
-            channels,
-            audience,
-            issuer,
-            secret,
-        } => {
-            let claims = token_claims(
-                &sub,
-                ttl,
-                &roles,
-                &channels,
-                audience.as_deref(),
-                issuer.as_deref(),
-            );
+        Command::Tail { channel, since, client } => return runtime.block_on(tail(client, channel, since)),
+        Command::Token { sub, ttl, roles, channels, audience, issuer, secret } => {
+            let claims = token_claims(&sub, ttl, &roles, &channels, audience.as_deref(), issuer.as_deref());
             return match switchboard_gateway::auth::mint_hs256(secret.as_bytes(), &claims) {
                 Ok(token) => {
                     println!("{token}");
@@ -212,23 +186,20 @@ fn main() -> ExitCode {
             };
         }
     };
-    let plan =
-        match settings::load(cli.config.as_deref(), &env).and_then(|s| Plan::new(s, role, &args)) {
-            Ok(plan) => plan,
-            Err(message) => {
-                eprintln!("error: invalid configuration: {message}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
+    let plan = match settings::load(cli.config.as_deref(), &env).and_then(|s| Plan::new(s, role, &args)) {
+        Ok(plan) => plan,
+        Err(message) => {
+            eprintln!("error: invalid configuration: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     runtime.block_on(plan.run())
 }
 
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -242,7 +213,13 @@ struct Plan {
     dev: bool,
     gateway_listen: SocketAddr,
     eventbus_listen: SocketAddr,
+    bridge_listen: SocketAddr,
     gateway: switchboard_gateway::Config,
+    /// Whether `gateway.agent_bridge_url` was left to default to the local bridge.
+    local_bridge: bool,
+    /// Whether `agent_bridge.eventbus_url` was left to default to the local bus.
+    local_bridge_bus: bool,
+    bridge: switchboard_agent_bridge::Config,
     /// Whether `gateway.eventbus_url` was left to default to the local bus.
     local_bus: bool,
     eventbus: switchboard_eventbus::Config,
@@ -259,10 +236,7 @@ fn token_claims(
     audience: Option<&str>,
     issuer: Option<&str>,
 ) -> serde_json::Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut claims = serde_json::json!({ "sub": sub, "iat": now, "exp": now + ttl.as_secs() });
     if !roles.is_empty() {
         claims["roles"] = serde_json::json!(roles);
@@ -314,15 +288,20 @@ impl Plan {
         if let Some(v) = &args.eventbus_listen {
             s.eventbus.listen = v.clone();
         }
+        if let Some(v) = &args.agent_bridge_listen {
+            s.agent_bridge.listen = v.clone();
+        }
         if let Some(v) = &args.backend {
             s.eventbus.backend = v.clone();
         }
         if let Some(v) = &args.data_dir {
             s.eventbus.data_dir = v.clone();
+            s.agent_bridge.data_dir = v.clone();
         }
         let dev = args.dev || (role == Role::Up && !args.production);
         let gateway_listen = addr("gateway.listen", &s.gateway.listen)?;
         let eventbus_listen = addr("eventbus.listen", &s.eventbus.listen)?;
+        let bridge_listen = addr("agent_bridge.listen", &s.agent_bridge.listen)?;
         let backend = match s.eventbus.backend.as_str() {
             "embedded" => switchboard_eventbus::Backend::Embedded,
             "memory" => switchboard_eventbus::Backend::Memory,
@@ -333,9 +312,7 @@ impl Plan {
                 ));
             }
             other => {
-                return Err(format!(
-                    "eventbus.backend: {other:?} is not one of embedded, memory, redis, nats"
-                ));
+                return Err(format!("eventbus.backend: {other:?} is not one of embedded, memory, redis, nats"));
             }
         };
         let fsync = match s.eventbus.fsync.as_str() {
@@ -343,9 +320,7 @@ impl Plan {
             "batch" => switchboard_eventbus::Fsync::Batch,
             "never" => switchboard_eventbus::Fsync::Never,
             other => {
-                return Err(format!(
-                    "eventbus.fsync: {other:?} is not one of always, batch, never"
-                ));
+                return Err(format!("eventbus.fsync: {other:?} is not one of always, batch, never"));
             }
         };
         let l = &s.limits;
@@ -353,16 +328,10 @@ impl Plan {
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_subscriptions", l.max_subscriptions),
             ("limits.max_connections", l.max_connections),
-            (
-                "limits.max_connections_per_user",
-                l.max_connections_per_user,
-            ),
+            ("limits.max_connections_per_user", l.max_connections_per_user),
             ("limits.rate_per_second", l.rate_per_second as usize),
             ("limits.rate_burst", l.rate_burst as usize),
-            (
-                "limits.protocol_errors_per_minute",
-                l.protocol_errors_per_minute,
-            ),
+            ("limits.protocol_errors_per_minute", l.protocol_errors_per_minute),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
             ("limits.max_event_bytes", l.max_event_bytes),
             ("limits.history_size", l.history_size as usize),
@@ -382,7 +351,11 @@ impl Plan {
                 admin_key_generated = true;
                 Some(random_key())
             }
-            None => return Err("auth.admin_key: required outside --dev (or set it with SWITCHBOARD_AUTH__ADMIN_KEY)".into()),
+            None => {
+                return Err(
+                    "auth.admin_key: required outside --dev (or set it with SWITCHBOARD_AUTH__ADMIN_KEY)".into()
+                );
+            }
         };
         let anonymous = s.auth.anonymous.unwrap_or(dev);
         let mut auth = switchboard_gateway::auth::AuthConfig {
@@ -417,27 +390,17 @@ impl Plan {
             auth = auth.with_hs256(secret.as_bytes());
         }
         for file in &s.auth.public_key_files {
-            let pem = std::fs::read(file)
-                .map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
-            auth = auth
-                .with_public_pem(&pem)
-                .map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
+            let pem = std::fs::read(file).map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
+            auth = auth.with_public_pem(&pem).map_err(|e| format!("auth.public_key_files: {}: {e}", file.display()))?;
         }
         if let Some(url) = &s.auth.jwks_url {
-            auth.jwks = Some(switchboard_gateway::jwks::Jwks::new(
-                url,
-                s.auth.jwks_refresh.0,
-                s.auth.jwks_timeout.0,
-            )?);
+            auth.jwks = Some(switchboard_gateway::jwks::Jwks::new(url, s.auth.jwks_refresh.0, s.auth.jwks_timeout.0)?);
         }
-        if !auth.has_keys() && !anonymous && role != Role::Eventbus {
+        if !auth.has_keys() && !anonymous && matches!(role, Role::Up | Role::Gateway) {
             return Err("auth.hs256_secret: a token key (auth.hs256_secret, auth.public_key_files or auth.jwks_url) is required outside --dev unless auth.anonymous = true".into());
         }
 
-        let history = switchboard_eventbus::HistoryPolicy {
-            size: l.history_size,
-            ttl: l.history_ttl.0,
-        };
+        let history = switchboard_eventbus::HistoryPolicy { size: l.history_size, ttl: l.history_ttl.0 };
         let mut bus_namespaces = HashMap::new();
         let mut gw_namespaces = HashMap::new();
         for (name, ns) in &s.namespaces {
@@ -479,13 +442,27 @@ impl Plan {
             node: "eventbus".into(),
         };
         let local_bus = s.gateway.eventbus_url.is_none();
+        let local_bridge = s.gateway.agent_bridge_url.is_none();
+        let local_bridge_bus = s.agent_bridge.eventbus_url.is_none();
+        if s.agents.default != "echo" {
+            return Err(format!("agents.default: {:?} is not an available agent (echo)", s.agents.default));
+        }
+        let bridge = switchboard_agent_bridge::Config {
+            data_dir: s.agent_bridge.data_dir.clone(),
+            eventbus_url: Some(
+                s.agent_bridge.eventbus_url.clone().unwrap_or_else(|| format!("http://{eventbus_listen}")),
+            ),
+            api_key: s.auth.admin_key.clone(),
+            default_agent: s.agents.default.clone(),
+            echo_delay: Duration::from_millis(s.agents.echo.delay_ms),
+            run_deadline: s.agents.run_deadline.0,
+        };
         let gateway = switchboard_gateway::Config {
             node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
-            eventbus_url: s
-                .gateway
-                .eventbus_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{eventbus_listen}")),
+            eventbus_url: s.gateway.eventbus_url.clone().unwrap_or_else(|| format!("http://{eventbus_listen}")),
+            agent_bridge_url: Some(
+                s.gateway.agent_bridge_url.clone().unwrap_or_else(|| format!("http://{bridge_listen}")),
+            ),
             admin_key,
             anonymous,
             heartbeat_interval: s.gateway.heartbeat_interval.0,
@@ -511,7 +488,11 @@ impl Plan {
             dev,
             gateway_listen,
             eventbus_listen,
+            bridge_listen,
             gateway,
+            local_bridge,
+            local_bridge_bus,
+            bridge,
             local_bus,
             eventbus,
             admin_key_generated,
@@ -522,10 +503,12 @@ impl Plan {
     async fn run(mut self) -> ExitCode {
         let stop = CancellationToken::new();
         tokio::spawn(signal(stop.clone()));
-        let runs_bus = self.role != Role::Gateway;
-        let runs_gateway = self.role != Role::Eventbus;
+        let runs_bus = matches!(self.role, Role::Up | Role::Eventbus);
+        let runs_gateway = matches!(self.role, Role::Up | Role::Gateway);
+        let runs_bridge = matches!(self.role, Role::Up | Role::AgentBridge);
         let mut bus_listener = None;
         let mut gateway_listener = None;
+        let mut bridge_listener = None;
         if runs_bus {
             match bind(self.eventbus_listen, "eventbus.listen").await {
                 Ok(l) => bus_listener = Some(l),
@@ -538,11 +521,20 @@ impl Plan {
                 Err(code) => return code,
             }
         }
+        if runs_bridge {
+            match bind(self.bridge_listen, "agent_bridge.listen").await {
+                Ok(l) => bridge_listener = Some(l),
+                Err(code) => return code,
+            }
+        }
         let mut bus_task = None;
         if let Some(listener) = bus_listener {
             let bus_addr = listener.local_addr().ok();
             if let (true, Some(a)) = (self.local_bus, bus_addr) {
                 self.gateway.eventbus_url = format!("http://{a}");
+            }
+            if let (true, Some(a)) = (self.local_bridge_bus, bus_addr) {
+                self.bridge.eventbus_url = Some(format!("http://{a}"));
             }
             let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()) {
                 Ok(opened) => opened,
@@ -559,10 +551,31 @@ impl Plan {
             );
             let token = stop.clone();
             bus_task = Some(tokio::spawn(async move {
-                let r =
-                    switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
+                let r = switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
                 handle.stop().await;
                 r.map_err(|e| e.to_string())
+            }));
+        }
+        let mut bridge_task = None;
+        if let Some(listener) = bridge_listener {
+            let bridge_addr = listener.local_addr().ok();
+            if let (true, Some(a)) = (self.local_bridge, bridge_addr) {
+                self.gateway.agent_bridge_url = Some(format!("http://{a}"));
+            }
+            let bridge = match switchboard_agent_bridge::open(self.bridge.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: cannot open the agent bridge: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("bridge    grpc://{}  (agents: echo)", bridge_addr.map(|a| a.to_string()).unwrap_or_default());
+            let token = stop.clone();
+            let key = self.bridge.api_key.clone();
+            bridge_task = Some(tokio::spawn(async move {
+                switchboard_agent_bridge::serve_bridge(bridge, key, listener, token.cancelled_owned())
+                    .await
+                    .map_err(|e| e.to_string())
             }));
         }
         let mut gateway_task = None;
@@ -574,30 +587,19 @@ impl Plan {
             let token = stop.clone();
             let config = self.gateway.clone();
             gateway_task = Some(tokio::spawn(async move {
-                switchboard_gateway::serve(config, listener, token.cancelled_owned())
-                    .await
-                    .map_err(|e| e.to_string())
+                switchboard_gateway::serve(config, listener, token.cancelled_owned()).await.map_err(|e| e.to_string())
             }));
         }
         if let (true, Some(key)) = (self.admin_key_generated, &self.gateway.admin_key) {
             println!("admin key {key}  (generated; set auth.admin_key to keep one)");
         }
-        if let (true, Some(token)) = (self.role != Role::Eventbus, &self.dev_token) {
-            println!(
-                "token     {token}  (user \"dev\", 24 h; signed with a generated auth.hs256_secret)"
-            );
+        if let (true, Some(token)) = (runs_gateway, &self.dev_token) {
+            println!("token     {token}  (user \"dev\", 24 h; signed with a generated auth.hs256_secret)");
         }
-        println!(
-            "mode      {}",
-            if self.dev {
-                "dev: anonymous connections allowed"
-            } else {
-                "production"
-            }
-        );
+        println!("mode      {}", if self.dev { "dev: anonymous connections allowed" } else { "production" });
         let mut code = ExitCode::SUCCESS;
         // Gateway first: its sessions say goodbye while the bus still serves.
-        for task in [gateway_task, bus_task].into_iter().flatten() {
+        for task in [gateway_task, bridge_task, bus_task].into_iter().flatten() {
             match task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -625,15 +627,14 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
 async fn signal(stop: CancellationToken) {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    stop.cancel();
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -646,23 +647,14 @@ async fn signal(stop: CancellationToken) {
 }
 
 type Client = pb::event_bus_client::EventBusClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        switchboard_gateway::link::ApiKey,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, switchboard_gateway::link::ApiKey>,
 >;
 
 fn client(args: &ClientArgs) -> Result<Client, String> {
     switchboard_gateway::link::client(&args.url, args.key.as_deref())
 }
 
-async fn publish(
-    args: ClientArgs,
-    channel: String,
-    event: String,
-    json: String,
-    key: Option<String>,
-) -> ExitCode {
+async fn publish(args: ClientArgs, channel: String, event: String, json: String, key: Option<String>) -> ExitCode {
     let mut client = match client(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -694,15 +686,9 @@ async fn publish(
 }
 
 async fn tail(args: ClientArgs, channel: String, since: Option<String>) -> ExitCode {
-    let since = match since
-        .as_deref()
-        .map(switchboard_gateway::protocol::parse_since)
-    {
+    let since = match since.as_deref().map(switchboard_gateway::protocol::parse_since) {
         None => None,
-        Some(Some(s)) => Some(pb::StreamPosition {
-            offset: s.offset,
-            epoch: s.epoch,
-        }),
+        Some(Some(s)) => Some(pb::StreamPosition { offset: s.offset, epoch: s.epoch }),
         Some(None) => {
             eprintln!("error: --since must be OFFSET:EPOCH");
             return ExitCode::from(EXIT_CONFIG);
@@ -715,19 +701,12 @@ async fn tail(args: ClientArgs, channel: String, since: Option<String>) -> ExitC
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let join = pb::SubscribeRequest {
-        request: Some(pb::subscribe_request::Request::Join(pb::Join {
-            channel,
-            since,
-        })),
-    };
+    let join =
+        pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Join(pb::Join { channel, since })) };
     // The request stream stays open (and the subscription with it) until exit.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let _ = tx.send(join).await;
-    let mut stream = match client
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
+    let mut stream = match client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
             eprintln!("error: {}: {}", status.code(), status.message());
@@ -741,9 +720,7 @@ async fn tail(args: ClientArgs, channel: String, since: Option<String>) -> ExitC
         };
         use pb::subscribe_response::Response as R;
         match msg {
-            Ok(Some(pb::SubscribeResponse {
-                response: Some(R::Joined(j)),
-            })) => {
+            Ok(Some(pb::SubscribeResponse { response: Some(R::Joined(j)) })) => {
                 if let Some(err) = j.error {
                     eprintln!("error: {}", err.message);
                     return ExitCode::FAILURE;
@@ -754,9 +731,7 @@ async fn tail(args: ClientArgs, channel: String, since: Option<String>) -> ExitC
                     j.channel, p.offset, p.epoch, j.recovered, j.missed
                 );
             }
-            Ok(Some(pb::SubscribeResponse {
-                response: Some(R::Events(batch)),
-            })) => {
+            Ok(Some(pb::SubscribeResponse { response: Some(R::Events(batch)) })) => {
                 for e in &batch.events {
                     println!("{}", switchboard_gateway::link::frame(e).text.as_str());
                 }

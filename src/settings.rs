@@ -17,11 +17,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration like 25s, 500ms or 5m ({e})"
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 25s, 500ms or 5m ({e})")))
     }
 }
 
@@ -105,11 +103,7 @@ pub struct AgentBridge {
 
 impl Default for AgentBridge {
     fn default() -> Self {
-        AgentBridge {
-            listen: "127.0.0.1:50052".into(),
-            eventbus_url: None,
-            data_dir: PathBuf::from("./data"),
-        }
+        AgentBridge { listen: "127.0.0.1:50052".into(), eventbus_url: None, data_dir: PathBuf::from("./data") }
     }
 }
 
@@ -158,14 +152,13 @@ impl Default for Auth {
 pub struct Agents {
     pub default: String,
     pub echo: Echo,
+    /// Each run's deadline.
+    pub run_deadline: Dur,
 }
 
 impl Default for Agents {
     fn default() -> Self {
-        Agents {
-            default: "echo".into(),
-            echo: Echo::default(),
-        }
+        Agents { default: "echo".into(), echo: Echo::default(), run_deadline: secs(300) }
     }
 }
 
@@ -240,10 +233,7 @@ pub struct Namespace {
 ///
 /// # Errors
 /// A message naming the setting at fault.
-pub fn load(
-    file: Option<&std::path::Path>,
-    env: &HashMap<String, String>,
-) -> Result<Settings, String> {
+pub fn load(file: Option<&std::path::Path>, env: &HashMap<String, String>) -> Result<Settings, String> {
     let mut figment = Figment::new();
     if let Some(file) = file {
         if !file.exists() {
@@ -257,11 +247,7 @@ pub fn load(
     figment = figment.merge(EnvMap(vars));
     figment.extract::<Settings>().map_err(|e| {
         let key = e.path.join(".");
-        if key.is_empty() {
-            e.to_string()
-        } else {
-            format!("{key}: {e}")
-        }
+        if key.is_empty() { e.to_string() } else { format!("{key}: {e}") }
     })
 }
 
@@ -273,9 +259,7 @@ impl figment::Provider for EnvMap {
         figment::Metadata::named("environment variable(s)")
     }
 
-    fn data(
-        &self,
-    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         use figment::value::{Dict, Value};
         let mut root = Dict::new();
         for (k, v) in &self.0 {
@@ -289,9 +273,7 @@ impl figment::Provider for EnvMap {
                 if i + 1 == path.len() {
                     dict.insert(part.clone(), value.clone());
                 } else {
-                    let entry = dict
-                        .entry(part.clone())
-                        .or_insert_with(|| Value::from(Dict::new()));
+                    let entry = dict.entry(part.clone()).or_insert_with(|| Value::from(Dict::new()));
                     match entry {
                         Value::Dict(_, d) => dict = d,
                         _ => break,
@@ -305,7 +287,5 @@ impl figment::Provider for EnvMap {
 
 /// Parses a listen address, naming the key on failure.
 pub fn addr(key: &str, value: &str) -> Result<SocketAddr, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{key}: {value:?} is not an address like 127.0.0.1:8000"))
+    value.parse().map_err(|_| format!("{key}: {value:?} is not an address like 127.0.0.1:8000"))
 }

@@ -1,1 +1,141 @@
+//! The Switchboard agent bridge: runs of agents on threads, streamed as
+//! AG-UI events (`switchboard.agent.v1.AgentBridge`).
+//!
+//! # Layout
+//! - `runs`: the core: one run per thread, cancellation, deadlines, events
+//!   numbered and published to the thread's channel, commands.
+//! - `agui`: AG-UI ordering rules and the repair of a broken run.
+//! - `echo`: the built-in `echo` agent.
+//! - `threads`: durable thread storage (redb).
+//! - `service`: the tonic service; the only module that sees proto types.
 
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::{
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+pub mod agui;
+pub mod echo;
+pub mod runs;
+pub mod service;
+pub mod threads;
+
+pub use runs::{Bridge, BridgeError, RunSpec};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where threads are kept.
+    pub data_dir: PathBuf,
+    /// The event bus, for thread channels and status events; none runs without.
+    pub eventbus_url: Option<String>,
+    /// Required from callers as `authorization: Bearer <key>`, and sent to the bus.
+    pub api_key: Option<String>,
+    /// The agent `default` names.
+    pub default_agent: String,
+    /// The echo agent's pace, one word per this.
+    pub echo_delay: Duration,
+    /// Each run's deadline.
+    pub run_deadline: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            eventbus_url: Some("http://127.0.0.1:50051".into()),
+            api_key: None,
+            default_agent: "echo".into(),
+            echo_delay: Duration::from_millis(20),
+            run_deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Adds the API key to calls to the bus.
+#[derive(Clone)]
+pub struct BusKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BusKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type BusClient =
+    switchboard_proto::eventbus::v1::event_bus_client::EventBusClient<InterceptedService<Channel, BusKey>>;
+
+/// Opens the thread store and builds the bridge, binding nothing.
+///
+/// # Errors
+/// When the thread store or the bus URL is unusable.
+pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send + Sync>> {
+    let threads = threads::Threads::open(&config.data_dir)?;
+    let bus = match &config.eventbus_url {
+        Some(url) => {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            let key = match &config.api_key {
+                Some(k) => Some(format!("Bearer {k}").parse()?),
+                None => None,
+            };
+            Some(switchboard_proto::eventbus::v1::event_bus_client::EventBusClient::with_interceptor(
+                channel,
+                BusKey(key),
+            ))
+        }
+        None => None,
+    };
+    Ok(Bridge::new(config, threads, bus))
+}
+
+/// Serves the agent bridge on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// When the bridge cannot be opened or the server fails.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let key = config.api_key.clone();
+    let bridge = open(config)?;
+    serve_bridge(bridge, key, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Serves an opened bridge.
+pub async fn serve_bridge(
+    bridge: Bridge,
+    key: Option<String>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use switchboard_proto::agent::v1::agent_bridge_server::AgentBridgeServer;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AgentBridgeServer<service::AgentBridgeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are built by the proto crate");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service::with_key(service::AgentBridgeService::new(bridge), key))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+}

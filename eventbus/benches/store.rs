@@ -27,11 +27,7 @@ fn batch(first: u64, n: u64) -> Batch {
     let events: Vec<Event> = (first..first + n).map(event).collect();
     let top = first + n - 1;
     Batch {
-        metas: vec![ChannelMeta {
-            channel: Arc::from("bench"),
-            top,
-            first: top.saturating_sub(10_000).max(1),
-        }],
+        metas: vec![ChannelMeta { channel: Arc::from("bench"), top, first: top.saturating_sub(10_000).max(1) }],
         events,
         idempotency: Vec::new(),
     }
@@ -40,10 +36,7 @@ fn batch(first: u64, n: u64) -> Batch {
 fn stores() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let embedded = EmbeddedStore::open(dir.path(), Fsync::Never).unwrap();
-    vec![
-        ("memory", Box::new(MemoryStore::new()), None),
-        ("embedded", Box::new(embedded), Some(dir)),
-    ]
+    vec![("memory", Box::new(MemoryStore::new()), None), ("embedded", Box::new(embedded), Some(dir))]
 }
 
 fn append(c: &mut Criterion) {
@@ -68,9 +61,7 @@ fn read(c: &mut Criterion) {
     for (name, store, _dir) in stores() {
         store.commit(&batch(1, 10_000)).unwrap();
         group.throughput(Throughput::Elements(100));
-        group.bench_function(name, |b| {
-            b.iter(|| black_box(store.read("bench", 5_000, 100).unwrap()))
-        });
+        group.bench_function(name, |b| b.iter(|| black_box(store.read("bench", 5_000, 100).unwrap())));
     }
     group.finish();
 }

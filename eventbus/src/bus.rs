@@ -78,20 +78,10 @@ pub struct NewEvent {
 /// What a subscription stream receives.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Joined {
-        channel: Arc<str>,
-        position: Position,
-        recovered: bool,
-        missed: u64,
-    },
-    JoinFailed {
-        channel: String,
-        error: String,
-    },
+    Joined { channel: Arc<str>, position: Position, recovered: bool, missed: u64 },
+    JoinFailed { channel: String, error: String },
     Events(Arc<[Event]>),
-    Left {
-        channel: Arc<str>,
-    },
+    Left { channel: Arc<str> },
 }
 
 /// The sending half of one subscription stream, registered in each channel it joined.
@@ -124,10 +114,7 @@ pub struct Subscription {
 // === impl Bus ===
 
 impl Bus {
-    pub(crate) fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-    ) -> (Bus, mpsc::Receiver<WriteRequest>) {
+    pub(crate) fn new(config: Config, store: Arc<dyn Store>) -> (Bus, mpsc::Receiver<WriteRequest>) {
         let (writer, rx) = mpsc::channel(8192);
         let epoch = store.epoch();
         let bus = Bus {
@@ -166,11 +153,7 @@ impl Bus {
         let name: Arc<str> = Arc::from(name);
         let ch = Arc::new(Channel {
             name: name.clone(),
-            state: Mutex::new(ChannelState {
-                top: 0,
-                first: 1,
-                subscribers: HashMap::new(),
-            }),
+            state: Mutex::new(ChannelState { top: 0, first: 1, subscribers: HashMap::new() }),
         });
         channels.insert(name, ch.clone());
         ch
@@ -185,44 +168,25 @@ impl Bus {
     }
 
     pub(crate) fn all_channels(&self) -> Vec<Arc<Channel>> {
-        self.shared
-            .channels
-            .lock()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect()
+        self.shared.channels.lock().unwrap().values().cloned().collect()
     }
 
     /// Checks an event against the contract (SPEC §5, §9).
     pub fn check(&self, event: &NewEvent) -> Result<(), BusError> {
         switchboard_proto::channel::validate(&event.channel)?;
         if event.name.len() > 255 {
-            return Err(BusError::InvalidArgument(
-                "event name is longer than 255 bytes".into(),
-            ));
+            return Err(BusError::InvalidArgument("event name is longer than 255 bytes".into()));
         }
-        let size = event.name.len()
-            + event.data.len()
-            + event
-                .meta
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
+        let size =
+            event.name.len() + event.data.len() + event.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         let limit = self.shared.config.max_event_bytes;
         if size > limit {
             return Err(BusError::TooLarge { size, limit });
         }
         serde_json::from_slice::<serde::de::IgnoredAny>(&event.data)
             .map_err(|e| BusError::InvalidJson(e.to_string()))?;
-        if event
-            .idempotency_key
-            .as_ref()
-            .is_some_and(|k| k.len() > 255)
-        {
-            return Err(BusError::InvalidArgument(
-                "idempotency key is longer than 255 bytes".into(),
-            ));
+        if event.idempotency_key.as_ref().is_some_and(|k| k.len() > 255) {
+            return Err(BusError::InvalidArgument("idempotency key is longer than 255 bytes".into()));
         }
         Ok(())
     }
@@ -241,11 +205,7 @@ impl Bus {
     ) -> Result<impl Future<Output = Result<Published, BusError>> + use<>, BusError> {
         self.check(&event)?;
         let (reply, rx) = oneshot::channel();
-        self.shared
-            .writer
-            .send(WriteRequest::Publish { event, reply })
-            .await
-            .map_err(|_| BusError::ShuttingDown)?;
+        self.shared.writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?;
         Ok(async move { rx.await.map_err(|_| BusError::ShuttingDown)? })
     }
 
@@ -258,20 +218,8 @@ impl Bus {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let lagged = CancellationToken::new();
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
-        let subscriber = Subscriber {
-            tx,
-            lagged: lagged.clone(),
-        };
-        (
-            Subscription {
-                bus: self.clone(),
-                id,
-                subscriber,
-                channels: Vec::new(),
-            },
-            rx,
-            lagged,
-        )
+        let subscriber = Subscriber { tx, lagged: lagged.clone() };
+        (Subscription { bus: self.clone(), id, subscriber, channels: Vec::new() }, rx, lagged)
     }
 
     /// Returns stored events after `since` (or from the oldest), and the channel's position.
@@ -289,23 +237,13 @@ impl Bus {
         // so that history never runs ahead of live delivery.
         let limit = limit.min(top.saturating_sub(after) as usize);
         let events = if reverse {
-            let mut evs = self.shared.store.read(
-                channel,
-                top.saturating_sub(limit as u64).max(after),
-                limit,
-            )?;
+            let mut evs = self.shared.store.read(channel, top.saturating_sub(limit as u64).max(after), limit)?;
             evs.reverse();
             evs
         } else {
             self.shared.store.read(channel, after, limit)?
         };
-        Ok((
-            events,
-            Position {
-                offset: top,
-                epoch: self.shared.epoch.clone(),
-            },
-        ))
+        Ok((events, Position { offset: top, epoch: self.shared.epoch.clone() }))
     }
 
     fn position_of(&self, channel: &str) -> (u64, u64) {
@@ -327,10 +265,7 @@ impl Bus {
             .filter(|ch| ch.name.starts_with(prefix))
             .map(|ch| {
                 let st = ch.state.lock().unwrap();
-                let pos = Position {
-                    offset: st.top,
-                    epoch: self.shared.epoch.clone(),
-                };
+                let pos = Position { offset: st.top, epoch: self.shared.epoch.clone() };
                 (ch.name.clone(), pos, st.subscribers.len() as u64)
             })
             .collect();
@@ -354,20 +289,14 @@ impl Subscription {
     /// whole gap is stored (SPEC §6), and reports `recovered: false` otherwise.
     pub fn join(&mut self, channel: &str, since: Option<Position>) {
         if let Err(e) = switchboard_proto::channel::validate(channel) {
-            self.subscriber.deliver(Delivery::JoinFailed {
-                channel: channel.to_owned(),
-                error: e.to_string(),
-            });
+            self.subscriber.deliver(Delivery::JoinFailed { channel: channel.to_owned(), error: e.to_string() });
             return;
         }
         if self.channels.iter().any(|c| &*c.name == channel) {
             // Joining twice restarts nothing; answer with the current position.
             let ch = self.bus.channel(channel);
             let st = ch.state.lock().unwrap();
-            let position = Position {
-                offset: st.top,
-                epoch: self.bus.shared.epoch.clone(),
-            };
+            let position = Position { offset: st.top, epoch: self.bus.shared.epoch.clone() };
             self.subscriber.deliver(Delivery::Joined {
                 channel: ch.name.clone(),
                 position,
@@ -379,10 +308,7 @@ impl Subscription {
         let ch = self.bus.channel(channel);
         let shared = &self.bus.shared;
         let mut st = ch.state.lock().unwrap();
-        let position = Position {
-            offset: st.top,
-            epoch: shared.epoch.clone(),
-        };
+        let position = Position { offset: st.top, epoch: shared.epoch.clone() };
         let mut replay = Vec::new();
         let mut recovered = false;
         if let Some(since) = since {
@@ -403,13 +329,8 @@ impl Subscription {
             }
         }
         let missed = replay.len() as u64;
-        let ok = self.subscriber.deliver(Delivery::Joined {
-            channel: ch.name.clone(),
-            position,
-            recovered,
-            missed,
-        }) && (replay.is_empty()
-            || self.subscriber.deliver(Delivery::Events(replay.into())));
+        let ok = self.subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
+            && (replay.is_empty() || self.subscriber.deliver(Delivery::Events(replay.into())));
         if ok {
             st.subscribers.insert(self.id, self.subscriber.clone());
             shared.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -424,24 +345,12 @@ impl Subscription {
             let ch = self.channels.swap_remove(i);
             self.detach(&ch);
         }
-        self.subscriber.deliver(Delivery::Left {
-            channel: Arc::from(channel),
-        });
+        self.subscriber.deliver(Delivery::Left { channel: Arc::from(channel) });
     }
 
     fn detach(&self, ch: &Channel) {
-        if ch
-            .state
-            .lock()
-            .unwrap()
-            .subscribers
-            .remove(&self.id)
-            .is_some()
-        {
-            self.bus
-                .shared
-                .subscriptions
-                .fetch_sub(1, Ordering::Relaxed);
+        if ch.state.lock().unwrap().subscribers.remove(&self.id).is_some() {
+            self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

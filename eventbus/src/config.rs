@@ -42,10 +42,7 @@ pub struct HistoryPolicy {
 
 impl Default for HistoryPolicy {
     fn default() -> Self {
-        HistoryPolicy {
-            size: 1000,
-            ttl: Duration::from_secs(24 * 3600),
-        }
+        HistoryPolicy { size: 1000, ttl: Duration::from_secs(24 * 3600) }
     }
 }
 
@@ -89,10 +86,7 @@ impl Default for Config {
 impl Config {
     /// A memory-backed configuration, as unit tests and dev tools use.
     pub fn memory() -> Self {
-        Config {
-            backend: Backend::Memory,
-            ..Config::default()
-        }
+        Config { backend: Backend::Memory, ..Config::default() }
     }
 
     /// Returns the history bounds of a channel.

@@ -59,10 +59,7 @@ pub struct Position {
 pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
     let store: Arc<dyn store::Store> = match config.backend {
         Backend::Memory => Arc::new(store::memory::MemoryStore::new()),
-        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(
-            &config.data_dir,
-            config.fsync,
-        )?),
+        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync)?),
     };
     let channels = store.channels()?;
     let (bus, rx) = Bus::new(config, store);
@@ -74,13 +71,7 @@ pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
         .name("eventbus-writer".into())
         .spawn(move || writer::run(writer_bus, rx))
         .map_err(|e| StoreError::Io(e.to_string()))?;
-    Ok((
-        bus.clone(),
-        BusHandle {
-            bus,
-            thread: Some(thread),
-        },
-    ))
+    Ok((bus.clone(), BusHandle { bus, thread: Some(thread) }))
 }
 
 /// Owns the writer thread of a bus opened with `open`.
@@ -123,7 +114,9 @@ pub async fn serve_bus(
     let token = CancellationToken::new();
     let expiry = tokio::spawn(expire_every_second(bus.clone(), token.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<switchboard_proto::eventbus::v1::event_bus_server::EventBusServer<service::EventBusService>>().await;
+    reporter
+        .set_serving::<switchboard_proto::eventbus::v1::event_bus_server::EventBusServer<service::EventBusService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -59,19 +59,14 @@ pub fn with_key(
     svc: EventBusService,
     key: Option<String>,
 ) -> InterceptedService<pb::event_bus_server::EventBusServer<EventBusService>, KeyCheck> {
-    let server =
-        pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
+    let server = pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
     InterceptedService::new(server, KeyCheck(key.map(|k| Arc::from(k.into_bytes()))))
 }
 
 fn new_event(req: pb::PublishRequest) -> NewEvent {
     NewEvent {
         channel: req.channel,
-        name: if req.event.is_empty() {
-            "message".to_owned()
-        } else {
-            req.event
-        },
+        name: if req.event.is_empty() { "message".to_owned() } else { req.event },
         data: req.data,
         idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
         meta: req.meta.into_iter().collect(),
@@ -89,10 +84,7 @@ fn published(p: Published) -> pb::PublishResponse {
 }
 
 fn position(p: &Position) -> pb::StreamPosition {
-    pb::StreamPosition {
-        offset: p.offset,
-        epoch: p.epoch.to_string(),
-    }
+    pb::StreamPosition { offset: p.offset, epoch: p.epoch.to_string() }
 }
 
 fn event(e: &Event) -> pb::Event {
@@ -111,12 +103,7 @@ fn event(e: &Event) -> pb::Event {
 fn delivery(d: Delivery) -> pb::SubscribeResponse {
     use pb::subscribe_response::Response as R;
     let response = match d {
-        Delivery::Joined {
-            channel,
-            position: p,
-            recovered,
-            missed,
-        } => R::Joined(pb::Joined {
+        Delivery::Joined { channel, position: p, recovered, missed } => R::Joined(pb::Joined {
             channel: channel.to_string(),
             position: Some(position(&p)),
             recovered,
@@ -128,31 +115,19 @@ fn delivery(d: Delivery) -> pb::SubscribeResponse {
             position: None,
             recovered: false,
             missed: 0,
-            error: Some(pb::Error {
-                code: "invalid_argument".into(),
-                message: error,
-            }),
+            error: Some(pb::Error { code: "invalid_argument".into(), message: error }),
         }),
-        Delivery::Events(events) => R::Events(pb::EventBatch {
-            events: events.iter().map(event).collect(),
-        }),
-        Delivery::Left { channel } => R::Left(pb::Left {
-            channel: channel.to_string(),
-        }),
+        Delivery::Events(events) => R::Events(pb::EventBatch { events: events.iter().map(event).collect() }),
+        Delivery::Left { channel } => R::Left(pb::Left { channel: channel.to_string() }),
     };
-    pb::SubscribeResponse {
-        response: Some(response),
-    }
+    pb::SubscribeResponse { response: Some(response) }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::event_bus_server::EventBus for EventBusService {
-    async fn publish(
-        &self,
-        request: Request<pb::PublishRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let p = self.bus.publish(new_event(request.into_inner())).await?;
         Ok(Response::new(published(p)))
     }
@@ -263,10 +238,7 @@ impl pb::event_bus_server::EventBus for EventBusService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn history(
-        &self,
-        request: Request<pb::HistoryRequest>,
-    ) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         let req = request.into_inner();
         let limit = match req.limit as usize {
             0 => HISTORY_DEFAULT,
@@ -280,10 +252,7 @@ impl pb::event_bus_server::EventBus for EventBusService {
         }))
     }
 
-    async fn channels(
-        &self,
-        request: Request<pb::ChannelsRequest>,
-    ) -> Result<Response<pb::ChannelsResponse>, Status> {
+    async fn channels(&self, request: Request<pb::ChannelsRequest>) -> Result<Response<pb::ChannelsResponse>, Status> {
         let prefix = request.into_inner().prefix;
         let channels = self
             .bus
@@ -298,10 +267,7 @@ impl pb::event_bus_server::EventBus for EventBusService {
         Ok(Response::new(pb::ChannelsResponse { channels }))
     }
 
-    async fn info(
-        &self,
-        _request: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let (channels, subscriptions, published_total) = self.bus.stats();
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -48,18 +48,12 @@ pub(crate) enum WriteRequest {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
 /// Runs the writer until `Stop`; meant for a dedicated thread.
 pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut writer = Writer {
-        bus,
-        idempotency: HashMap::new(),
-    };
+    let mut writer = Writer { bus, idempotency: HashMap::new() };
     writer.load_idempotency();
     let fsync = writer.bus.config().fsync;
     let interval = writer.bus.config().fsync_interval;
@@ -102,14 +96,10 @@ impl Writer {
                 for r in records {
                     let published = Published {
                         event_id: r.event_id,
-                        position: Position {
-                            offset: r.offset,
-                            epoch: self.bus.shared.epoch.clone(),
-                        },
+                        position: Position { offset: r.offset, epoch: self.bus.shared.epoch.clone() },
                         duplicate: true,
                     };
-                    self.idempotency
-                        .insert((r.channel, r.key), (published, r.expires_ms));
+                    self.idempotency.insert((r.channel, r.key), (published, r.expires_ms));
                 }
             }
             Err(e) => tracing::error!(cause = %e, "cannot load idempotency keys"),
@@ -149,19 +139,12 @@ impl Writer {
                     };
                     let name = channel.name.clone();
                     index.insert(name.clone(), pending.len());
-                    pending.push(Pending {
-                        channel,
-                        top,
-                        first,
-                        events: Vec::new(),
-                    });
+                    pending.push(Pending { channel, top, first, events: Vec::new() });
                     name
                 }
             };
             let known = event.idempotency_key.as_ref().and_then(|key| {
-                self.idempotency
-                    .get(&(name.clone(), key.clone()))
-                    .filter(|(_, expires)| *expires > now)
+                self.idempotency.get(&(name.clone(), key.clone())).filter(|(_, expires)| *expires > now)
             });
             if let Some((first, _)) = known {
                 replies.push((reply, Ok(first.clone())));
@@ -172,20 +155,13 @@ impl Writer {
             let event_id = uuid::Uuid::now_v7().to_string();
             let published = Published {
                 event_id: event_id.clone(),
-                position: Position {
-                    offset: p.top,
-                    epoch: epoch.clone(),
-                },
+                position: Position { offset: p.top, epoch: epoch.clone() },
                 duplicate: false,
             };
             if let Some(key) = event.idempotency_key {
                 let expires_ms = now + IDEMPOTENCY_WINDOW.as_millis() as i64;
-                let dup = Published {
-                    duplicate: true,
-                    ..published.clone()
-                };
-                self.idempotency
-                    .insert((name.clone(), key.clone()), (dup, expires_ms));
+                let dup = Published { duplicate: true, ..published.clone() };
+                self.idempotency.insert((name.clone(), key.clone()), (dup, expires_ms));
                 new_keys.push((name.clone(), key.clone()));
                 records.push(IdempotencyRecord {
                     channel: name.clone(),
@@ -210,18 +186,11 @@ impl Writer {
 
         let touched: Vec<&Pending> = pending.iter().filter(|p| !p.events.is_empty()).collect();
         if !touched.is_empty() {
-            let mut batch = Batch {
-                idempotency: records,
-                ..Batch::default()
-            };
+            let mut batch = Batch { idempotency: records, ..Batch::default() };
             for p in &touched {
                 let size = self.bus.config().history_of(&p.channel.name).size.max(1);
                 let first = p.first.max(p.top.saturating_sub(size) + 1);
-                batch.metas.push(ChannelMeta {
-                    channel: p.channel.name.clone(),
-                    top: p.top,
-                    first,
-                });
+                batch.metas.push(ChannelMeta { channel: p.channel.name.clone(), top: p.top, first });
                 batch.events.extend(p.events.iter().cloned());
             }
             if let Err(e) = self.bus.shared.store.commit(&batch) {
@@ -231,28 +200,18 @@ impl Writer {
                 }
                 let msg = e.to_string();
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(BusError::Store(crate::error::StoreError::Io(
-                        msg.clone(),
-                    ))));
+                    let _ = reply.send(Err(BusError::Store(crate::error::StoreError::Io(msg.clone()))));
                 }
                 return keep_going;
             }
             let count: usize = pending.iter().map(|p| p.events.len()).sum();
-            self.bus
-                .shared
-                .published_total
-                .fetch_add(count as u64, Ordering::Relaxed);
-            for (p, meta) in pending
-                .into_iter()
-                .filter(|p| !p.events.is_empty())
-                .zip(batch.metas)
-            {
+            self.bus.shared.published_total.fetch_add(count as u64, Ordering::Relaxed);
+            for (p, meta) in pending.into_iter().filter(|p| !p.events.is_empty()).zip(batch.metas) {
                 let events: Arc<[Event]> = p.events.into();
                 let mut st = p.channel.state.lock().unwrap();
                 st.top = meta.top;
                 st.first = meta.first;
-                st.subscribers
-                    .retain(|_, s| s.deliver(Delivery::Events(events.clone())));
+                st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
             }
         }
         for (reply, result) in replies {

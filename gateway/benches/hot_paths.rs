@@ -18,11 +18,7 @@ use switchboard_gateway::{
 };
 
 fn payload(n: usize) -> Vec<u8> {
-    format!(
-        r#"{{"seq":1,"pad":"{}"}}"#,
-        "x".repeat(n.saturating_sub(20))
-    )
-    .into_bytes()
+    format!(r#"{{"seq":1,"pad":"{}"}}"#, "x".repeat(n.saturating_sub(20))).into_bytes()
 }
 
 fn event_frame(c: &mut Criterion) {
@@ -36,31 +32,21 @@ fn event_frame(c: &mut Criterion) {
         epoch: "f8b89308a82c0ac3",
         timestamp_ms: 1_795_404_346_050,
     };
-    c.bench_function("event_frame/256B", |b| {
-        b.iter(|| protocol::event_frame(black_box(&e)))
-    });
+    c.bench_function("event_frame/256B", |b| b.iter(|| protocol::event_frame(black_box(&e))));
 }
 
 fn decode(c: &mut Criterion) {
-    let subscribe = r#"{"type":"subscribe","channel":"task:42","since":{"offset":17,"epoch":"f8b89308a82c0ac3"},"id":7}"#;
-    let publish = r#"{"type":"publish","channel":"chat:1","event":"said","data":{"text":"hello","n":[1,2,3]},"id":"r1"}"#;
-    c.bench_function("decode/subscribe", |b| {
-        b.iter(|| protocol::parse(black_box(subscribe)))
-    });
-    c.bench_function("decode/publish", |b| {
-        b.iter(|| protocol::parse(black_box(publish)))
-    });
+    let subscribe =
+        r#"{"type":"subscribe","channel":"task:42","since":{"offset":17,"epoch":"f8b89308a82c0ac3"},"id":7}"#;
+    let publish =
+        r#"{"type":"publish","channel":"chat:1","event":"said","data":{"text":"hello","n":[1,2,3]},"id":"r1"}"#;
+    c.bench_function("decode/subscribe", |b| b.iter(|| protocol::parse(black_box(subscribe))));
+    c.bench_function("decode/publish", |b| b.iter(|| protocol::parse(black_box(publish))));
 }
 
 /// A hub with `n` listeners on one active channel, their queues, and the
 /// receiving end of the link (kept so the hub's one join is accepted).
-fn hub_with(
-    n: usize,
-) -> (
-    Hub,
-    Vec<Arc<Outbound>>,
-    tokio::sync::mpsc::Receiver<switchboard_gateway::hub::LinkCommand>,
-) {
+fn hub_with(n: usize) -> (Hub, Vec<Arc<Outbound>>, tokio::sync::mpsc::Receiver<switchboard_gateway::hub::LinkCommand>) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let hub = Hub::new(tx, 1000, 128, Arc::new(Metrics::new()));
     let mut queues = Vec::with_capacity(n);
@@ -72,14 +58,7 @@ fn hub_with(
         hub.subscribe(id, "bench", None, None).unwrap();
         queues.push(q);
     }
-    hub.on_joined(
-        "bench",
-        Position {
-            offset: 0,
-            epoch: "e".into(),
-        },
-        false,
-    );
+    hub.on_joined("bench", Position { offset: 0, epoch: "e".into() }, false);
     for q in &queues {
         q.drain();
     }
@@ -98,12 +77,7 @@ fn fan_out(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     offset += 1;
-                    let frame = Frame {
-                        offset,
-                        epoch: Arc::from("e"),
-                        text: text.clone(),
-                        timestamp_ms: 0,
-                    };
+                    let frame = Frame { offset, epoch: Arc::from("e"), text: text.clone(), timestamp_ms: 0 };
                     let started = Instant::now();
                     hub.on_events("bench", std::slice::from_ref(&frame));
                     total += started.elapsed();

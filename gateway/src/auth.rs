@@ -30,10 +30,7 @@ pub struct AuthConfig {
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field(
-                "algorithms",
-                &self.keys.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
-            )
+            .field("algorithms", &self.keys.iter().map(|(a, _)| *a).collect::<Vec<_>>())
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .field("expiry_grace", &self.expiry_grace)
@@ -69,8 +66,7 @@ impl AuthConfig {
 
     /// Adds an HS256 secret.
     pub fn with_hs256(mut self, secret: &[u8]) -> Self {
-        self.keys
-            .push((Algorithm::HS256, DecodingKey::from_secret(secret)));
+        self.keys.push((Algorithm::HS256, DecodingKey::from_secret(secret)));
         self
     }
 
@@ -122,16 +118,13 @@ pub struct AuthError(pub String);
 /// A bad signature, an unknown or mismatched algorithm, an expired or not yet
 /// valid token, a wrong audience or issuer, or no `sub`.
 pub fn verify(config: &AuthConfig, token: &str) -> Result<Credentials, AuthError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|_| AuthError("malformed token".into()))?;
+    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError("malformed token".into()))?;
     let mut last = AuthError(format!("algorithm {:?} is not accepted", header.alg));
     let from_jwks = match (&config.jwks, &header.kid) {
         (Some(jwks), Some(kid)) => jwks.key(kid, header.alg).map(|key| (header.alg, key)),
         _ => None,
     };
-    let keys = from_jwks
-        .iter()
-        .chain(config.keys.iter().filter(|(alg, _)| *alg == header.alg));
+    let keys = from_jwks.iter().chain(config.keys.iter().filter(|(alg, _)| *alg == header.alg));
     for (alg, key) in keys {
         let mut validation = Validation::new(*alg);
         validation.leeway = 0;
@@ -147,10 +140,8 @@ pub fn verify(config: &AuthConfig, token: &str) -> Result<Credentials, AuthError
         match jsonwebtoken::decode::<Claims>(token, key, &validation) {
             Ok(data) => {
                 let claims = data.claims;
-                let user_id = claims
-                    .sub
-                    .filter(|s| !s.is_empty())
-                    .ok_or_else(|| AuthError("token has no `sub`".into()))?;
+                let user_id =
+                    claims.sub.filter(|s| !s.is_empty()).ok_or_else(|| AuthError("token has no `sub`".into()))?;
                 return Ok(Credentials {
                     user_id,
                     roles: claims.roles,
@@ -198,20 +189,13 @@ mod tests {
     use serde_json::json;
 
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
     }
 
     #[test]
     fn hs256_round_trip_and_refusals() {
         let config = AuthConfig::none().with_hs256(b"secret");
-        let token = mint_hs256(
-            b"secret",
-            &json!({ "sub": "alice", "exp": now() + 60, "roles": ["ops"] }),
-        )
-        .unwrap();
+        let token = mint_hs256(b"secret", &json!({ "sub": "alice", "exp": now() + 60, "roles": ["ops"] })).unwrap();
         let creds = verify(&config, &token).unwrap();
         assert_eq!(creds.user_id, "alice");
         assert_eq!(creds.roles, ["ops"]);
@@ -221,24 +205,11 @@ mod tests {
         let expired = mint_hs256(b"secret", &json!({ "sub": "alice", "exp": now() - 10 })).unwrap();
         assert_eq!(verify(&config, &expired).unwrap_err().0, "token expired");
         let no_sub = mint_hs256(b"secret", &json!({ "exp": now() + 60 })).unwrap();
-        assert_eq!(
-            verify(&config, &no_sub).unwrap_err().0,
-            "token has no `sub`"
-        );
-        let early = mint_hs256(
-            b"secret",
-            &json!({ "sub": "a", "exp": now() + 60, "nbf": now() + 30 }),
-        )
-        .unwrap();
-        assert_eq!(
-            verify(&config, &early).unwrap_err().0,
-            "token not yet valid"
-        );
+        assert_eq!(verify(&config, &no_sub).unwrap_err().0, "token has no `sub`");
+        let early = mint_hs256(b"secret", &json!({ "sub": "a", "exp": now() + 60, "nbf": now() + 30 })).unwrap();
+        assert_eq!(verify(&config, &early).unwrap_err().0, "token not yet valid");
         assert_eq!(verify(&config, "garbage").unwrap_err().0, "malformed token");
-        assert!(
-            verify(&AuthConfig::none(), &token).is_err(),
-            "no keys, no entry"
-        );
+        assert!(verify(&AuthConfig::none(), &token).is_err(), "no keys, no entry");
     }
 
     #[test]
@@ -248,23 +219,11 @@ mod tests {
             issuer: Some("idp".into()),
             ..AuthConfig::none().with_hs256(b"s")
         };
-        let ok = mint_hs256(
-            b"s",
-            &json!({ "sub": "a", "exp": now() + 60, "aud": "sb", "iss": "idp" }),
-        )
-        .unwrap();
+        let ok = mint_hs256(b"s", &json!({ "sub": "a", "exp": now() + 60, "aud": "sb", "iss": "idp" })).unwrap();
         assert!(verify(&config, &ok).is_ok());
-        let aud = mint_hs256(
-            b"s",
-            &json!({ "sub": "a", "exp": now() + 60, "aud": "other", "iss": "idp" }),
-        )
-        .unwrap();
+        let aud = mint_hs256(b"s", &json!({ "sub": "a", "exp": now() + 60, "aud": "other", "iss": "idp" })).unwrap();
         assert_eq!(verify(&config, &aud).unwrap_err().0, "wrong audience");
-        let iss = mint_hs256(
-            b"s",
-            &json!({ "sub": "a", "exp": now() + 60, "aud": "sb", "iss": "x" }),
-        )
-        .unwrap();
+        let iss = mint_hs256(b"s", &json!({ "sub": "a", "exp": now() + 60, "aud": "sb", "iss": "x" })).unwrap();
         assert_eq!(verify(&config, &iss).unwrap_err().0, "wrong issuer");
     }
 }

@@ -57,10 +57,7 @@ pub struct Namespace {
 
 impl Default for Namespace {
     fn default() -> Self {
-        Namespace {
-            subscribe: Access::Anonymous,
-            publish: Access::None,
-        }
+        Namespace { subscribe: Access::Anonymous, publish: Access::None }
     }
 }
 
@@ -70,6 +67,8 @@ pub struct Config {
     pub node: String,
     /// The event bus, such as `http://127.0.0.1:50051`.
     pub eventbus_url: String,
+    /// The agent bridge; without one, agent frames answer `unavailable`.
+    pub agent_bridge_url: Option<String>,
     /// Key for the admin HTTP API, also sent to the bus as a bearer token.
     pub admin_key: Option<String>,
     /// Whether connections without a token are let in.
@@ -91,14 +90,9 @@ pub struct Config {
 
 /// The default allowed origins: pages served from this machine.
 pub fn localhost_origins() -> Vec<String> {
-    [
-        "http://localhost:*",
-        "http://127.0.0.1:*",
-        "https://localhost:*",
-        "https://127.0.0.1:*",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["http://localhost:*", "http://127.0.0.1:*", "https://localhost:*", "https://127.0.0.1:*"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Whether `origin` matches one of `allowed`.
@@ -111,9 +105,7 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
                     || origin
                         .strip_prefix(base)
                         .and_then(|rest| rest.strip_prefix(':'))
-                        .is_some_and(|port| {
-                            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
-                        })
+                        .is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
             })
     })
 }
@@ -123,6 +115,7 @@ impl Default for Config {
         Config {
             node: "gateway".to_owned(),
             eventbus_url: "http://127.0.0.1:50051".to_owned(),
+            agent_bridge_url: None,
             admin_key: None,
             anonymous: true,
             heartbeat_interval: Duration::from_secs(30),
@@ -156,10 +149,7 @@ mod tests {
         assert!(!origin_allowed(&allowed, "http://localhost.evil.com"));
         assert!(!origin_allowed(&allowed, "http://localhost:80.evil.com"));
         assert!(!origin_allowed(&allowed, "https://example.com"));
-        assert!(origin_allowed(
-            &["https://app.example.com".into()],
-            "https://app.example.com"
-        ));
+        assert!(origin_allowed(&["https://app.example.com".into()], "https://app.example.com"));
         assert!(origin_allowed(&["*".into()], "https://anything.example"));
     }
 }

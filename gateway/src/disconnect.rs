@@ -9,54 +9,18 @@ pub struct Disconnect {
 }
 
 impl Disconnect {
-    pub const SHUTDOWN: Disconnect = Disconnect {
-        code: 1001,
-        reason: "going away",
-    };
-    pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {
-        code: 1009,
-        reason: "message too big",
-    };
-    pub const SERVER_ERROR: Disconnect = Disconnect {
-        code: 4001,
-        reason: "server error",
-    };
-    pub const SLOW: Disconnect = Disconnect {
-        code: 4002,
-        reason: "slow consumer",
-    };
-    pub const NO_PONG: Disconnect = Disconnect {
-        code: 4003,
-        reason: "no pong",
-    };
-    pub const INSUFFICIENT_STATE: Disconnect = Disconnect {
-        code: 4004,
-        reason: "insufficient state",
-    };
-    pub const TOKEN_EXPIRED: Disconnect = Disconnect {
-        code: 4005,
-        reason: "token expired",
-    };
-    pub const TOO_MANY_REQUESTS: Disconnect = Disconnect {
-        code: 4006,
-        reason: "too many requests",
-    };
-    pub const UNAUTHORIZED: Disconnect = Disconnect {
-        code: 4500,
-        reason: "unauthorized",
-    };
-    pub const PROTOCOL_ERRORS: Disconnect = Disconnect {
-        code: 4501,
-        reason: "too many protocol errors",
-    };
-    pub const USER_LIMIT: Disconnect = Disconnect {
-        code: 4502,
-        reason: "connection limit for this user",
-    };
-    pub const FORBIDDEN: Disconnect = Disconnect {
-        code: 4503,
-        reason: "forbidden",
-    };
+    pub const SHUTDOWN: Disconnect = Disconnect { code: 1001, reason: "going away" };
+    pub const MESSAGE_TOO_BIG: Disconnect = Disconnect { code: 1009, reason: "message too big" };
+    pub const SERVER_ERROR: Disconnect = Disconnect { code: 4001, reason: "server error" };
+    pub const SLOW: Disconnect = Disconnect { code: 4002, reason: "slow consumer" };
+    pub const NO_PONG: Disconnect = Disconnect { code: 4003, reason: "no pong" };
+    pub const INSUFFICIENT_STATE: Disconnect = Disconnect { code: 4004, reason: "insufficient state" };
+    pub const TOKEN_EXPIRED: Disconnect = Disconnect { code: 4005, reason: "token expired" };
+    pub const TOO_MANY_REQUESTS: Disconnect = Disconnect { code: 4006, reason: "too many requests" };
+    pub const UNAUTHORIZED: Disconnect = Disconnect { code: 4500, reason: "unauthorized" };
+    pub const PROTOCOL_ERRORS: Disconnect = Disconnect { code: 4501, reason: "too many protocol errors" };
+    pub const USER_LIMIT: Disconnect = Disconnect { code: 4502, reason: "connection limit for this user" };
+    pub const FORBIDDEN: Disconnect = Disconnect { code: 4503, reason: "forbidden" };
 
     /// Whether the client should reconnect.
     pub fn reconnect(&self) -> bool {

@@ -56,11 +56,7 @@ fn cors(allowed: &[String]) -> tower_http::cors::CorsLayer {
             origin.to_str().is_ok_and(|o| origin_allowed(&allowed, o))
         }))
         .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::HeaderName::from_static("x-api-key"),
-        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::HeaderName::from_static("x-api-key")])
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with a status.
@@ -72,11 +68,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 
     fn from_status(status: &tonic::Status) -> Self {
@@ -86,11 +78,7 @@ impl ApiError {
             "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let code = if code == "invalid_frame" {
-            "invalid_request"
-        } else {
-            code
-        };
+        let code = if code == "invalid_frame" { "invalid_request" } else { code };
         ApiError::new(http, code, message)
     }
 }
@@ -122,11 +110,7 @@ fn admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match given {
         Some(g) if bool::from(g.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "wrong admin key",
-        )),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong admin key")),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -138,24 +122,13 @@ fn admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
 fn json_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "body must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("body is not valid JSON: {e}"),
-        )),
+        Ok(_) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "body must be a JSON object")),
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}"))),
     }
 }
 
 /// Returns the first of `names` present in `body` as a string.
-fn string_field(
-    body: &serde_json::Map<String, Value>,
-    names: &[&str],
-) -> Result<Option<String>, ApiError> {
+fn string_field(body: &serde_json::Map<String, Value>, names: &[&str]) -> Result<Option<String>, ApiError> {
     for name in names {
         match body.get(*name) {
             None | Some(Value::Null) => continue,
@@ -173,18 +146,12 @@ fn string_field(
 }
 
 fn data_field(body: &serde_json::Map<String, Value>, names: &[&str]) -> Value {
-    names
-        .iter()
-        .find_map(|n| body.get(*n).cloned())
-        .unwrap_or(Value::Null)
+    names.iter().find_map(|n| body.get(*n).cloned()).unwrap_or(Value::Null)
 }
 
 /// Reads an event body: its name from `type` (or `event`, default `message`)
 /// and its data from the first of `data_names` present.
-fn event_body(
-    body: &serde_json::Map<String, Value>,
-    data_names: &[&str],
-) -> Result<(String, Value), ApiError> {
+fn event_body(body: &serde_json::Map<String, Value>, data_names: &[&str]) -> Result<(String, Value), ApiError> {
     let event = string_field(body, &["type", "event"])?.unwrap_or_else(|| "message".to_owned());
     Ok((event, data_field(body, data_names)))
 }
@@ -194,26 +161,13 @@ fn check_channel(channel: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
 }
 
-async fn publish(
-    node: &Node,
-    channel: &str,
-    event: String,
-    data: &Value,
-) -> Result<pb::PublishResponse, ApiError> {
-    let request = pb::PublishRequest {
-        channel: channel.to_owned(),
-        event,
-        data: data.to_string().into(),
-        ..Default::default()
-    };
+async fn publish(node: &Node, channel: &str, event: String, data: &Value) -> Result<pb::PublishResponse, ApiError> {
+    let request =
+        pb::PublishRequest { channel: channel.to_owned(), event, data: data.to_string().into(), ..Default::default() };
     let started = std::time::Instant::now();
     let result = node.bus.clone().publish(request).await;
-    node.metrics
-        .publish_duration
-        .observe(started.elapsed().as_secs_f64());
-    result
-        .map(|r| r.into_inner())
-        .map_err(|s| ApiError::from_status(&s))
+    node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
+    result.map(|r| r.into_inner()).map_err(|s| ApiError::from_status(&s))
 }
 
 // === WebSocket endpoints ===
@@ -253,29 +207,13 @@ async fn ws_task(
     upgrade(node, headers, q, ws, Some(format!("task:{task_id}")))
 }
 
-fn upgrade(
-    node: Arc<Node>,
-    headers: HeaderMap,
-    q: WsQuery,
-    ws: WebSocketUpgrade,
-    channel: Option<String>,
-) -> Response {
+fn upgrade(node: Arc<Node>, headers: HeaderMap, q: WsQuery, ws: WebSocketUpgrade, channel: Option<String>) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if origin.is_some_and(|o| !origin_allowed(&node.config.allowed_origins, o)) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_denied",
-            "origin not allowed",
-        )
-        .into_response();
+        return ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "origin not allowed").into_response();
     }
     if !node.ready() && node.shutdown.is_cancelled() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "shutting down",
-        )
-        .into_response();
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down").into_response();
     }
     if node.hub.connection_count() >= node.config.limits.max_connections {
         return ApiError::new(
@@ -290,20 +228,12 @@ fn upgrade(
         Some(s) => match protocol::parse_since(s) {
             Some(since) => Some(since),
             None => {
-                return ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "`since` must be OFFSET:EPOCH",
-                )
-                .into_response();
+                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "`since` must be OFFSET:EPOCH")
+                    .into_response();
             }
         },
     };
-    let mut params = Params {
-        channel,
-        since,
-        ..Params::default()
-    };
+    let mut params = Params { channel, since, ..Params::default() };
     match q.token.as_deref() {
         Some(token) => match auth::verify(&node.config.auth, token) {
             Ok(credentials) => params.credentials = Some(credentials),
@@ -332,10 +262,7 @@ async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect, me
     for frame in [error, bye] {
         let _ = socket.send(Message::Text(frame.into())).await;
     }
-    let close = CloseFrame {
-        code: reason.code,
-        reason: reason.reason.into(),
-    };
+    let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
     let _ = socket.send(Message::Close(Some(close))).await;
     // The closing handshake: wait briefly for the client's close.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.recv()).await;
@@ -346,13 +273,8 @@ async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect, me
 async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
-    let channel = string_field(&body, &["channel"])?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "field `channel` is missing",
-        )
-    })?;
+    let channel = string_field(&body, &["channel"])?
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "field `channel` is missing"))?;
     check_channel(&channel)?;
     let (event, data) = event_body(&body, &["message", "data"])?;
     let published = publish(&node, &channel, event, &data).await?;
@@ -366,11 +288,7 @@ async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Byte
     }))
 }
 
-async fn broadcast_all(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+async fn broadcast_all(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
     let (event, data) = event_body(&body, &["data", "message"])?;
@@ -405,21 +323,11 @@ async fn send_to_user(
     }))
 }
 
-async fn disconnect(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
+async fn disconnect(State(node): State<Arc<Node>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     admin(&node, &headers)?;
-    let queue = uuid::Uuid::parse_str(&id)
-        .ok()
-        .and_then(|id| node.hub.connection_queue(id));
+    let queue = uuid::Uuid::parse_str(&id).ok().and_then(|id| node.hub.connection_queue(id));
     let Some(queue) = queue else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no connection {id}"),
-        ));
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no connection {id}")));
     };
     queue.close(Disconnect::FORBIDDEN);
     ok(json!({ "status": "disconnected", "connection_id": id }))
@@ -429,8 +337,7 @@ async fn stats(State(node): State<Arc<Node>>, headers: HeaderMap) -> ApiResult {
     admin(&node, &headers)?;
     let (connections, users, channels) = node.hub.stats();
     let total_channels = channels.len();
-    let channels: serde_json::Map<String, Value> =
-        channels.into_iter().map(|(k, n)| (k, json!(n))).collect();
+    let channels: serde_json::Map<String, Value> = channels.into_iter().map(|(k, n)| (k, json!(n))).collect();
     ok(json!({
         "total_connections": connections,
         "total_users": users,
@@ -441,11 +348,7 @@ async fn stats(State(node): State<Arc<Node>>, headers: HeaderMap) -> ApiResult {
     }))
 }
 
-async fn channel_info(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    Path(channel): Path<String>,
-) -> ApiResult {
+async fn channel_info(State(node): State<Arc<Node>>, headers: HeaderMap, Path(channel): Path<String>) -> ApiResult {
     admin(&node, &headers)?;
     check_channel(&channel)?;
     let (listeners, position) = node.hub.channel(&channel);
@@ -453,22 +356,10 @@ async fn channel_info(
         Some(p) => json!(p),
         None => {
             // Not subscribed on this node: ask the bus where the channel stands.
-            let request = pb::HistoryRequest {
-                channel: channel.clone(),
-                limit: 1,
-                reverse: true,
-                ..Default::default()
-            };
-            let resp = node
-                .bus
-                .clone()
-                .history(request)
-                .await
-                .map_err(|s| ApiError::from_status(&s))?
-                .into_inner();
-            resp.position
-                .map(|p| json!({ "offset": p.offset, "epoch": p.epoch }))
-                .unwrap_or(Value::Null)
+            let request =
+                pb::HistoryRequest { channel: channel.clone(), limit: 1, reverse: true, ..Default::default() };
+            let resp = node.bus.clone().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
+            resp.position.map(|p| json!({ "offset": p.offset, "epoch": p.epoch })).unwrap_or(Value::Null)
         }
     };
     ok(json!({
@@ -496,36 +387,14 @@ async fn history(
     let since = match q.since.as_deref() {
         None | Some("") => None,
         Some(s) => {
-            let offset = s
-                .split(':')
-                .next()
-                .and_then(|o| o.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "`since` must be OFFSET or OFFSET:EPOCH",
-                    )
-                })?;
-            Some(pb::StreamPosition {
-                offset,
-                epoch: String::new(),
-            })
+            let offset = s.split(':').next().and_then(|o| o.parse::<u64>().ok()).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "`since` must be OFFSET or OFFSET:EPOCH")
+            })?;
+            Some(pb::StreamPosition { offset, epoch: String::new() })
         }
     };
-    let request = pb::HistoryRequest {
-        channel,
-        since,
-        limit: q.limit.unwrap_or(100),
-        reverse: false,
-    };
-    let resp = node
-        .bus
-        .clone()
-        .history(request)
-        .await
-        .map_err(|s| ApiError::from_status(&s))?
-        .into_inner();
+    let request = pb::HistoryRequest { channel, since, limit: q.limit.unwrap_or(100), reverse: false };
+    let resp = node.bus.clone().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
     let events: Vec<Value> = resp
         .events
         .iter()
@@ -541,9 +410,7 @@ async fn history(
             })
         })
         .collect();
-    let position = resp
-        .position
-        .map(|p| json!({ "offset": p.offset, "epoch": p.epoch }));
+    let position = resp.position.map(|p| json!({ "offset": p.offset, "epoch": p.epoch }));
     ok(json!({ "events": events, "position": position }))
 }
 
@@ -585,25 +452,11 @@ async fn health() -> ApiResult {
 
 async fn ready(State(node): State<Arc<Node>>) -> Response {
     let ready = node.ready();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(json!({ "ready": ready, "bus_linked": node.hub.link_is_up() })),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({ "ready": ready, "bus_linked": node.hub.link_is_up() }))).into_response()
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        node.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render())
         .into_response()
 }

@@ -38,13 +38,8 @@ pub const BROADCAST_CHANNEL: &str = "broadcast";
 /// What the hub asks of the bus link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkCommand {
-    Join {
-        channel: Arc<str>,
-        since: Option<Position>,
-    },
-    Leave {
-        channel: Arc<str>,
-    },
+    Join { channel: Arc<str>, since: Option<Position> },
+    Leave { channel: Arc<str> },
 }
 
 /// A subscribe that failed, with its `error.code`.
@@ -142,24 +137,12 @@ struct Listener {
 }
 
 enum Phase {
-    Waiting {
-        id: Option<Value>,
-    },
-    Recovering {
-        id: Option<Value>,
-        since: Since,
-        buffer: Vec<(u64, Utf8Bytes)>,
-        fetching: bool,
-    },
+    Waiting { id: Option<Value> },
+    Recovering { id: Option<Value>, since: Since, buffer: Vec<(u64, Utf8Bytes)>, fetching: bool },
     Live,
 }
 
-fn subscribed(
-    channel: &str,
-    id: Option<&Value>,
-    position: &Position,
-    recovery: Option<(bool, u64)>,
-) -> Utf8Bytes {
+fn subscribed(channel: &str, id: Option<&Value>, position: &Position, recovery: Option<(bool, u64)>) -> Utf8Bytes {
     let mut fields = json!({ "channel": channel, "position": position });
     if let Some((recovered, missed)) = recovery {
         fields["recovered"] = json!(recovered);
@@ -177,14 +160,7 @@ impl Hub {
         max_subscriptions: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Hub {
-            inner: Mutex::default(),
-            link,
-            link_up: AtomicBool::new(false),
-            recovery_max,
-            max_subscriptions,
-            metrics,
-        }
+        Hub { inner: Mutex::default(), link, link_up: AtomicBool::new(false), recovery_max, max_subscriptions, metrics }
     }
 
     pub fn recovery_max(&self) -> u64 {
@@ -196,13 +172,7 @@ impl Hub {
     }
 
     /// Registers a connection; refuses it when its user already has `max_per_user`.
-    pub fn add_connection(
-        &self,
-        id: Uuid,
-        queue: Arc<Outbound>,
-        user_id: Option<String>,
-        max_per_user: usize,
-    ) -> bool {
+    pub fn add_connection(&self, id: Uuid, queue: Arc<Outbound>, user_id: Option<String>, max_per_user: usize) -> bool {
         let mut inner = self.inner.lock().unwrap();
         if let Some(user) = &user_id {
             let n = inner.users.entry(user.clone()).or_default();
@@ -211,14 +181,7 @@ impl Hub {
             }
             *n += 1;
         }
-        inner.connections.insert(
-            id,
-            Connection {
-                queue,
-                user_id,
-                channels: HashSet::new(),
-            },
-        );
+        inner.connections.insert(id, Connection { queue, user_id, channels: HashSet::new() });
         self.metrics.connections.set(inner.connections.len() as i64);
         true
     }
@@ -252,9 +215,7 @@ impl Hub {
         if let Some(n) = conn.user_id.as_ref().and_then(|u| inner.users.get_mut(u)) {
             *n -= 1;
             if *n == 0 {
-                inner
-                    .users
-                    .remove(conn.user_id.as_deref().unwrap_or_default());
+                inner.users.remove(conn.user_id.as_deref().unwrap_or_default());
             }
         }
         for channel in conn.channels {
@@ -270,12 +231,7 @@ impl Hub {
 
     /// Returns the queue of a connection, to close it.
     pub fn connection_queue(&self, id: Uuid) -> Option<Arc<Outbound>> {
-        self.inner
-            .lock()
-            .unwrap()
-            .connections
-            .get(&id)
-            .map(|c| c.queue.clone())
+        self.inner.lock().unwrap().connections.get(&id).map(|c| c.queue.clone())
     }
 
     /// Closes every connection with `reason`.
@@ -298,10 +254,7 @@ impl Hub {
     ) -> Result<Option<RecoveryJob>, SubscribeError> {
         let mut inner = self.inner.lock().unwrap();
         let inner = &mut *inner;
-        let connection = inner
-            .connections
-            .get_mut(&conn)
-            .ok_or(SubscribeError::UnknownConnection)?;
+        let connection = inner.connections.get_mut(&conn).ok_or(SubscribeError::UnknownConnection)?;
         if connection.channels.contains(channel) {
             return Err(SubscribeError::AlreadySubscribed);
         }
@@ -316,20 +269,13 @@ impl Hub {
             Some((name, _)) => name.clone(),
             None => {
                 let name: Arc<str> = Arc::from(channel);
-                let join = LinkCommand::Join {
-                    channel: name.clone(),
-                    since: None,
-                };
+                let join = LinkCommand::Join { channel: name.clone(), since: None };
                 if self.link.try_send(join).is_err() {
                     return Err(SubscribeError::Unavailable);
                 }
                 inner.channels.insert(
                     name.clone(),
-                    Channel {
-                        link: LinkState::Pending { resuming: false },
-                        position: None,
-                        listeners: HashMap::new(),
-                    },
+                    Channel { link: LinkState::Pending { resuming: false }, position: None, listeners: HashMap::new() },
                 );
                 name
             }
@@ -340,19 +286,10 @@ impl Hub {
             ch.link = LinkState::Rejoining;
         }
         let phase = match since {
-            Some(since) => Phase::Recovering {
-                id,
-                since,
-                buffer: Vec::new(),
-                fetching: false,
-            },
+            Some(since) => Phase::Recovering { id, since, buffer: Vec::new(), fetching: false },
             None => Phase::Waiting { id },
         };
-        let mut listener = Listener {
-            queue,
-            last_offset: 0,
-            phase,
-        };
+        let mut listener = Listener { queue, last_offset: 0, phase };
         let job = if ch.link == LinkState::Active {
             activate(&name, ch.position.as_ref(), conn, &mut listener)
         } else {
@@ -367,10 +304,7 @@ impl Hub {
     /// Unsubscribes a connection; returns false when it was not subscribed.
     pub fn unsubscribe(&self, conn: Uuid, channel: &str) -> bool {
         let mut inner = self.inner.lock().unwrap();
-        let removed = inner
-            .connections
-            .get_mut(&conn)
-            .is_some_and(|c| c.channels.remove(channel));
+        let removed = inner.connections.get_mut(&conn).is_some_and(|c| c.channels.remove(channel));
         if removed {
             self.detach(&mut inner, channel, conn);
             self.update_gauges(&inner);
@@ -388,16 +322,8 @@ impl Hub {
         if ch.listeners.is_empty() {
             match ch.link {
                 LinkState::Active | LinkState::Pending { .. } => {
-                    let name = inner
-                        .channels
-                        .get_key_value(channel)
-                        .map(|(k, _)| k.clone())
-                        .expect("present");
-                    if self
-                        .link
-                        .try_send(LinkCommand::Leave { channel: name })
-                        .is_ok()
-                    {
+                    let name = inner.channels.get_key_value(channel).map(|(k, _)| k.clone()).expect("present");
+                    if self.link.try_send(LinkCommand::Leave { channel: name }).is_ok() {
                         inner.channels.get_mut(channel).expect("present").link = LinkState::Leaving;
                     } else {
                         // The link is down or saturated; forget the channel and let the
@@ -412,19 +338,10 @@ impl Hub {
     }
 
     /// The bus confirmed a channel. Returns recoveries to start.
-    pub fn on_joined(
-        &self,
-        channel: &str,
-        position: Position,
-        recovered: bool,
-    ) -> Vec<RecoveryJob> {
+    pub fn on_joined(&self, channel: &str, position: Position, recovered: bool) -> Vec<RecoveryJob> {
         let mut inner = self.inner.lock().unwrap();
         let inner = &mut *inner;
-        let Some(name) = inner
-            .channels
-            .get_key_value(channel)
-            .map(|(k, _)| k.clone())
-        else {
+        let Some(name) = inner.channels.get_key_value(channel).map(|(k, _)| k.clone()) else {
             return Vec::new();
         };
         let ch = inner.channels.get_mut(&name).expect("present");
@@ -434,10 +351,7 @@ impl Hub {
         if resuming && !recovered {
             // The bus lost what this node had not yet delivered: its listeners
             // must reconnect and recover on their own (SPEC §6).
-            tracing::warn!(
-                channel,
-                "cannot resume channel after relink; closing its connections with 4004"
-            );
+            tracing::warn!(channel, "cannot resume channel after relink; closing its connections with 4004");
             let listeners: Vec<Uuid> = ch.listeners.keys().copied().collect();
             for conn in listeners {
                 if let Some(c) = inner.connections.get(&conn) {
@@ -470,13 +384,9 @@ impl Hub {
                 inner.channels.remove(channel);
             }
             LinkState::Rejoining => {
-                let join = LinkCommand::Join {
-                    channel: name.clone(),
-                    since: None,
-                };
+                let join = LinkCommand::Join { channel: name.clone(), since: None };
                 if self.link.try_send(join).is_ok() {
-                    inner.channels.get_mut(channel).expect("present").link =
-                        LinkState::Pending { resuming: false };
+                    inner.channels.get_mut(channel).expect("present").link = LinkState::Pending { resuming: false };
                 }
             }
             _ => {}
@@ -534,9 +444,7 @@ impl Hub {
                 conn.queue.push(frame.text.clone());
             }
         }
-        self.metrics
-            .messages_sent
-            .inc_by((frames.len() * inner.connections.len()) as u64);
+        self.metrics.messages_sent.inc_by((frames.len() * inner.connections.len()) as u64);
     }
 
     /// Completes a recovery with what history returned (or `None` when the
@@ -550,10 +458,7 @@ impl Hub {
         let Some(listener) = ch.listeners.get_mut(&job.connection) else {
             return;
         };
-        let Phase::Recovering {
-            id, since, buffer, ..
-        } = &mut listener.phase
-        else {
+        let Phase::Recovering { id, since, buffer, .. } = &mut listener.phase else {
             return;
         };
         let id = id.take();
@@ -575,10 +480,7 @@ impl Hub {
             && since.offset <= fetched.position.offset
             && gap <= self.recovery_max
             && fetched.frames.len() as u64 == gap
-            && fetched
-                .frames
-                .first()
-                .is_none_or(|f| f.offset == since.offset + 1);
+            && fetched.frames.first().is_none_or(|f| f.offset == since.offset + 1);
         let mut out = Vec::new();
         let mut last = since.offset;
         if complete {
@@ -595,17 +497,9 @@ impl Hub {
         } else {
             last = current.offset;
         }
-        let position = Position {
-            offset: last.max(current.offset),
-            epoch: current.epoch.clone(),
-        };
+        let position = Position { offset: last.max(current.offset), epoch: current.epoch.clone() };
         let missed = out.len() as u64;
-        listener.queue.push(subscribed(
-            &job.channel,
-            id.as_ref(),
-            &position,
-            Some((complete, missed)),
-        ));
+        listener.queue.push(subscribed(&job.channel, id.as_ref(), &position, Some((complete, missed))));
         for text in out {
             listener.queue.push(text);
         }
@@ -630,13 +524,8 @@ impl Hub {
                 LinkState::Active | LinkState::Pending { resuming: true } => ch.position.clone(),
                 _ => None,
             };
-            ch.link = LinkState::Pending {
-                resuming: since.is_some(),
-            };
-            joins.push(LinkCommand::Join {
-                channel: name.clone(),
-                since,
-            });
+            ch.link = LinkState::Pending { resuming: since.is_some() };
+            joins.push(LinkCommand::Join { channel: name.clone(), since });
         }
         self.link_up.store(true, Ordering::Release);
         self.update_gauges(&inner);
@@ -646,12 +535,8 @@ impl Hub {
     /// Returns `(connections, users, {channel: listeners})` on this node.
     pub fn stats(&self) -> (usize, usize, Vec<(String, usize)>) {
         let inner = self.inner.lock().unwrap();
-        let mut channels: Vec<_> = inner
-            .channels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.listeners.len()))
-            .filter(|(_, n)| *n > 0)
-            .collect();
+        let mut channels: Vec<_> =
+            inner.channels.iter().map(|(k, v)| (k.to_string(), v.listeners.len())).filter(|(_, n)| *n > 0).collect();
         channels.sort();
         (inner.connections.len(), inner.users.len(), channels)
     }
@@ -682,22 +567,14 @@ fn activate(
     let position = position?;
     match &mut listener.phase {
         Phase::Waiting { id } => {
-            listener
-                .queue
-                .push(subscribed(channel, id.as_ref(), position, None));
+            listener.queue.push(subscribed(channel, id.as_ref(), position, None));
             listener.last_offset = position.offset;
             listener.phase = Phase::Live;
             None
         }
-        Phase::Recovering {
-            since, fetching, ..
-        } if !*fetching => {
+        Phase::Recovering { since, fetching, .. } if !*fetching => {
             *fetching = true;
-            Some(RecoveryJob {
-                connection: conn,
-                channel: channel.clone(),
-                since: since.clone(),
-            })
+            Some(RecoveryJob { connection: conn, channel: channel.clone(), since: since.clone() })
         }
         _ => None,
     }

@@ -41,9 +41,7 @@ pub struct Jwks {
 
 impl std::fmt::Debug for Jwks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Jwks")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
+        f.debug_struct("Jwks").field("url", &self.url).finish_non_exhaustive()
     }
 }
 
@@ -62,14 +60,7 @@ impl Jwks {
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Arc::new(Jwks {
-            url: uri,
-            client,
-            keys: RwLock::default(),
-            timeout,
-            interval,
-            wake: Notify::new(),
-        }))
+        Ok(Arc::new(Jwks { url: uri, client, keys: RwLock::default(), timeout, interval, wake: Notify::new() }))
     }
 
     /// Returns the key for `kid` if it verifies `alg`. An unknown kid asks for an early refresh.
@@ -91,25 +82,15 @@ impl Jwks {
     /// A network error, a timeout, a non-200 answer or a document that is not a JWK set.
     pub async fn refresh(&self) -> Result<usize, String> {
         let fetch = async {
-            let resp = self
-                .client
-                .get(self.url.clone())
-                .await
-                .map_err(|e| e.to_string())?;
+            let resp = self.client.get(self.url.clone()).await.map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
                 return Err(format!("answered {}", resp.status()));
             }
-            let body = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = Limited::new(resp.into_body(), MAX_BODY).collect().await.map_err(|e| e.to_string())?;
             Ok::<_, String>(body.to_bytes())
         };
-        let body = tokio::time::timeout(self.timeout, fetch)
-            .await
-            .map_err(|_| "timed out".to_owned())??;
-        let set: JwkSet =
-            serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))?;
+        let body = tokio::time::timeout(self.timeout, fetch).await.map_err(|_| "timed out".to_owned())??;
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let Some(kid) = &jwk.common.key_id else {
@@ -143,11 +124,7 @@ impl Jwks {
                 Ok(n) => tracing::debug!(keys = n, "jwks refreshed"),
                 Err(e) => tracing::warn!(cause = %e, url = %self.url, "jwks refresh failed"),
             }
-            let wait = if self.keys.read().unwrap().is_empty() {
-                Duration::from_secs(5)
-            } else {
-                self.interval
-            };
+            let wait = if self.keys.read().unwrap().is_empty() { Duration::from_secs(5) } else { self.interval };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}

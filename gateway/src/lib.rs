@@ -28,6 +28,7 @@ use std::{
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod disconnect;
@@ -47,6 +48,8 @@ pub struct Node {
     pub config: Config,
     pub hub: Arc<hub::Hub>,
     pub bus: link::BusClient,
+    /// The agent bridge, when configured.
+    pub bridge: Option<link::BridgeClient>,
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins: sessions say goodbye and close.
     pub shutdown: CancellationToken,
@@ -73,20 +76,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bus = link::client(&config.eventbus_url, config.admin_key.as_deref())?;
+    let bridge = match &config.agent_bridge_url {
+        Some(url) => Some(link::bridge_client(url, config.admin_key.as_deref())?),
+        None => None,
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     // Room for a burst of joins and leaves; the hub answers `unavailable` past it.
     let (link_tx, link_rx) = mpsc::channel(65_536);
-    let hub = Arc::new(hub::Hub::new(
-        link_tx,
-        config.limits.recovery_max,
-        config.limits.max_subscriptions,
-        metrics.clone(),
-    ));
+    let hub =
+        Arc::new(hub::Hub::new(link_tx, config.limits.recovery_max, config.limits.max_subscriptions, metrics.clone()));
     let grace = config.shutdown_grace;
     let node = Arc::new(Node {
         config,
         hub: hub.clone(),
         bus: bus.clone(),
+        bridge,
         metrics: metrics.clone(),
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
@@ -100,28 +104,19 @@ pub async fn serve(
 
     let app = http::router(node.clone());
     let stopping = node.clone();
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        stopping.shutting_down.store(true, Ordering::Release);
-        stopping.shutdown.cancel();
-    })
-    .await;
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.shutting_down.store(true, Ordering::Release);
+            stopping.shutdown.cancel();
+        })
+        .await;
     // axum does not wait for upgraded connections: the tracker does.
     node.shutting_down.store(true, Ordering::Release);
     node.shutdown.cancel();
     node.sessions.close();
-    if tokio::time::timeout(grace, node.sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            remaining = node.sessions.len(),
-            "shutdown grace period ran out"
-        );
+    if tokio::time::timeout(grace, node.sessions.wait()).await.is_err() {
+        tracing::warn!(remaining = node.sessions.len(), "shutdown grace period ran out");
     }
     link_stop.cancel();
     let _ = link.await;

@@ -43,40 +43,50 @@ impl Interceptor for ApiKey {
 
 pub type BusClient = pb::event_bus_client::EventBusClient<InterceptedService<Channel, ApiKey>>;
 
-/// Builds a client that connects on first use.
+/// A lazily connecting channel to `url` and the interceptor that sends `key`.
+///
+/// # Errors
+/// When the URL or key is malformed; `setting` names the URL's setting.
+pub fn endpoint(url: &str, key: Option<&str>, setting: &str) -> Result<(Channel, ApiKey), String> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("{setting}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let key = match key {
+        Some(k) => {
+            Some(format!("Bearer {k}").parse().map_err(|_| "auth.admin_key: not a valid header value".to_owned())?)
+        }
+        None => None,
+    };
+    Ok((endpoint.connect_lazy(), ApiKey(key)))
+}
+
+/// Builds a bus client that connects on first use.
 ///
 /// # Errors
 /// When the URL or key is malformed.
 pub fn client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("gateway.eventbus_url: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let key = match key {
-        Some(k) => Some(
-            format!("Bearer {k}")
-                .parse()
-                .map_err(|_| "auth.admin_key: not a valid header value".to_owned())?,
-        ),
-        None => None,
-    };
-    Ok(
-        pb::event_bus_client::EventBusClient::with_interceptor(
-            endpoint.connect_lazy(),
-            ApiKey(key),
-        )
-        .max_decoding_message_size(64 * 1024 * 1024),
-    )
+    let (channel, key) = endpoint(url, key, "gateway.eventbus_url")?;
+    Ok(pb::event_bus_client::EventBusClient::with_interceptor(channel, key).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+pub type BridgeClient =
+    switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient<InterceptedService<Channel, ApiKey>>;
+
+/// Builds an agent bridge client that connects on first use.
+///
+/// # Errors
+/// When the URL or key is malformed.
+pub fn bridge_client(url: &str, key: Option<&str>) -> Result<BridgeClient, String> {
+    let (channel, key) = endpoint(url, key, "gateway.agent_bridge_url")?;
+    Ok(switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient::with_interceptor(channel, key))
 }
 
 fn join(channel: &str, since: Option<Position>) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
         request: Some(pb::subscribe_request::Request::Join(pb::Join {
             channel: channel.to_owned(),
-            since: since.map(|p| pb::StreamPosition {
-                offset: p.offset,
-                epoch: p.epoch,
-            }),
+            since: since.map(|p| pb::StreamPosition { offset: p.offset, epoch: p.epoch }),
         })),
     }
 }
@@ -85,9 +95,7 @@ fn command(cmd: LinkCommand) -> pb::SubscribeRequest {
     match cmd {
         LinkCommand::Join { channel, since } => join(&channel, since),
         LinkCommand::Leave { channel } => pb::SubscribeRequest {
-            request: Some(pb::subscribe_request::Request::Leave(pb::Leave {
-                channel: channel.to_string(),
-            })),
+            request: Some(pb::subscribe_request::Request::Leave(pb::Leave { channel: channel.to_string() })),
         },
     }
 }
@@ -192,14 +200,8 @@ fn handle(
             }
             let position = joined
                 .position
-                .map(|p| Position {
-                    offset: p.offset,
-                    epoch: p.epoch,
-                })
-                .unwrap_or(Position {
-                    offset: 0,
-                    epoch: String::new(),
-                });
+                .map(|p| Position { offset: p.offset, epoch: p.epoch })
+                .unwrap_or(Position { offset: 0, epoch: String::new() });
             if joined.channel == BROADCAST_CHANNEL {
                 if broadcast.is_none() || !joined.recovered {
                     *broadcast = Some(position);
@@ -216,10 +218,8 @@ fn handle(
             while i < batch.events.len() {
                 // Runs of one channel share one pass over the hub.
                 let channel = &batch.events[i].channel;
-                let end = batch.events[i..]
-                    .iter()
-                    .position(|e| &e.channel != channel)
-                    .map_or(batch.events.len(), |n| i + n);
+                let end =
+                    batch.events[i..].iter().position(|e| &e.channel != channel).map_or(batch.events.len(), |n| i + n);
                 let frames: Vec<Frame> = batch.events[i..end].iter().map(frame).collect();
                 if let Some(last) = frames.last() {
                     let lag = (protocol::now() - last.timestamp_ms as f64 / 1000.0).max(0.0);
@@ -227,10 +227,7 @@ fn handle(
                 }
                 if channel == BROADCAST_CHANNEL {
                     if let Some(last) = batch.events[i..end].last() {
-                        *broadcast = Some(Position {
-                            offset: last.offset,
-                            epoch: last.epoch.clone(),
-                        });
+                        *broadcast = Some(Position { offset: last.offset, epoch: last.epoch.clone() });
                     }
                     hub.on_broadcast(&frames);
                 } else {
@@ -238,9 +235,7 @@ fn handle(
                 }
                 i = end;
             }
-            metrics
-                .broadcast_duration
-                .observe(started.elapsed().as_secs_f64());
+            metrics.broadcast_duration.observe(started.elapsed().as_secs_f64());
         }
         Some(R::Left(left)) => hub.on_left(&left.channel),
         None => {}
@@ -252,24 +247,15 @@ pub(crate) async fn recover(hub: Arc<Hub>, client: BusClient, job: RecoveryJob) 
     let limit = hub_recovery_limit(&hub);
     let request = pb::HistoryRequest {
         channel: job.channel.to_string(),
-        since: Some(pb::StreamPosition {
-            offset: job.since.offset,
-            epoch: job.since.epoch.clone(),
-        }),
+        since: Some(pb::StreamPosition { offset: job.since.offset, epoch: job.since.epoch.clone() }),
         limit,
         reverse: false,
     };
     let fetched = match client.clone().history(request).await {
         Ok(resp) => {
             let resp = resp.into_inner();
-            let position = resp.position.map(|p| Position {
-                offset: p.offset,
-                epoch: p.epoch,
-            });
-            position.map(|position| Recovered {
-                frames: resp.events.iter().map(frame).collect(),
-                position,
-            })
+            let position = resp.position.map(|p| Position { offset: p.offset, epoch: p.epoch });
+            position.map(|position| Recovered { frames: resp.events.iter().map(frame).collect(), position })
         }
         Err(status) => {
             tracing::warn!(%status, channel = %job.channel, "history read failed");

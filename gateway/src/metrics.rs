@@ -29,9 +29,7 @@ pub struct Metrics {
 }
 
 fn latency_buckets() -> Histogram {
-    Histogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    ])
+    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
 }
 
 impl Metrics {
@@ -50,41 +48,17 @@ impl Metrics {
             bus_lag: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "switchboard_connections",
-            "Open WebSocket connections",
-            m.connections.clone(),
-        );
+        registry.register("switchboard_connections", "Open WebSocket connections", m.connections.clone());
         registry.register(
             "switchboard_connections_accepted",
             "WebSocket connections accepted",
             m.connections_accepted.clone(),
         );
-        registry.register(
-            "switchboard_disconnects",
-            "Connections closed, by close code",
-            m.disconnects.clone(),
-        );
-        registry.register(
-            "switchboard_subscriptions",
-            "Channel subscriptions on this node",
-            m.subscriptions.clone(),
-        );
-        registry.register(
-            "switchboard_channels",
-            "Channels with a bus subscription on this node",
-            m.channels.clone(),
-        );
-        registry.register(
-            "switchboard_messages_sent",
-            "Event frames queued to clients",
-            m.messages_sent.clone(),
-        );
-        registry.register(
-            "switchboard_messages_received",
-            "Frames received from clients",
-            m.messages_received.clone(),
-        );
+        registry.register("switchboard_disconnects", "Connections closed, by close code", m.disconnects.clone());
+        registry.register("switchboard_subscriptions", "Channel subscriptions on this node", m.subscriptions.clone());
+        registry.register("switchboard_channels", "Channels with a bus subscription on this node", m.channels.clone());
+        registry.register("switchboard_messages_sent", "Event frames queued to clients", m.messages_sent.clone());
+        registry.register("switchboard_messages_received", "Frames received from clients", m.messages_received.clone());
         registry.register(
             "switchboard_broadcast_duration_seconds",
             "Time to fan a batch of events out to local listeners",

@@ -36,11 +36,40 @@ pub enum Request {
     },
     Ping,
     Pong,
-    /// Agent frames (`rpc`, `chat_message`, `run_agent`, `interrupt_stream`),
-    /// served by the agent bridge.
-    Agent {
-        kind: &'static str,
+    /// Calls a method on the agent bridge.
+    Rpc {
+        method: String,
+        params: Value,
     },
+    /// Starts a run on a thread with a new user message.
+    ChatMessage(ChatMessage),
+    /// Starts a run with a full AG-UI `RunAgentInput`.
+    RunAgent {
+        agent: Option<String>,
+        input: Value,
+        multitask: Option<String>,
+        on_disconnect: Option<String>,
+    },
+    /// Cancels a run, by run id or thread id.
+    InterruptStream {
+        run_id: Option<String>,
+        thread_id: Option<String>,
+    },
+}
+
+/// A `chat_message` frame.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChatMessage {
+    pub content: String,
+    pub thread_id: Option<String>,
+    pub agent: Option<String>,
+    pub state: Option<Value>,
+    pub tools: Option<Value>,
+    pub context: Option<Value>,
+    /// `interrupt` or `enqueue`; otherwise a busy thread answers `thread_busy`.
+    pub multitask: Option<String>,
+    /// `cancel` stops the run when this connection closes; the default lets it go on.
+    pub on_disconnect: Option<String>,
 }
 
 /// A position a client recovers from.
@@ -85,8 +114,7 @@ impl FrameError {
 
 /// Parses one client text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(invalid(None, "frame must be a JSON object"));
     };
@@ -102,54 +130,57 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     };
     let mut fields = Fields { obj, id };
     let request = match kind.as_str() {
-        "authorize" => Request::Authorize {
-            token: fields.string("token")?,
-        },
-        "refresh" => Request::Refresh {
-            token: fields.string("token")?,
-        },
-        "subscribe" => Request::Subscribe {
-            channel: fields.string("channel")?,
-            since: fields.since()?,
-        },
-        "unsubscribe" => Request::Unsubscribe {
-            channel: fields.string("channel")?,
-        },
+        "authorize" => Request::Authorize { token: fields.string("token")? },
+        "refresh" => Request::Refresh { token: fields.string("token")? },
+        "subscribe" => Request::Subscribe { channel: fields.string("channel")?, since: fields.since()? },
+        "unsubscribe" => Request::Unsubscribe { channel: fields.string("channel")? },
         "publish" => Request::Publish {
             channel: fields.string("channel")?,
-            event: fields
-                .opt_string("event")?
-                .unwrap_or_else(|| "message".to_owned()),
+            event: fields.opt_string("event")?.unwrap_or_else(|| "message".to_owned()),
             data: fields.obj.remove("data").unwrap_or(Value::Null),
         },
         "ping" => Request::Ping,
         "pong" => Request::Pong,
-        "rpc" => Request::Agent { kind: "rpc" },
-        "chat_message" => Request::Agent {
-            kind: "chat_message",
+        "rpc" => Request::Rpc {
+            method: fields.string("method")?,
+            params: fields.obj.remove("params").unwrap_or(Value::Object(Map::new())),
         },
-        "run_agent" => Request::Agent { kind: "run_agent" },
-        "interrupt_stream" => Request::Agent {
-            kind: "interrupt_stream",
+        "chat_message" => Request::ChatMessage(ChatMessage {
+            content: fields.string("content")?,
+            thread_id: fields.opt_string("thread_id")?,
+            agent: fields.opt_string("agent")?,
+            multitask: fields.opt_string("multitask")?,
+            on_disconnect: fields.opt_string("on_disconnect")?,
+            state: fields.obj.remove("state"),
+            tools: fields.obj.remove("tools"),
+            context: fields.obj.remove("context"),
+        }),
+        "run_agent" => Request::RunAgent {
+            agent: fields.opt_string("agent")?,
+            multitask: fields.opt_string("multitask")?,
+            on_disconnect: fields.opt_string("on_disconnect")?,
+            input: match fields.obj.remove("input") {
+                Some(v @ Value::Object(_)) => v,
+                _ => return Err(invalid(fields.id, "field `input` must be a RunAgentInput object")),
+            },
         },
+        "interrupt_stream" => {
+            let run_id = fields.opt_string("run_id")?;
+            let thread_id = fields.opt_string("thread_id")?;
+            if run_id.is_none() && thread_id.is_none() {
+                return Err(invalid(fields.id, "`interrupt_stream` needs `run_id` or `thread_id`"));
+            }
+            Request::InterruptStream { run_id, thread_id }
+        }
         _ => {
-            return Err(FrameError::UnknownType {
-                id: fields.id,
-                kind,
-            });
+            return Err(FrameError::UnknownType { id: fields.id, kind });
         }
     };
-    Ok(ClientFrame {
-        id: fields.id,
-        request,
-    })
+    Ok(ClientFrame { id: fields.id, request })
 }
 
 fn invalid(id: Option<Value>, message: impl Into<String>) -> FrameError {
-    FrameError::InvalidFrame {
-        id,
-        message: message.into(),
-    }
+    FrameError::InvalidFrame { id, message: message.into() }
 }
 
 struct Fields {
@@ -161,10 +192,7 @@ impl Fields {
     fn string(&mut self, name: &str) -> Result<String, FrameError> {
         match self.opt_string(name)? {
             Some(s) => Ok(s),
-            None => Err(invalid(
-                self.id.clone(),
-                format!("field `{name}` is missing"),
-            )),
+            None => Err(invalid(self.id.clone(), format!("field `{name}` is missing"))),
         }
     }
 
@@ -172,35 +200,19 @@ impl Fields {
         match self.obj.remove(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(invalid(
-                self.id.clone(),
-                format!("field `{name}` must be a string"),
-            )),
+            Some(_) => Err(invalid(self.id.clone(), format!("field `{name}` must be a string"))),
         }
     }
 
     fn since(&mut self) -> Result<Option<Since>, FrameError> {
-        let bad = |id: &Option<Value>| {
-            invalid(
-                id.clone(),
-                "field `since` must be {\"offset\": number, \"epoch\": string}",
-            )
-        };
+        let bad =
+            |id: &Option<Value>| invalid(id.clone(), "field `since` must be {\"offset\": number, \"epoch\": string}");
         match self.obj.remove("since") {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Object(pos)) => {
-                let offset = pos
-                    .get("offset")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| bad(&self.id))?;
-                let epoch = pos
-                    .get("epoch")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| bad(&self.id))?;
-                Ok(Some(Since {
-                    offset,
-                    epoch: epoch.to_owned(),
-                }))
+                let offset = pos.get("offset").and_then(Value::as_u64).ok_or_else(|| bad(&self.id))?;
+                let epoch = pos.get("epoch").and_then(Value::as_str).ok_or_else(|| bad(&self.id))?;
+                Ok(Some(Since { offset, epoch: epoch.to_owned() }))
             }
             Some(_) => Err(bad(&self.id)),
         }
@@ -210,20 +222,14 @@ impl Fields {
 /// Parses `OFFSET:EPOCH`, the `since` query parameter.
 pub fn parse_since(s: &str) -> Option<Since> {
     let (offset, epoch) = s.split_once(':')?;
-    Some(Since {
-        offset: offset.parse().ok()?,
-        epoch: epoch.to_owned(),
-    })
+    Some(Since { offset: offset.parse().ok()?, epoch: epoch.to_owned() })
 }
 
 // === Server frames ===
 
 /// Seconds since the Unix epoch with millisecond precision.
 pub fn now() -> f64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     ms as f64 / 1000.0
 }
 
@@ -250,11 +256,7 @@ pub fn frame(kind: &str, id: Option<&Value>, fields: Value) -> String {
 
 /// An `error` frame.
 pub fn error(code: &str, message: &str, id: Option<&Value>) -> String {
-    frame(
-        "error",
-        id,
-        serde_json::json!({ "code": code, "message": message }),
-    )
+    frame("error", id, serde_json::json!({ "code": code, "message": message }))
 }
 
 /// A channel event, as the bus delivered it.
@@ -271,10 +273,7 @@ pub struct EventRef<'a> {
 
 /// Writes an `event` frame once, splicing the JSON payload without re-encoding it.
 pub fn event_frame(e: &EventRef<'_>) -> String {
-    let data = std::str::from_utf8(e.data)
-        .ok()
-        .filter(|d| !d.trim().is_empty())
-        .unwrap_or("null");
+    let data = std::str::from_utf8(e.data).ok().filter(|d| !d.trim().is_empty()).unwrap_or("null");
     let mut out = String::with_capacity(128 + data.len() + e.channel.len() + e.event.len());
     out.push_str(r#"{"type":"event","channel":"#);
     push_json_str(&mut out, e.channel);
@@ -309,36 +308,15 @@ mod tests {
     fn parses_every_channel_frame() {
         let f = parse(r#"{"type":"subscribe","channel":"missions","id":7}"#).unwrap();
         assert_eq!(f.id, Some(json!(7)));
+        assert_eq!(f.request, Request::Subscribe { channel: "missions".into(), since: None });
+        let f = parse(r#"{"type":"subscribe","channel":"a","since":{"offset":3,"epoch":"e"}}"#).unwrap();
         assert_eq!(
             f.request,
-            Request::Subscribe {
-                channel: "missions".into(),
-                since: None
-            }
+            Request::Subscribe { channel: "a".into(), since: Some(Since { offset: 3, epoch: "e".into() }) }
         );
-        let f = parse(r#"{"type":"subscribe","channel":"a","since":{"offset":3,"epoch":"e"}}"#)
-            .unwrap();
-        assert_eq!(
-            f.request,
-            Request::Subscribe {
-                channel: "a".into(),
-                since: Some(Since {
-                    offset: 3,
-                    epoch: "e".into()
-                })
-            }
-        );
-        let f = parse(r#"{"type":"publish","channel":"a","event":"x","data":{"k":1},"id":"r1"}"#)
-            .unwrap();
+        let f = parse(r#"{"type":"publish","channel":"a","event":"x","data":{"k":1},"id":"r1"}"#).unwrap();
         assert_eq!(f.id, Some(json!("r1")));
-        assert_eq!(
-            f.request,
-            Request::Publish {
-                channel: "a".into(),
-                event: "x".into(),
-                data: json!({"k":1})
-            }
-        );
+        assert_eq!(f.request, Request::Publish { channel: "a".into(), event: "x".into(), data: json!({"k":1}) });
         assert_eq!(parse(r#"{"type":"ping"}"#).unwrap().request, Request::Ping);
     }
 
@@ -354,16 +332,8 @@ mod tests {
         assert_eq!(e.id(), Some(&json!(1)));
         let e = parse(r#"{"type":"dance"}"#).unwrap_err();
         assert_eq!(e.code(), "unknown_type");
-        assert_eq!(
-            parse(r#"{"type":"subscribe","channel":"a","since":5}"#)
-                .unwrap_err()
-                .code(),
-            "invalid_frame"
-        );
-        assert_eq!(
-            parse(r#"{"type":"ping","id":[1]}"#).unwrap_err().code(),
-            "invalid_frame"
-        );
+        assert_eq!(parse(r#"{"type":"subscribe","channel":"a","since":5}"#).unwrap_err().code(), "invalid_frame");
+        assert_eq!(parse(r#"{"type":"ping","id":[1]}"#).unwrap_err().code(), "invalid_frame");
     }
 
     #[test]
@@ -387,13 +357,7 @@ mod tests {
 
     #[test]
     fn parses_since_query() {
-        assert_eq!(
-            parse_since("12:abc"),
-            Some(Since {
-                offset: 12,
-                epoch: "abc".into()
-            })
-        );
+        assert_eq!(parse_since("12:abc"), Some(Since { offset: 12, epoch: "abc".into() }));
         assert_eq!(parse_since("x:abc"), None);
         assert_eq!(parse_since("12"), None);
     }

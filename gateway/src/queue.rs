@@ -35,11 +35,7 @@ pub struct Drained {
 impl Outbound {
     pub fn new(max_bytes: usize) -> Self {
         Outbound {
-            state: Mutex::new(State {
-                frames: VecDeque::new(),
-                bytes: 0,
-                closed: None,
-            }),
+            state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None }),
             notify: Notify::new(),
             max_bytes,
         }
@@ -89,10 +85,7 @@ impl Outbound {
     pub fn drain(&self) -> Drained {
         let mut st = self.state.lock().unwrap();
         st.bytes = 0;
-        Drained {
-            frames: st.frames.drain(..).collect(),
-            close: st.closed,
-        }
+        Drained { frames: st.frames.drain(..).collect(), close: st.closed }
     }
 
     /// Waits until something was pushed or a close was asked for.

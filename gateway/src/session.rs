@@ -14,7 +14,7 @@ use uuid::Uuid;
 use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
-    Node,
+    Node, agent,
     auth::{self, Credentials},
     config::Access,
     disconnect::Disconnect,
@@ -54,6 +54,8 @@ struct Session {
     authorize_by: Option<Instant>,
     /// When the token expires (the grace period comes on top).
     expires: Option<Instant>,
+    /// Cancelled when the connection ends (runs with `on_disconnect: cancel` stop).
+    gone: tokio_util::sync::CancellationToken,
     bucket: TokenBucket,
     strikes: u32,
     /// Times of recent protocol errors, for the per-minute budget.
@@ -72,31 +74,21 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
     let limits = node.config.limits.clone();
     let queue = Arc::new(Outbound::new(limits.outbound_queue_bytes));
     let (sink, mut stream) = socket.split();
-    let mut writer = tokio::spawn(write_loop(
-        sink,
-        queue.clone(),
-        node.config.heartbeat_interval,
-    ));
+    let mut writer = tokio::spawn(write_loop(sink, queue.clone(), node.config.heartbeat_interval));
     let mut session = Session {
         node: node.clone(),
         id,
         queue: queue.clone(),
         credentials: None,
-        authorize_by: params
-            .must_authorize
-            .then(|| Instant::now() + node.config.auth.authorize_timeout),
+        authorize_by: params.must_authorize.then(|| Instant::now() + node.config.auth.authorize_timeout),
         expires: None,
+        gone: tokio_util::sync::CancellationToken::new(),
         bucket: TokenBucket::new(limits.rate_per_second, limits.rate_burst),
         strikes: 0,
         errors: VecDeque::new(),
     };
     let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
-    let registered = node.hub.add_connection(
-        id,
-        queue.clone(),
-        user_id.clone(),
-        limits.max_connections_per_user,
-    );
+    let registered = node.hub.add_connection(id, queue.clone(), user_id.clone(), limits.max_connections_per_user);
     if registered {
         node.metrics.connections_accepted.inc();
         session.push(protocol::frame(
@@ -162,16 +154,11 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
         }
     }
     node.hub.remove_connection(id);
+    session.gone.cancel();
     let code = queue.closing().map_or(1000, |d| d.code);
-    node.metrics
-        .disconnects
-        .get_or_create(&CodeLabel { code })
-        .inc();
+    node.metrics.disconnects.get_or_create(&CodeLabel { code }).inc();
     if !writer_done
-        && (client_gone && queue.closing().is_none()
-            || tokio::time::timeout(CLOSE_FLUSH, &mut writer)
-                .await
-                .is_err())
+        && (client_gone && queue.closing().is_none() || tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err())
     {
         writer.abort();
     }
@@ -201,29 +188,19 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Converts a token's `exp` (Unix seconds) to an instant.
 fn instant_of(exp: Option<u64>) -> Option<Instant> {
     let exp = exp?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
 }
 
 /// Whether a read error is the message-size limit.
 fn too_big(err: axum::Error) -> bool {
     let inner = err.into_inner();
-    matches!(
-        inner.downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+    matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
 }
 
 /// Drains the queue into the socket, sends heartbeats, and sends the
 /// `disconnect` frame and the close frame when the queue is closed.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    queue: Arc<Outbound>,
-    interval: Duration,
-) {
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>, interval: Duration) {
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     loop {
         tokio::select! {
@@ -248,10 +225,7 @@ async fn write_loop(
                 json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() }),
             );
             let _ = sink.feed(Message::Text(bye.into())).await;
-            let close = CloseFrame {
-                code: d.code,
-                reason: Utf8Bytes::from(d.reason),
-            };
+            let close = CloseFrame { code: d.code, reason: Utf8Bytes::from(d.reason) };
             let _ = sink.send(Message::Close(Some(close))).await;
             return;
         }
@@ -288,11 +262,7 @@ impl Session {
             }
             Message::Binary(_) => {
                 if self.admit() {
-                    self.error(
-                        "binary_not_supported",
-                        "binary frames are not supported; send JSON text",
-                        None,
-                    );
+                    self.error("binary_not_supported", "binary frames are not supported; send JSON text", None);
                     self.protocol_error();
                 }
             }
@@ -320,11 +290,7 @@ impl Session {
     fn protocol_error(&mut self) {
         let now = Instant::now();
         self.errors.push_back(now);
-        while self
-            .errors
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
+        while self.errors.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
             self.errors.pop_front();
         }
         if self.errors.len() >= self.node.config.limits.protocol_errors_per_minute {
@@ -334,16 +300,9 @@ impl Session {
 
     fn on_frame(&mut self, frame: ClientFrame) {
         let id = frame.id;
-        let open = matches!(
-            frame.request,
-            Request::Authorize { .. } | Request::Ping | Request::Pong
-        );
+        let open = matches!(frame.request, Request::Authorize { .. } | Request::Ping | Request::Pong);
         if self.authorize_by.is_some() && !open {
-            self.error(
-                "unauthorized",
-                "send `authorize` with a token first",
-                id.as_ref(),
-            );
+            self.error("unauthorized", "send `authorize` with a token first", id.as_ref());
             return;
         }
         match frame.request {
@@ -356,27 +315,29 @@ impl Session {
                         json!({ "channel": channel, "reason": "client" }),
                     ));
                 } else {
-                    self.error(
-                        "not_subscribed",
-                        &format!("not subscribed to {channel:?}"),
-                        id.as_ref(),
-                    );
+                    self.error("not_subscribed", &format!("not subscribed to {channel:?}"), id.as_ref());
                 }
             }
-            Request::Publish {
-                channel,
-                event,
-                data,
-            } => self.publish(channel, event, data, id),
+            Request::Publish { channel, event, data } => self.publish(channel, event, data, id),
             Request::Ping => self.push(protocol::frame("pong", id.as_ref(), json!({}))),
             Request::Pong => {}
             Request::Authorize { token } => self.authorize(&token, id),
             Request::Refresh { token } => self.refresh(&token, id),
-            Request::Agent { kind } => self.error(
-                "unavailable",
-                &format!("`{kind}` needs the agent bridge, which is not available"),
-                id.as_ref(),
-            ),
+            Request::Rpc { method, params } => self.agent().rpc(method, params, id),
+            Request::ChatMessage(msg) => self.agent().chat(msg, id),
+            Request::RunAgent { agent, input, multitask, on_disconnect } => {
+                self.agent().run_agent(agent, input, multitask, on_disconnect.as_deref() == Some("cancel"), id)
+            }
+            Request::InterruptStream { run_id, thread_id } => self.agent().interrupt(run_id, thread_id, id),
+        }
+    }
+
+    fn agent(&self) -> agent::Context {
+        agent::Context {
+            node: self.node.clone(),
+            queue: self.queue.clone(),
+            user: self.user_id().map(str::to_owned).unwrap_or_else(|| format!("anon-{}", self.id)),
+            gone: self.gone.clone(),
         }
     }
 
@@ -389,10 +350,9 @@ impl Session {
             Access::None => false,
             Access::Anonymous => true,
             Access::Authenticated => self.credentials.is_some(),
-            Access::Roles(roles) => self
-                .credentials
-                .as_ref()
-                .is_some_and(|c| c.roles.iter().any(|r| roles.contains(r))),
+            Access::Roles(roles) => {
+                self.credentials.as_ref().is_some_and(|c| c.roles.iter().any(|r| roles.contains(r)))
+            }
         }
     }
 
@@ -433,11 +393,7 @@ impl Session {
         };
         match self.user_id() {
             Some(user) if user != credentials.user_id => {
-                self.error(
-                    "unauthorized",
-                    "a connection cannot change its user; reconnect",
-                    id.as_ref(),
-                );
+                self.error("unauthorized", "a connection cannot change its user; reconnect", id.as_ref());
             }
             Some(_) => {
                 // Re-authorizing as the same user refreshes roles and expiry.
@@ -460,11 +416,7 @@ impl Session {
 
     fn refresh(&mut self, token: &str, id: Option<Value>) {
         let Some(user) = self.user_id().map(str::to_owned) else {
-            self.error(
-                "unauthorized",
-                "nothing to refresh; send `authorize`",
-                id.as_ref(),
-            );
+            self.error("unauthorized", "nothing to refresh; send `authorize`", id.as_ref());
             return;
         };
         match auth::verify(&self.node.config.auth, token) {
@@ -487,11 +439,7 @@ impl Session {
         let user_limited = switchboard_proto::channel::allowed_users(channel)
             .map(|mut users| users.any(|u| Some(u) == self.user_id()));
         if channel == BROADCAST_CHANNEL || user_limited == Some(false) || !self.allowed(access) {
-            self.error(
-                "permission_denied",
-                &format!("not allowed on channel {channel:?}"),
-                id,
-            );
+            self.error("permission_denied", &format!("not allowed on channel {channel:?}"), id);
             return false;
         }
         true
@@ -507,17 +455,9 @@ impl Session {
 
     /// Subscribes without the permission check: for server-side subscriptions.
     fn subscribe_unchecked(&mut self, channel: String, since: Option<Since>, id: Option<Value>) {
-        match self
-            .node
-            .hub
-            .subscribe(self.id, &channel, since, id.clone())
-        {
+        match self.node.hub.subscribe(self.id, &channel, since, id.clone()) {
             Ok(Some(job)) => {
-                tokio::spawn(link::recover(
-                    self.node.hub.clone(),
-                    self.node.bus.clone(),
-                    job,
-                ));
+                tokio::spawn(link::recover(self.node.hub.clone(), self.node.bus.clone(), job));
             }
             Ok(None) => {}
             Err(e) => {
@@ -526,14 +466,9 @@ impl Session {
                         format!("already subscribed to {channel:?}")
                     }
                     SubscribeError::LimitExceeded => {
-                        format!(
-                            "at most {} subscriptions per connection",
-                            self.node.config.limits.max_subscriptions
-                        )
+                        format!("at most {} subscriptions per connection", self.node.config.limits.max_subscriptions)
                     }
-                    SubscribeError::Unavailable => {
-                        "the event bus is unavailable; try later".to_owned()
-                    }
+                    SubscribeError::Unavailable => "the event bus is unavailable; try later".to_owned(),
                     SubscribeError::UnknownConnection => "connection is closing".to_owned(),
                 };
                 self.error(e.code(), &message, id.as_ref());
@@ -570,9 +505,7 @@ impl Session {
                     protocol::error(code, &message, id.as_ref())
                 }
             };
-            node.metrics
-                .publish_duration
-                .observe(started.elapsed().as_secs_f64());
+            node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             queue.push(Utf8Bytes::from(frame));
         });
     }
@@ -582,10 +515,9 @@ impl Session {
 pub fn status_error(status: &tonic::Status) -> (&'static str, String) {
     match status.code() {
         tonic::Code::InvalidArgument => ("invalid_frame", status.message().to_owned()),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => (
-            "unavailable",
-            "the event bus is unavailable; try later".to_owned(),
-        ),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            ("unavailable", "the event bus is unavailable; try later".to_owned())
+        }
         _ => {
             tracing::error!(%status, "bus call failed");
             ("internal", "internal error".to_owned())
@@ -603,12 +535,7 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(rate: u32, burst: u32) -> Self {
-        TokenBucket {
-            tokens: burst as f64,
-            rate: rate as f64,
-            burst: burst as f64,
-            last: Instant::now(),
-        }
+        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: Instant::now() }
     }
 
     fn take(&mut self, now: Instant) -> bool {
@@ -631,12 +558,7 @@ mod tests {
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
         let start = Instant::now();
-        let mut b = TokenBucket {
-            tokens: 3.0,
-            rate: 10.0,
-            burst: 3.0,
-            last: start,
-        };
+        let mut b = TokenBucket { tokens: 3.0, rate: 10.0, burst: 3.0, last: start };
         assert!(b.take(start) && b.take(start) && b.take(start));
         assert!(!b.take(start));
         assert!(b.take(start + Duration::from_millis(100)));

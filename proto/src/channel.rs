@@ -17,16 +17,10 @@ impl std::fmt::Display for ChannelNameError {
         match self {
             ChannelNameError::Empty => write!(f, "channel name is empty"),
             ChannelNameError::TooLong => {
-                write!(
-                    f,
-                    "channel name is longer than {MAX_CHANNEL_LEN} characters"
-                )
+                write!(f, "channel name is longer than {MAX_CHANNEL_LEN} characters")
             }
             ChannelNameError::BadCharacter(c) => {
-                write!(
-                    f,
-                    "channel name contains {c:?}; allowed are A-Z a-z 0-9 _ - . : # , @ ="
-                )
+                write!(f, "channel name contains {c:?}; allowed are A-Z a-z 0-9 _ - . : # , @ =")
             }
         }
     }
@@ -42,10 +36,7 @@ pub fn validate(name: &str) -> Result<(), ChannelNameError> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err(ChannelNameError::TooLong);
     }
-    match name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "_-.:#,@=".contains(*c)))
-    {
+    match name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-.:#,@=".contains(*c))) {
         Some(c) => Err(ChannelNameError::BadCharacter(c)),
         None => Ok(()),
     }
@@ -61,8 +52,7 @@ pub fn namespace(name: &str) -> &str {
 /// Returns the users allowed on a user-limited channel (the comma-separated
 /// list after the last `#`), or `None` when the channel is not user-limited.
 pub fn allowed_users(name: &str) -> Option<impl Iterator<Item = &str>> {
-    name.rfind('#')
-        .map(|i| name[i + 1..].split(',').filter(|u| !u.is_empty()))
+    name.rfind('#').map(|i| name[i + 1..].split(',').filter(|u| !u.is_empty()))
 }
 
 #[cfg(test)]
@@ -71,13 +61,7 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in [
-            "missions",
-            "task:42",
-            "thread:7f3c#alice",
-            "a.b-c_d:e#f,g@h=i",
-            "x",
-        ] {
+        for ok in ["missions", "task:42", "thread:7f3c#alice", "a.b-c_d:e#f,g@h=i", "x"] {
             assert_eq!(validate(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate(&"a".repeat(255)), Ok(()));

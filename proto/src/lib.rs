@@ -15,6 +15,13 @@ pub mod eventbus {
     }
 }
 
+/// `switchboard.agent.v1`: the agent bridge and its workers.
+pub mod agent {
+    #[allow(clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("switchboard.agent.v1");
+    }
+}
+
 /// The encoded descriptor set of every service, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("switchboard_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");

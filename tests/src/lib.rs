@@ -19,6 +19,7 @@ use tokio_tungstenite::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub use switchboard_agent_bridge as agent_bridge;
 pub use switchboard_eventbus as eventbus;
 pub use switchboard_gateway as gateway;
 pub use switchboard_proto::eventbus::v1 as pb;
@@ -42,11 +43,7 @@ impl BusServer {
     }
 
     pub async fn embedded(dir: PathBuf) -> Self {
-        Self::start(eventbus::Config {
-            data_dir: dir,
-            ..eventbus::Config::default()
-        })
-        .await
+        Self::start(eventbus::Config { data_dir: dir, ..eventbus::Config::default() }).await
     }
 
     pub async fn start(config: eventbus::Config) -> Self {
@@ -60,16 +57,9 @@ impl BusServer {
         let token = stop.clone();
         let cfg = config.clone();
         let task = tokio::spawn(async move {
-            eventbus::serve(cfg, listener, token.cancelled_owned())
-                .await
-                .expect("event bus failed");
+            eventbus::serve(cfg, listener, token.cancelled_owned()).await.expect("event bus failed");
         });
-        BusServer {
-            addr,
-            config,
-            stop,
-            task: Some(task),
-        }
+        BusServer { addr, config, stop, task: Some(task) }
     }
 
     pub fn url(&self) -> String {
@@ -80,10 +70,7 @@ impl BusServer {
     pub async fn stop(&mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("bus did not stop")
-                .unwrap();
+            tokio::time::timeout(WAIT, task).await.expect("bus did not stop").unwrap();
         }
     }
 
@@ -137,16 +124,9 @@ impl GatewayServer {
         let token = stop.clone();
         let cfg = config.clone();
         let task = tokio::spawn(async move {
-            gateway::serve(cfg, listener, token.cancelled_owned())
-                .await
-                .expect("gateway failed");
+            gateway::serve(cfg, listener, token.cancelled_owned()).await.expect("gateway failed");
         });
-        let gw = GatewayServer {
-            addr,
-            config,
-            stop,
-            task: Some(task),
-        };
+        let gw = GatewayServer { addr, config, stop, task: Some(task) };
         gw.wait_ready().await;
         gw
     }
@@ -207,9 +187,7 @@ impl Stack {
     }
 
     pub async fn ws(&self) -> Ws {
-        Ws::connect(&self.gateway.ws_url("/ws/connect"))
-            .await
-            .unwrap()
+        Ws::connect(&self.gateway.ws_url("/ws/connect")).await.unwrap()
     }
 
     pub async fn client(&self) -> BusClient {
@@ -218,18 +196,11 @@ impl Stack {
 }
 
 pub async fn bus_client(url: &str) -> BusClient {
-    BusClient::connect(url.to_owned())
-        .await
-        .expect("connect to bus")
+    BusClient::connect(url.to_owned()).await.expect("connect to bus")
 }
 
 /// Publishes through gRPC and returns the response.
-pub async fn publish(
-    client: &mut BusClient,
-    channel: &str,
-    event: &str,
-    data: Value,
-) -> pb::PublishResponse {
+pub async fn publish(client: &mut BusClient, channel: &str, event: &str, data: Value) -> pb::PublishResponse {
     client
         .publish(pb::PublishRequest {
             channel: channel.into(),
@@ -260,13 +231,8 @@ pub enum Closed {
 impl Ws {
     /// Connects and reads the `connected` frame.
     pub async fn connect(url: &str) -> Result<Ws> {
-        let (stream, _) = connect_async(url)
-            .await
-            .with_context(|| format!("connect {url}"))?;
-        let mut ws = Ws {
-            stream,
-            connected: Value::Null,
-        };
+        let (stream, _) = connect_async(url).await.with_context(|| format!("connect {url}"))?;
+        let mut ws = Ws { stream, connected: Value::Null };
         let first = ws.recv().await?;
         if first["type"] != "connected" {
             bail!("first frame is not `connected`: {first}");
@@ -278,24 +244,15 @@ impl Ws {
     /// Connects without waiting for any frame.
     pub async fn connect_raw(url: &str) -> Result<Ws> {
         let (stream, _) = connect_async(url).await?;
-        Ok(Ws {
-            stream,
-            connected: Value::Null,
-        })
+        Ok(Ws { stream, connected: Value::Null })
     }
 
     pub async fn send(&mut self, frame: Value) {
-        self.stream
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .expect("send");
+        self.stream.send(Message::Text(frame.to_string().into())).await.expect("send");
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.stream
-            .send(Message::Text(text.to_owned().into()))
-            .await
-            .expect("send");
+        self.stream.send(Message::Text(text.to_owned().into())).await.expect("send");
     }
 
     pub async fn send_message(&mut self, msg: Message) {
@@ -329,18 +286,14 @@ impl Ws {
 
     /// Reads frames until one of `kind`, returning it; fails on anything else.
     pub async fn expect(&mut self, kind: &str) -> Value {
-        let v = self
-            .recv()
-            .await
-            .unwrap_or_else(|e| panic!("waiting for {kind}: {e}"));
+        let v = self.recv().await.unwrap_or_else(|e| panic!("waiting for {kind}: {e}"));
         assert_eq!(v["type"], kind, "expected a {kind} frame, got {v}");
         v
     }
 
     /// Subscribes and returns the `subscribed` frame.
     pub async fn subscribe(&mut self, channel: &str) -> Value {
-        self.send(serde_json::json!({ "type": "subscribe", "channel": channel }))
-            .await;
+        self.send(serde_json::json!({ "type": "subscribe", "channel": channel })).await;
         let v = self.expect("subscribed").await;
         assert_eq!(v["channel"], channel);
         v
@@ -351,17 +304,10 @@ impl Ws {
         let mut frames = Vec::new();
         loop {
             match tokio::time::timeout(Duration::from_secs(30), self.stream.next()).await {
-                Err(_) => panic!(
-                    "connection not closed in time; read {} frames",
-                    frames.len()
-                ),
+                Err(_) => panic!("connection not closed in time; read {} frames", frames.len()),
                 Ok(None) | Ok(Some(Err(_))) => return (Closed::Abrupt, frames),
                 Ok(Some(Ok(Message::Close(c)))) => {
-                    return (
-                        c.map(|c| Closed::Code(u16::from(c.code)))
-                            .unwrap_or(Closed::Code(1005)),
-                        frames,
-                    );
+                    return (c.map(|c| Closed::Code(u16::from(c.code))).unwrap_or(Closed::Code(1005)), frames);
                 }
                 Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(&t).unwrap()),
                 Ok(Some(Ok(_))) => {}
@@ -400,27 +346,12 @@ pub async fn http(
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await??;
     let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("bad response"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("no status"))?
-        .parse()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    let json = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body).unwrap_or(Value::String(body))
-    };
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("bad response"))?;
+    let status: u16 = head.split_whitespace().nth(1).ok_or_else(|| anyhow!("no status"))?.parse()?;
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_owned() };
+    let json =
+        if body.trim().is_empty() { Value::Null } else { serde_json::from_str(&body).unwrap_or(Value::String(body)) };
     Ok((status, json))
 }
 
@@ -445,25 +376,51 @@ pub fn switchboard_bin() -> PathBuf {
         .get_or_init(|| {
             let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
             let status = std::process::Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "switchboard",
-                    "--bin",
-                    "switchboard",
-                ])
+                .args(["build", "--quiet", "-p", "switchboard", "--bin", "switchboard"])
                 .current_dir(&root)
                 .status()
                 .expect("run cargo build");
-            assert!(
-                status.success(),
-                "cargo build of the switchboard binary failed"
-            );
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
+            assert!(status.success(), "cargo build of the switchboard binary failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
             target.join("debug").join("switchboard")
         })
         .clone()
+}
+
+/// An agent bridge served in-process.
+pub struct BridgeServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl BridgeServer {
+    pub async fn start(config: agent_bridge::Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            agent_bridge::serve(config, listener, token.cancelled_owned()).await.expect("agent bridge failed");
+        });
+        BridgeServer { addr, stop, task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the bridge and waits until it has released its store.
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.expect("bridge did not stop").unwrap();
+        }
+    }
+}
+
+impl Drop for BridgeServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }

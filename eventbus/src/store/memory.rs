@@ -17,10 +17,7 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
-        MemoryStore {
-            epoch: new_epoch(),
-            channels: RwLock::default(),
-        }
+        MemoryStore { epoch: new_epoch(), channels: RwLock::default() }
     }
 }
 
@@ -46,10 +43,7 @@ impl Store for MemoryStore {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut channels = self.channels.write().unwrap();
         for event in &batch.events {
-            channels
-                .entry(event.channel.clone())
-                .or_default()
-                .push_back(event.clone());
+            channels.entry(event.channel.clone()).or_default().push_back(event.clone());
         }
         for meta in &batch.metas {
             if let Some(log) = channels.get_mut(&meta.channel) {
@@ -74,11 +68,7 @@ impl Store for MemoryStore {
         Ok(log.iter().skip(start).take(limit).cloned().collect())
     }
 
-    fn expire(
-        &self,
-        cutoffs: &[(Arc<str>, i64)],
-        _now_ms: i64,
-    ) -> Result<Vec<(Arc<str>, u64)>, StoreError> {
+    fn expire(&self, cutoffs: &[(Arc<str>, i64)], _now_ms: i64) -> Result<Vec<(Arc<str>, u64)>, StoreError> {
         let mut channels = self.channels.write().unwrap();
         let mut changed = Vec::new();
         for (channel, cutoff) in cutoffs {

@@ -61,11 +61,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops events older than `cutoff_ms` and forgets expired idempotency
     /// keys; returns the new `first` of each channel that changed.
-    fn expire(
-        &self,
-        channels: &[(Arc<str>, i64)],
-        now_ms: i64,
-    ) -> Result<Vec<(Arc<str>, u64)>, StoreError>;
+    fn expire(&self, channels: &[(Arc<str>, i64)], now_ms: i64) -> Result<Vec<(Arc<str>, u64)>, StoreError>;
 }
 
 /// Returns a new random epoch.

@@ -11,9 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard_proto::channel::{
-    ChannelNameError, MAX_CHANNEL_LEN, allowed_users, namespace, validate,
-};
+use switchboard_proto::channel::{ChannelNameError, MAX_CHANNEL_LEN, allowed_users, namespace, validate};
 
 /// The documented alphabet, spelled out independently of the implementation.
 fn allowed(c: char) -> bool {

@@ -28,10 +28,7 @@ fuzz_target!(|data: &[u8]| {
 fn check_frame(text: &str) {
     let json = serde_json::from_str::<Value>(text).ok();
     // The `id` the decoder should see: a string or a number, else none.
-    let input_id = json
-        .as_ref()
-        .and_then(|v| v.get("id").cloned())
-        .filter(|id| id.is_string() || id.is_number());
+    let input_id = json.as_ref().and_then(|v| v.get("id").cloned()).filter(|id| id.is_string() || id.is_number());
 
     match parse(text) {
         Ok(frame) => {
@@ -83,11 +80,7 @@ fn encode(frame: &ClientFrame) -> Value {
             obj.insert("channel".into(), json!(channel));
             "unsubscribe"
         }
-        Request::Publish {
-            channel,
-            event,
-            data,
-        } => {
+        Request::Publish { channel, event, data } => {
             obj.insert("channel".into(), json!(channel));
             obj.insert("event".into(), json!(event));
             obj.insert("data".into(), data.clone());
@@ -95,7 +88,42 @@ fn encode(frame: &ClientFrame) -> Value {
         }
         Request::Ping => "ping",
         Request::Pong => "pong",
-        Request::Agent { kind } => kind,
+        Request::Rpc { method, params } => {
+            obj.insert("method".into(), json!(method));
+            obj.insert("params".into(), params.clone());
+            "rpc"
+        }
+        Request::ChatMessage(m) => {
+            obj.insert("content".into(), json!(m.content));
+            let optional = [
+                ("thread_id", m.thread_id.as_ref().map(|s| json!(s))),
+                ("agent", m.agent.as_ref().map(|s| json!(s))),
+                ("multitask", m.multitask.as_ref().map(|s| json!(s))),
+                ("on_disconnect", m.on_disconnect.as_ref().map(|s| json!(s))),
+                // `Some(null)` stays distinct from absent.
+                ("state", m.state.clone()),
+                ("tools", m.tools.clone()),
+                ("context", m.context.clone()),
+            ];
+            for (name, value) in optional {
+                if let Some(v) = value {
+                    obj.insert(name.into(), v);
+                }
+            }
+            "chat_message"
+        }
+        Request::RunAgent { agent, input, multitask, on_disconnect } => {
+            obj.insert("agent".into(), json!(agent));
+            obj.insert("input".into(), input.clone());
+            obj.insert("multitask".into(), json!(multitask));
+            obj.insert("on_disconnect".into(), json!(on_disconnect));
+            "run_agent"
+        }
+        Request::InterruptStream { run_id, thread_id } => {
+            obj.insert("run_id".into(), json!(run_id));
+            obj.insert("thread_id".into(), json!(thread_id));
+            "interrupt_stream"
+        }
     };
     obj.insert("type".into(), json!(kind));
     if let Some(id) = &frame.id {

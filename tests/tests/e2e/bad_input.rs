@@ -33,15 +33,11 @@ async fn malformed_frames_get_named_errors() {
 async fn wrong_field_types_name_the_field_and_echo_the_id() {
     let stack = Stack::start().await;
     let mut ws = stack.ws().await;
-    ws.send(json!({ "type": "unsubscribe", "channel": 5, "id": "x1" }))
-        .await;
+    ws.send(json!({ "type": "unsubscribe", "channel": 5, "id": "x1" })).await;
     let err = ws.expect("error").await;
     assert_eq!(err["code"], "invalid_frame");
     assert_eq!(err["id"], "x1");
-    assert!(
-        err["message"].as_str().unwrap().contains("channel"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("channel"), "{err}");
 }
 
 #[tokio::test]
@@ -83,13 +79,8 @@ async fn invalid_channel_names() {
     let stack = Stack::start().await;
     let mut ws = stack.ws().await;
     for bad in ["", "has space", "slash/y", &"a".repeat(256)] {
-        ws.send(json!({ "type": "subscribe", "channel": bad }))
-            .await;
-        assert_eq!(
-            ws.expect("error").await["code"],
-            "invalid_channel",
-            "{bad:?}"
-        );
+        ws.send(json!({ "type": "subscribe", "channel": bad })).await;
+        assert_eq!(ws.expect("error").await["code"], "invalid_channel", "{bad:?}");
     }
     ws.subscribe(&"a".repeat(255)).await;
 }
@@ -99,11 +90,9 @@ async fn duplicate_and_missing_subscriptions() {
     let stack = Stack::start().await;
     let mut ws = stack.ws().await;
     ws.subscribe("missions").await;
-    ws.send(json!({ "type": "subscribe", "channel": "missions" }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "missions" })).await;
     assert_eq!(ws.expect("error").await["code"], "already_subscribed");
-    ws.send(json!({ "type": "unsubscribe", "channel": "tasks" }))
-        .await;
+    ws.send(json!({ "type": "unsubscribe", "channel": "tasks" })).await;
     assert_eq!(ws.expect("error").await["code"], "not_subscribed");
 }
 
@@ -115,8 +104,7 @@ async fn subscription_limit() {
     for i in 0..3 {
         ws.subscribe(&format!("task:{i}")).await;
     }
-    ws.send(json!({ "type": "subscribe", "channel": "task:3" }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "task:3" })).await;
     assert_eq!(ws.expect("error").await["code"], "limit_exceeded");
 }
 
@@ -144,10 +132,7 @@ async fn connection_limit_answers_503_before_the_upgrade() {
     let gw = GatewayServer::start_with(&bus.url(), |c| c.limits.max_connections = 2).await;
     let _a = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     let _b = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
-    let err = Ws::connect(&gw.ws_url("/ws"))
-        .await
-        .err()
-        .expect("third connection must be refused");
+    let err = Ws::connect(&gw.ws_url("/ws")).await.err().expect("third connection must be refused");
     assert!(format!("{err:#}").contains("503"), "{err:#}");
 }
 
@@ -158,10 +143,7 @@ async fn grpc_publish_validation_stores_nothing() {
     let cases = [
         ("missions", b"{not json".to_vec()),
         ("bad channel", b"{}".to_vec()),
-        (
-            "missions",
-            format!(r#"{{"pad":"{}"}}"#, "x".repeat(1024 * 1024)).into_bytes(),
-        ),
+        ("missions", format!(r#"{{"pad":"{}"}}"#, "x".repeat(1024 * 1024)).into_bytes()),
     ];
     for (channel, data) in cases {
         let status = client
@@ -176,10 +158,7 @@ async fn grpc_publish_validation_stores_nothing() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     }
     let h = client
-        .history(pb::HistoryRequest {
-            channel: "missions".into(),
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "missions".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -195,10 +174,7 @@ async fn heartbeat_keeps_a_live_client_and_closes_a_silent_one_with_4003() {
         c.heartbeat_timeout = Duration::from_millis(200);
     })
     .await;
-    assert_eq!(
-        Ws::connect(&gw.ws_url("/ws")).await.unwrap().connected["heartbeat"]["interval"],
-        json!(0.2)
-    );
+    assert_eq!(Ws::connect(&gw.ws_url("/ws")).await.unwrap().connected["heartbeat"]["interval"], json!(0.2));
     let mut silent = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     let mut live = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     // The live client answers pings (tungstenite does so while reading) and
@@ -210,10 +186,7 @@ async fn heartbeat_keeps_a_live_client_and_closes_a_silent_one_with_4003() {
     }
     let (closed, frames) = silent.closed().await;
     assert_eq!(closed, Closed::Code(4003));
-    assert!(
-        frames.iter().any(|f| f["type"] == "ping"),
-        "JSON pings are sent every interval"
-    );
+    assert!(frames.iter().any(|f| f["type"] == "ping"), "JSON pings are sent every interval");
     live.send(json!({ "type": "ping", "id": 1 })).await;
     assert_eq!(live.expect("pong").await["id"], 1);
 }

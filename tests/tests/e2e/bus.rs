@@ -20,27 +20,11 @@ async fn idempotent_publish_returns_the_first_result_and_stores_once() {
     let again = client.publish(req.clone()).await.unwrap().into_inner();
     assert!(!first.duplicate);
     assert!(again.duplicate);
-    assert_eq!(
-        (again.offset, &again.event_id, &again.epoch),
-        (first.offset, &first.event_id, &first.epoch)
-    );
+    assert_eq!((again.offset, &again.event_id, &again.epoch), (first.offset, &first.event_id, &first.epoch));
     // The same key on another channel is another event.
-    let other = client
-        .publish(pb::PublishRequest {
-            channel: "tasks".into(),
-            ..req
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let other = client.publish(pb::PublishRequest { channel: "tasks".into(), ..req }).await.unwrap().into_inner();
     assert!(!other.duplicate);
-    let h = client
-        .history(pb::HistoryRequest {
-            channel: "missions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let h = client.history(pb::HistoryRequest { channel: "missions".into(), ..Default::default() }).await.unwrap();
     assert_eq!(h.into_inner().events.len(), 1);
 }
 
@@ -52,19 +36,11 @@ async fn publish_stream_answers_in_order_and_goes_on_after_a_failure() {
         .map(|i| pb::PublishRequest {
             channel: "task:1".into(),
             event: "step".into(),
-            data: if i == 100 {
-                b"{broken".to_vec().into()
-            } else {
-                json!({ "i": i }).to_string().into()
-            },
+            data: if i == 100 { b"{broken".to_vec().into() } else { json!({ "i": i }).to_string().into() },
             ..Default::default()
         })
         .collect();
-    let mut responses = client
-        .publish_stream(futures::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = client.publish_stream(futures::stream::iter(requests)).await.unwrap().into_inner();
     let mut got = Vec::new();
     while let Some(r) = responses.message().await.unwrap() {
         got.push(r);
@@ -81,19 +57,12 @@ async fn publish_stream_answers_in_order_and_goes_on_after_a_failure() {
         }
     }
     let h = client
-        .history(pb::HistoryRequest {
-            channel: "task:1".into(),
-            limit: 1000,
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "task:1".into(), limit: 1000, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(h.events.len(), 199);
-    assert_eq!(
-        h.events[100].data,
-        json!({ "i": 101 }).to_string().as_bytes()
-    );
+    assert_eq!(h.events[100].data, json!({ "i": 101 }).to_string().as_bytes());
 }
 
 #[tokio::test]
@@ -103,64 +72,36 @@ async fn subscribe_stream_joins_replays_and_leaves() {
     let epoch = publish(&mut client, "a", "e", json!(1)).await.epoch;
     publish(&mut client, "a", "e", json!(2)).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut stream = client
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let join = |channel: &str, since: Option<u64>| pb::SubscribeRequest {
         request: Some(pb::subscribe_request::Request::Join(pb::Join {
             channel: channel.into(),
-            since: since.map(|offset| pb::StreamPosition {
-                offset,
-                epoch: epoch.clone(),
-            }),
+            since: since.map(|offset| pb::StreamPosition { offset, epoch: epoch.clone() }),
         })),
     };
     tx.send(join("a", Some(1))).await.unwrap();
     tx.send(join("b", None)).await.unwrap();
     use pb::subscribe_response::Response as R;
-    let R::Joined(j) = next(&mut stream).await else {
-        panic!("expected joined")
-    };
+    let R::Joined(j) = next(&mut stream).await else { panic!("expected joined") };
     assert_eq!((j.channel.as_str(), j.recovered, j.missed), ("a", true, 1));
-    let R::Events(batch) = next(&mut stream).await else {
-        panic!("expected the replay")
-    };
-    assert_eq!(
-        batch.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
-        [2]
-    );
-    let R::Joined(j) = next(&mut stream).await else {
-        panic!("expected joined b")
-    };
+    let R::Events(batch) = next(&mut stream).await else { panic!("expected the replay") };
+    assert_eq!(batch.events.iter().map(|e| e.offset).collect::<Vec<_>>(), [2]);
+    let R::Joined(j) = next(&mut stream).await else { panic!("expected joined b") };
     assert_eq!(j.channel, "b");
     publish(&mut client, "b", "e", json!("live")).await;
-    let R::Events(batch) = next(&mut stream).await else {
-        panic!("expected a live event")
-    };
+    let R::Events(batch) = next(&mut stream).await else { panic!("expected a live event") };
     assert_eq!(batch.events[0].channel, "b");
     tx.send(pb::SubscribeRequest {
-        request: Some(pb::subscribe_request::Request::Leave(pb::Leave {
-            channel: "b".into(),
-        })),
+        request: Some(pb::subscribe_request::Request::Leave(pb::Leave { channel: "b".into() })),
     })
     .await
     .unwrap();
-    let R::Left(l) = next(&mut stream).await else {
-        panic!("expected left")
-    };
+    let R::Left(l) = next(&mut stream).await else { panic!("expected left") };
     assert_eq!(l.channel, "b");
 }
 
 async fn next(s: &mut tonic::Streaming<pb::SubscribeResponse>) -> pb::subscribe_response::Response {
-    tokio::time::timeout(WAIT, s.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-        .response
-        .unwrap()
+    tokio::time::timeout(WAIT, s.message()).await.unwrap().unwrap().unwrap().response.unwrap()
 }
 
 #[tokio::test]
@@ -171,28 +112,12 @@ async fn history_size_and_ttl_are_enforced_in_memory() {
 #[tokio::test]
 async fn history_size_and_ttl_are_enforced_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    retention(eventbus::Config {
-        data_dir: dir.path().to_owned(),
-        ..eventbus::Config::default()
-    })
-    .await;
+    retention(eventbus::Config { data_dir: dir.path().to_owned(), ..eventbus::Config::default() }).await;
 }
 
 async fn retention(mut config: eventbus::Config) {
-    config.namespaces.insert(
-        "small".into(),
-        eventbus::HistoryPolicy {
-            size: 3,
-            ttl: Duration::from_secs(3600),
-        },
-    );
-    config.namespaces.insert(
-        "brief".into(),
-        eventbus::HistoryPolicy {
-            size: 100,
-            ttl: Duration::from_millis(300),
-        },
-    );
+    config.namespaces.insert("small".into(), eventbus::HistoryPolicy { size: 3, ttl: Duration::from_secs(3600) });
+    config.namespaces.insert("brief".into(), eventbus::HistoryPolicy { size: 100, ttl: Duration::from_millis(300) });
     let bus = BusServer::start(config).await;
     let mut client = bus_client(&bus.url()).await;
     for i in 0..10 {
@@ -200,40 +125,23 @@ async fn retention(mut config: eventbus::Config) {
         publish(&mut client, "brief:x", "e", json!(i)).await;
     }
     let h = client
-        .history(pb::HistoryRequest {
-            channel: "small:x".into(),
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "small:x".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        h.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
-        [8, 9, 10]
-    );
+    assert_eq!(h.events.iter().map(|e| e.offset).collect::<Vec<_>>(), [8, 9, 10]);
     assert_eq!(h.position.unwrap().offset, 10);
     let newest = client
-        .history(pb::HistoryRequest {
-            channel: "small:x".into(),
-            limit: 2,
-            reverse: true,
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "small:x".into(), limit: 2, reverse: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        newest.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
-        [10, 9]
-    );
+    assert_eq!(newest.events.iter().map(|e| e.offset).collect::<Vec<_>>(), [10, 9]);
 
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let h = client
-            .history(pb::HistoryRequest {
-                channel: "brief:x".into(),
-                ..Default::default()
-            })
+            .history(pb::HistoryRequest { channel: "brief:x".into(), ..Default::default() })
             .await
             .unwrap()
             .into_inner();
@@ -241,70 +149,41 @@ async fn retention(mut config: eventbus::Config) {
             assert_eq!(h.position.unwrap().offset, 10, "offsets survive expiry");
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events never expired"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "events never expired");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Offsets go on after expiry.
-    assert_eq!(
-        publish(&mut client, "brief:x", "e", json!(11)).await.offset,
-        11
-    );
+    assert_eq!(publish(&mut client, "brief:x", "e", json!(11)).await.offset, 11);
 }
 
 #[tokio::test]
 async fn api_key_is_required_when_configured() {
-    let bus = BusServer::start(eventbus::Config {
-        api_key: Some("bus-key-0123456789".into()),
-        ..eventbus::Config::memory()
-    })
-    .await;
+    let bus =
+        BusServer::start(eventbus::Config { api_key: Some("bus-key-0123456789".into()), ..eventbus::Config::memory() })
+            .await;
     let mut client = bus_client(&bus.url()).await;
-    let req = pb::PublishRequest {
-        channel: "a".into(),
-        data: b"1".to_vec().into(),
-        ..Default::default()
-    };
+    let req = pb::PublishRequest { channel: "a".into(), data: b"1".to_vec().into(), ..Default::default() };
     let status = client.publish(req.clone()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     let mut wrong = tonic::Request::new(req.clone());
-    wrong
-        .metadata_mut()
-        .insert("authorization", "Bearer nope".parse().unwrap());
-    assert_eq!(
-        client.publish(wrong).await.unwrap_err().code(),
-        tonic::Code::Unauthenticated
-    );
+    wrong.metadata_mut().insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(client.publish(wrong).await.unwrap_err().code(), tonic::Code::Unauthenticated);
     let mut right = tonic::Request::new(req);
-    right.metadata_mut().insert(
-        "authorization",
-        "Bearer bus-key-0123456789".parse().unwrap(),
-    );
+    right.metadata_mut().insert("authorization", "Bearer bus-key-0123456789".parse().unwrap());
     assert_eq!(client.publish(right).await.unwrap().into_inner().offset, 1);
 }
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let bus = BusServer::memory().await;
-    let channel = tonic::transport::Endpoint::from_shared(bus.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(bus.url()).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let resp = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "switchboard.eventbus.v1.EventBus".into(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: "switchboard.eventbus.v1.EventBus".into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        resp.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    assert_eq!(resp.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
 
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -315,21 +194,12 @@ async fn health_and_reflection_are_served() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut resp = reflection
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        resp.message().await.unwrap().unwrap().message_response
+    let mut resp = reflection.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await.unwrap().unwrap().message_response
     else {
         panic!("expected a service list");
     };
-    assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "switchboard.eventbus.v1.EventBus")
-    );
+    assert!(list.service.iter().any(|s| s.name == "switchboard.eventbus.v1.EventBus"));
 }
 
 #[tokio::test]
@@ -342,33 +212,20 @@ async fn embedded_store_keeps_events_offsets_and_epoch_across_restarts() {
     bus.restart().await;
     let mut client = bus_client(&bus.url()).await;
     let h = client
-        .history(pb::HistoryRequest {
-            channel: "missions".into(),
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "missions".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(h.events.len(), 2);
     assert_eq!(h.events[0].data, json!({ "n": 1 }).to_string().as_bytes());
     assert_eq!(h.events[0].event_id, first.event_id);
-    assert_eq!(
-        h.position.as_ref().unwrap().epoch,
-        first.epoch,
-        "same directory, same epoch"
-    );
+    assert_eq!(h.position.as_ref().unwrap().epoch, first.epoch, "same directory, same epoch");
     let next = publish(&mut client, "missions", "e", json!({ "n": 3 })).await;
     assert_eq!(next.offset, 3);
 
     let other = tempfile::tempdir().unwrap();
     let fresh = BusServer::embedded(other.path().to_owned()).await;
-    let r = publish(
-        &mut bus_client(&fresh.url()).await,
-        "missions",
-        "e",
-        json!(1),
-    )
-    .await;
+    let r = publish(&mut bus_client(&fresh.url()).await, "missions", "e", json!(1)).await;
     assert_ne!(r.epoch, first.epoch, "a new directory has a new epoch");
     assert_eq!(r.offset, 1);
 }
@@ -379,11 +236,8 @@ async fn a_second_bus_on_the_same_directory_is_refused() {
     let bus = BusServer::embedded(dir.path().to_owned()).await;
     // The first bus has opened its store once it answers.
     publish(&mut bus_client(&bus.url()).await, "a", "e", json!(1)).await;
-    let err = eventbus::open(eventbus::Config {
-        data_dir: dir.path().to_owned(),
-        ..eventbus::Config::default()
-    })
-    .err()
-    .expect("the directory is in use");
+    let err = eventbus::open(eventbus::Config { data_dir: dir.path().to_owned(), ..eventbus::Config::default() })
+        .err()
+        .expect("the directory is in use");
     assert!(matches!(err, eventbus::StoreError::Locked { .. }), "{err}");
 }

@@ -10,24 +10,15 @@ async fn subscribe_broadcast_unsubscribe() {
     assert_eq!(ws.connected["limits"]["max_subscriptions"], 128);
     assert!(ws.connected["connection_id"].as_str().unwrap().len() == 36);
 
-    ws.send(json!({ "type": "subscribe", "channel": "missions", "id": 1 }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "missions", "id": 1 })).await;
     let sub = ws.expect("subscribed").await;
     assert_eq!(sub["id"], 1);
     assert_eq!(sub["position"]["offset"], 0);
     assert!(sub["timestamp"].as_f64().unwrap() > 1.0e9);
 
-    let body =
-        r#"{"channel":"missions","type":"mission_updated","message":{"id":7,"status":"go"}}"#;
-    let (status, resp) = http(
-        stack.gateway.addr,
-        "POST",
-        "/api/ws/broadcast",
-        Some(ADMIN_KEY),
-        Some(body),
-    )
-    .await
-    .unwrap();
+    let body = r#"{"channel":"missions","type":"mission_updated","message":{"id":7,"status":"go"}}"#;
+    let (status, resp) =
+        http(stack.gateway.addr, "POST", "/api/ws/broadcast", Some(ADMIN_KEY), Some(body)).await.unwrap();
     assert_eq!(status, 200, "{resp}");
     assert_eq!(resp["status"], "broadcasted");
     assert_eq!(resp["subscribers"], 1);
@@ -41,8 +32,7 @@ async fn subscribe_broadcast_unsubscribe() {
     assert_eq!(ev["id"], resp["event_id"]);
     assert_eq!(ev["epoch"], sub["position"]["epoch"]);
 
-    ws.send(json!({ "type": "unsubscribe", "channel": "missions", "id": "u" }))
-        .await;
+    ws.send(json!({ "type": "unsubscribe", "channel": "missions", "id": "u" })).await;
     let unsub = ws.expect("unsubscribed").await;
     assert_eq!(unsub["reason"], "client");
     assert_eq!(unsub["id"], "u");
@@ -74,13 +64,9 @@ async fn grpc_events_arrive_in_offset_order() {
 #[tokio::test]
 async fn path_endpoints_subscribe_on_open() {
     let stack = Stack::start().await;
-    let mut ws = Ws::connect(&stack.gateway.ws_url("/ws/channel/missions"))
-        .await
-        .unwrap();
+    let mut ws = Ws::connect(&stack.gateway.ws_url("/ws/channel/missions")).await.unwrap();
     assert_eq!(ws.expect("subscribed").await["channel"], "missions");
-    let mut task = Ws::connect(&stack.gateway.ws_url("/ws/tasks/42"))
-        .await
-        .unwrap();
+    let mut task = Ws::connect(&stack.gateway.ws_url("/ws/tasks/42")).await.unwrap();
     assert_eq!(task.expect("subscribed").await["channel"], "task:42");
     let mut plain = Ws::connect(&stack.gateway.ws_url("/ws")).await.unwrap();
     plain.subscribe("task:42").await;
@@ -103,18 +89,9 @@ async fn one_bus_subscription_per_channel_per_node() {
         clients.push(ws);
     }
     let mut bus = stack.client().await;
-    let channels = bus
-        .channels(pb::ChannelsRequest {
-            prefix: "missions".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let channels = bus.channels(pb::ChannelsRequest { prefix: "missions".into() }).await.unwrap().into_inner();
     assert_eq!(channels.channels.len(), 1);
-    assert_eq!(
-        channels.channels[0].subscribers, 1,
-        "the node must hold one bus subscription, not one per client"
-    );
+    assert_eq!(channels.channels[0].subscribers, 1, "the node must hold one bus subscription, not one per client");
 
     publish(&mut bus, "missions", "e", json!({ "n": 1 })).await;
     for ws in &mut clients {
@@ -123,26 +100,16 @@ async fn one_bus_subscription_per_channel_per_node() {
 
     // When the last listener leaves, the node leaves the channel on the bus.
     for ws in &mut clients {
-        ws.send(json!({ "type": "unsubscribe", "channel": "missions" }))
-            .await;
+        ws.send(json!({ "type": "unsubscribe", "channel": "missions" })).await;
         ws.expect("unsubscribed").await;
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let c = bus
-            .channels(pb::ChannelsRequest {
-                prefix: "missions".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let c = bus.channels(pb::ChannelsRequest { prefix: "missions".into() }).await.unwrap().into_inner();
         if c.channels[0].subscribers == 0 {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the node never left the channel"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the node never left the channel");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -154,15 +121,8 @@ async fn broadcast_all_reaches_every_connection() {
     let mut b = stack.ws().await;
     b.subscribe("missions").await;
     let body = r#"{"type":"maintenance","data":{"in":"5m"}}"#;
-    let (status, resp) = http(
-        stack.gateway.addr,
-        "POST",
-        "/api/ws/broadcast/all",
-        Some(ADMIN_KEY),
-        Some(body),
-    )
-    .await
-    .unwrap();
+    let (status, resp) =
+        http(stack.gateway.addr, "POST", "/api/ws/broadcast/all", Some(ADMIN_KEY), Some(body)).await.unwrap();
     assert_eq!(status, 200, "{resp}");
     for ws in [&mut a, &mut b] {
         let ev = ws.expect("event").await;
@@ -178,10 +138,7 @@ async fn client_publish_only_where_the_namespace_allows_it() {
     let gw = GatewayServer::start_with(&bus.url(), |c| {
         c.namespaces.insert(
             "chat".into(),
-            gateway::Namespace {
-                subscribe: gateway::Access::Anonymous,
-                publish: gateway::Access::Anonymous,
-            },
+            gateway::Namespace { subscribe: gateway::Access::Anonymous, publish: gateway::Access::Anonymous },
         );
     })
     .await;
@@ -198,35 +155,21 @@ async fn client_publish_only_where_the_namespace_allows_it() {
     assert_eq!(got[1]["id"], 5);
     assert_eq!(got[1]["offset"], 1);
 
-    ws.send(
-        json!({ "type": "publish", "channel": "missions", "event": "forged", "data": {}, "id": 6 }),
-    )
-    .await;
+    ws.send(json!({ "type": "publish", "channel": "missions", "event": "forged", "data": {}, "id": 6 })).await;
     let err = ws.expect("error").await;
     assert_eq!(err["code"], "permission_denied");
     assert_eq!(err["id"], 6);
     let mut client = bus_client(&bus.url()).await;
-    let h = client
-        .history(pb::HistoryRequest {
-            channel: "missions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(
-        h.into_inner().events.is_empty(),
-        "a refused publish must store nothing"
-    );
+    let h = client.history(pb::HistoryRequest { channel: "missions".into(), ..Default::default() }).await.unwrap();
+    assert!(h.into_inner().events.is_empty(), "a refused publish must store nothing");
 }
 
 #[tokio::test]
 async fn user_limited_channels_refuse_other_users() {
     let stack = Stack::start().await;
     let mut ws = stack.ws().await;
-    ws.send(json!({ "type": "subscribe", "channel": "thread:1#alice" }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "thread:1#alice" })).await;
     assert_eq!(ws.expect("error").await["code"], "permission_denied");
-    ws.send(json!({ "type": "subscribe", "channel": "broadcast" }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "broadcast" })).await;
     assert_eq!(ws.expect("error").await["code"], "permission_denied");
 }

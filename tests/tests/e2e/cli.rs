@@ -18,10 +18,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run switchboard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -33,54 +30,20 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case<'_>] = &[
         (&["up", "--gateway-listen", "nope"], &[], "gateway.listen"),
-        (
-            &["up"],
-            &[("SWITCHBOARD_LIMITS__MAX_SUBSCRIPTIONS", "many")],
-            "limits.max_subscriptions",
-        ),
-        (
-            &["up"],
-            &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")],
-            "auth.expiry_grace",
-        ),
-        (
-            &["up"],
-            &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")],
-            "eventbus.backend",
-        ),
-        (
-            &["up"],
-            &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")],
-            "eventbus.fsync",
-        ),
+        (&["up"], &[("SWITCHBOARD_LIMITS__MAX_SUBSCRIPTIONS", "many")], "limits.max_subscriptions"),
+        (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
+        (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
+        (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
-        (
-            &["gateway"],
-            &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")],
-            "auth.hs256_secret",
-        ),
-        (
-            &["up"],
-            &[("SWITCHBOARD_AUTH__HS256_SECRET", "short")],
-            "auth.hs256_secret",
-        ),
-        (
-            &["up"],
-            &[(
-                "SWITCHBOARD_AUTH__PUBLIC_KEY_FILES",
-                "[\"/nonexistent.pem\"]",
-            )],
-            "auth.public_key_files",
-        ),
+        (&["gateway"], &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")], "auth.hs256_secret"),
+        (&["up"], &[("SWITCHBOARD_AUTH__HS256_SECRET", "short")], "auth.hs256_secret"),
+        (&["up"], &[("SWITCHBOARD_AUTH__PUBLIC_KEY_FILES", "[\"/nonexistent.pem\"]")], "auth.public_key_files"),
     ];
     for (args, env, setting) in cases {
         let (code, stderr) = run(args, env);
         assert_eq!(code, 64, "{args:?} {env:?}: {stderr}");
-        assert!(
-            stderr.contains(setting),
-            "{args:?} {env:?} must name {setting}: {stderr}"
-        );
+        assert!(stderr.contains(setting), "{args:?} {env:?} must name {setting}: {stderr}");
     }
 }
 
@@ -112,15 +75,9 @@ impl Process {
         let wants_gateway = args[0] == "up" || args[0] == "gateway";
         let wants_bus = args[0] != "gateway";
         while (wants_bus && grpc.is_none()) || (wants_gateway && ws.is_none()) {
-            let line = lines
-                .next()
-                .expect("switchboard exited before printing its addresses")
-                .unwrap();
+            let line = lines.next().expect("switchboard exited before printing its addresses").unwrap();
             if let Some(rest) = line.strip_prefix("eventbus  grpc://") {
-                grpc = Some(format!(
-                    "http://{}",
-                    rest.split_whitespace().next().unwrap()
-                ));
+                grpc = Some(format!("http://{}", rest.split_whitespace().next().unwrap()));
             }
             if let Some(rest) = line.strip_prefix("gateway   ") {
                 ws = Some(rest.trim().to_owned());
@@ -128,11 +85,7 @@ impl Process {
         }
         // Keep draining stdout so the process never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Process {
-            child,
-            grpc: grpc.unwrap_or_default(),
-            ws,
-        }
+        Process { child, grpc: grpc.unwrap_or_default(), ws }
     }
 
     fn terminate(&mut self) -> i32 {
@@ -164,22 +117,16 @@ async fn up_publish_and_tail() {
         "127.0.0.1:0",
         "--eventbus-listen",
         "127.0.0.1:0",
+        "--agent-bridge-listen",
+        "127.0.0.1:0",
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);
     let ws_url = up.ws.clone().unwrap();
-    let addr: std::net::SocketAddr = ws_url
-        .trim_start_matches("ws://")
-        .trim_end_matches("/ws/connect")
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr =
+        ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while http(addr, "GET", "/ready", None, None)
-        .await
-        .map(|r| r.0)
-        .unwrap_or(0)
-        != 200
-    {
+    while http(addr, "GET", "/ready", None, None).await.map(|r| r.0).unwrap_or(0) != 200 {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -198,21 +145,10 @@ async fn up_publish_and_tail() {
     assert!(joined.starts_with("# joined missions"), "{joined}");
 
     let out = Command::new(switchboard_bin())
-        .args([
-            "publish",
-            "missions",
-            "mission_updated",
-            r#"{"id":7,"status":"go"}"#,
-            "--url",
-            &up.grpc,
-        ])
+        .args(["publish", "missions", "mission_updated", r#"{"id":7,"status":"go"}"#, "--url", &up.grpc])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let published: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(published["offset"], 1);
 
@@ -231,6 +167,21 @@ async fn up_publish_and_tail() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("JSON"));
+
+    // The agent bridge runs in the same process: a chat turn with the echo agent.
+    ws.send(json!({ "type": "chat_message", "content": "hello world", "agent": "echo" })).await;
+    ws.expect("run").await;
+    let mut text = String::new();
+    loop {
+        let f = ws.expect("agent_event").await;
+        if let Some(delta) = f["event"]["delta"].as_str() {
+            text.push_str(delta);
+        }
+        if f["event"]["type"] == "RUN_FINISHED" {
+            break;
+        }
+    }
+    assert_eq!(text, "hello world");
 
     // SIGTERM: clients are told, the process exits cleanly.
     let code = up.terminate();
@@ -253,14 +204,7 @@ impl Drop for Guard {
 async fn acknowledged_events_survive_sigkill() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap().to_owned();
-    let args = [
-        "eventbus",
-        "--dev",
-        "--eventbus-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.as_str(),
-    ];
+    let args = ["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir.as_str()];
     let bus = Process::start(&args);
     let url = bus.grpc.clone();
 
@@ -296,11 +240,7 @@ async fn acknowledged_events_survive_sigkill() {
     for p in publishers {
         acked.extend(p.await.unwrap());
     }
-    assert!(
-        acked.len() > 50,
-        "too few publishes before the kill: {}",
-        acked.len()
-    );
+    assert!(acked.len() > 50, "too few publishes before the kill: {}", acked.len());
 
     let bus = Process::start(&args);
     let mut client = bus_client(&bus.grpc).await;
@@ -311,10 +251,7 @@ async fn acknowledged_events_survive_sigkill() {
             let h = client
                 .history(pb::HistoryRequest {
                     channel: channel.into(),
-                    since: Some(pb::StreamPosition {
-                        offset: since,
-                        epoch: String::new(),
-                    }),
+                    since: Some(pb::StreamPosition { offset: since, epoch: String::new() }),
                     limit: 10_000,
                     reverse: false,
                 })
@@ -328,24 +265,15 @@ async fn acknowledged_events_survive_sigkill() {
             stored.extend(h.events);
         }
         let offsets: Vec<u64> = stored.iter().map(|e| e.offset).collect();
-        assert!(
-            offsets.iter().enumerate().all(|(i, o)| *o == i as u64 + 1),
-            "offsets are gap-free from 1"
-        );
+        assert!(offsets.iter().enumerate().all(|(i, o)| *o == i as u64 + 1), "offsets are gap-free from 1");
         for (ch, r, p, i) in acked.iter().filter(|a| a.0 == channel) {
-            let e = stored
-                .get(r.offset as usize - 1)
-                .unwrap_or_else(|| panic!("acknowledged {ch}/{} lost", r.offset));
+            let e = stored.get(r.offset as usize - 1).unwrap_or_else(|| panic!("acknowledged {ch}/{} lost", r.offset));
             assert_eq!(e.event_id, r.event_id);
             assert_eq!(e.epoch, r.epoch, "the epoch survives the crash");
             assert_eq!(e.data, json!({ "p": p, "i": i }).to_string().as_bytes());
         }
         let next = publish(&mut client, channel, "e", json!("after")).await;
-        assert_eq!(
-            next.offset,
-            stored.len() as u64 + 1,
-            "offsets continue after the crash"
-        );
+        assert_eq!(next.offset, stored.len() as u64 + 1, "offsets continue after the crash");
         assert_eq!(next.epoch, acked[0].1.epoch);
     }
 }
@@ -361,22 +289,10 @@ fn unusable_data_directories_are_refused_with_a_clear_error() {
     std::fs::create_dir(&garbage).unwrap();
     std::fs::write(garbage.join("eventbus.redb"), vec![0x5a; 64 * 1024]).unwrap();
     for dir in [&file, &garbage] {
-        let (code, stderr) = run(
-            &[
-                "eventbus",
-                "--dev",
-                "--eventbus-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let (code, stderr) =
+            run(&["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()], &[]);
         assert_eq!(code, 1, "{stderr}");
-        assert!(
-            stderr.contains("cannot open the event bus store"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("cannot open the event bus store"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
@@ -385,25 +301,8 @@ fn unusable_data_directories_are_refused_with_a_clear_error() {
 fn a_second_process_on_the_same_data_directory_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let _first = Process::start(&[
-        "eventbus",
-        "--dev",
-        "--eventbus-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir,
-    ]);
-    let (code, stderr) = run(
-        &[
-            "eventbus",
-            "--dev",
-            "--eventbus-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir,
-        ],
-        &[],
-    );
+    let _first = Process::start(&["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir]);
+    let (code, stderr) = run(&["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir], &[]);
     assert_eq!(code, 1);
     assert!(stderr.contains("in use by another process"), "{stderr}");
 }
@@ -415,13 +314,7 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
     let data = tempfile::tempdir().unwrap();
     let bus_url = bus.url();
     let gw = Process::start_with(
-        &[
-            "gateway",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ],
+        &["gateway", "--gateway-listen", "127.0.0.1:0", "--data-dir", data.path().to_str().unwrap()],
         &[
             ("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789"),
             ("SWITCHBOARD_AUTH__HS256_SECRET", secret),
@@ -431,17 +324,7 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
     let ws_url = gw.ws.clone().unwrap();
 
     let out = Command::new(switchboard_bin())
-        .args([
-            "token",
-            "--sub",
-            "grace",
-            "--ttl",
-            "10m",
-            "--role",
-            "ops",
-            "--channel",
-            "missions",
-        ])
+        .args(["token", "--sub", "grace", "--ttl", "10m", "--role", "ops", "--channel", "missions"])
         .env("SWITCHBOARD_AUTH__HS256_SECRET", secret)
         .output()
         .unwrap();
@@ -455,12 +338,9 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    anon.send(json!({ "type": "subscribe", "channel": "missions" }))
-        .await;
+    anon.send(json!({ "type": "subscribe", "channel": "missions" })).await;
     assert_eq!(anon.expect("error").await["code"], "unauthorized");
 
-    let ws = Ws::connect(&format!("{ws_url}?token={token}"))
-        .await
-        .unwrap();
+    let ws = Ws::connect(&format!("{ws_url}?token={token}")).await.unwrap();
     assert_eq!(ws.connected["user_id"], "grace");
 }

@@ -35,8 +35,7 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 16, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -74,9 +73,7 @@ fn frame() -> impl Strategy<Value = Message> {
 }
 
 async fn drive(stack: &Stack, frames: Vec<Message>) -> Result<(), TestCaseError> {
-    let mut ws = Ws::connect(&stack.gateway.ws_url("/ws"))
-        .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut ws = Ws::connect(&stack.gateway.ws_url("/ws")).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
     for f in frames {
         ws.send_message(f).await;
     }
@@ -86,19 +83,14 @@ async fn drive(stack: &Stack, frames: Vec<Message>) -> Result<(), TestCaseError>
             Ok(v) if v["type"] == "pong" && v["id"] == "end" => return Ok(()),
             Ok(v) if v["type"] == "disconnect" => {
                 let code = v["code"].as_u64().unwrap_or(0);
-                prop_assert!(
-                    [1009, 4006, 4501].contains(&code),
-                    "unexpected close {code}"
-                );
+                prop_assert!([1009, 4006, 4501].contains(&code), "unexpected close {code}");
                 return Ok(());
             }
             Ok(_) => continue,
             // A protocol-error or rate close can race the final ping.
             Err(e) if e.to_string().contains("closed") => return Ok(()),
             Err(e) => {
-                return Err(TestCaseError::fail(format!(
-                    "connection hung or broke: {e}"
-                )));
+                return Err(TestCaseError::fail(format!("connection hung or broke: {e}")));
             }
         }
     }
@@ -112,48 +104,28 @@ fn arbitrary_frame_sequences_never_break_a_connection() {
         let gateway = GatewayServer::start_with(&bus.url(), |c| {
             c.namespaces.insert(
                 "chat".into(),
-                gateway::Namespace {
-                    subscribe: gateway::Access::Anonymous,
-                    publish: gateway::Access::Anonymous,
-                },
+                gateway::Namespace { subscribe: gateway::Access::Anonymous, publish: gateway::Access::Anonymous },
             );
         })
         .await;
         Stack { bus, gateway }
     });
-    let mut runner = TestRunner::new(Config {
-        cases: 48,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&prop::collection::vec(frame(), 0..40), |frames| {
-            rt.block_on(drive(&stack, frames))
-        })
-        .unwrap();
+    let mut runner = TestRunner::new(Config { cases: 48, failure_persistence: None, ..Config::default() });
+    runner.run(&prop::collection::vec(frame(), 0..40), |frames| rt.block_on(drive(&stack, frames))).unwrap();
 
     // Every connection is gone, and so is all of its state.
     rt.block_on(async {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (_, metrics) = http(stack.gateway.addr, "GET", "/metrics", None, None)
-                .await
-                .unwrap();
+            let (_, metrics) = http(stack.gateway.addr, "GET", "/metrics", None, None).await.unwrap();
             let text = metrics.as_str().unwrap_or_default().to_owned();
-            let clean = [
-                "switchboard_connections 0",
-                "switchboard_subscriptions 0",
-                "switchboard_channels 0",
-            ]
-            .iter()
-            .all(|line| text.lines().any(|l| l == *line));
+            let clean = ["switchboard_connections 0", "switchboard_subscriptions 0", "switchboard_channels 0"]
+                .iter()
+                .all(|line| text.lines().any(|l| l == *line));
             if clean {
                 break;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "state left behind:\n{text}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "state left behind:\n{text}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });

@@ -15,10 +15,7 @@ async fn admin_endpoints_need_the_key() {
         ("POST", "/api/ws/broadcast"),
         ("POST", "/api/ws/broadcast/all"),
         ("POST", "/api/ws/users/alice/send"),
-        (
-            "POST",
-            "/api/ws/connections/00000000-0000-0000-0000-000000000000/disconnect",
-        ),
+        ("POST", "/api/ws/connections/00000000-0000-0000-0000-000000000000/disconnect"),
     ] {
         for key in [None, Some("wrong-key")] {
             let (status, body) = http(addr, method, path, key, Some("{}")).await.unwrap();
@@ -40,34 +37,16 @@ async fn stats_channels_and_history() {
     a.subscribe("missions").await;
     b.subscribe("missions").await;
     b.subscribe("task:1").await;
-    let (status, stats) = http(addr, "GET", "/api/ws/stats", Some(ADMIN_KEY), None)
-        .await
-        .unwrap();
+    let (status, stats) = http(addr, "GET", "/api/ws/stats", Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(stats["total_connections"], 2);
     assert_eq!(stats["total_channels"], 2);
     assert_eq!(stats["channels"]["missions"], 2);
     assert_eq!(stats["channels"]["task:1"], 1);
-    let (_, status_v1) = http(
-        addr,
-        "GET",
-        "/api/v1/websocket/status",
-        Some(ADMIN_KEY),
-        None,
-    )
-    .await
-    .unwrap();
+    let (_, status_v1) = http(addr, "GET", "/api/v1/websocket/status", Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(status_v1["total_connections"], 2);
 
-    let (_, ch) = http(
-        addr,
-        "GET",
-        "/api/ws/channels/missions",
-        Some(ADMIN_KEY),
-        None,
-    )
-    .await
-    .unwrap();
+    let (_, ch) = http(addr, "GET", "/api/ws/channels/missions", Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(ch["subscribers"], 2);
     let ids = ch["connection_ids"].as_array().unwrap();
     assert!(ids.contains(&a.connected["connection_id"]));
@@ -76,15 +55,8 @@ async fn stats_channels_and_history() {
     for i in 1..=3 {
         publish(&mut client, "missions", "e", json!({ "i": i })).await;
     }
-    let (status, h) = http(
-        addr,
-        "GET",
-        "/api/ws/channels/missions/history?since=1&limit=10",
-        Some(ADMIN_KEY),
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, h) =
+        http(addr, "GET", "/api/ws/channels/missions/history?since=1&limit=10", Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(status, 200, "{h}");
     let events = h["events"].as_array().unwrap();
     assert_eq!(events.len(), 2);
@@ -97,42 +69,17 @@ async fn stats_channels_and_history() {
 async fn bad_bodies_get_json_errors() {
     let stack = Stack::start().await;
     let addr = stack.gateway.addr;
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/api/ws/broadcast",
-        Some(ADMIN_KEY),
-        Some("{oops"),
-    )
-    .await
-    .unwrap();
+    let (status, body) = http(addr, "POST", "/api/ws/broadcast", Some(ADMIN_KEY), Some("{oops")).await.unwrap();
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_json");
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/api/ws/broadcast",
-        Some(ADMIN_KEY),
-        Some(r#"{"type":"x"}"#),
-    )
-    .await
-    .unwrap();
+    let (status, body) =
+        http(addr, "POST", "/api/ws/broadcast", Some(ADMIN_KEY), Some(r#"{"type":"x"}"#)).await.unwrap();
     assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("channel")
-    );
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/api/ws/broadcast",
-        Some(ADMIN_KEY),
-        Some(r#"{"channel":"no spaces","type":"x"}"#),
-    )
-    .await
-    .unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("channel"));
+    let (status, body) =
+        http(addr, "POST", "/api/ws/broadcast", Some(ADMIN_KEY), Some(r#"{"channel":"no spaces","type":"x"}"#))
+            .await
+            .unwrap();
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_channel");
 }
@@ -144,39 +91,20 @@ async fn broadcast_aliases_and_user_send() {
     let mut ws = stack.ws().await;
     ws.subscribe("tasks").await;
     let body = r#"{"channel":"tasks","event":"task_created","data":{"id":3}}"#;
-    let (status, _) = http(
-        addr,
-        "POST",
-        "/api/ws/broadcast",
-        Some(ADMIN_KEY),
-        Some(body),
-    )
-    .await
-    .unwrap();
+    let (status, _) = http(addr, "POST", "/api/ws/broadcast", Some(ADMIN_KEY), Some(body)).await.unwrap();
     assert_eq!(status, 200);
     let ev = ws.expect("event").await;
-    assert_eq!(
-        (ev["event"].as_str(), &ev["data"]),
-        (Some("task_created"), &json!({ "id": 3 }))
-    );
+    assert_eq!((ev["event"].as_str(), &ev["data"]), (Some("task_created"), &json!({ "id": 3 })));
 
-    let (status, sent) = http(
-        addr,
-        "POST",
-        "/api/ws/users/alice/send",
-        Some(ADMIN_KEY),
-        Some(r#"{"type":"note","data":{"x":1}}"#),
-    )
-    .await
-    .unwrap();
+    let (status, sent) =
+        http(addr, "POST", "/api/ws/users/alice/send", Some(ADMIN_KEY), Some(r#"{"type":"note","data":{"x":1}}"#))
+            .await
+            .unwrap();
     assert_eq!(status, 200, "{sent}");
     assert_eq!(sent["channel"], "user#alice");
     let mut client = stack.client().await;
     let h = client
-        .history(pb::HistoryRequest {
-            channel: "user#alice".into(),
-            ..Default::default()
-        })
+        .history(pb::HistoryRequest { channel: "user#alice".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -190,16 +118,12 @@ async fn admin_disconnect_closes_with_4503() {
     let mut ws = stack.ws().await;
     let id = ws.connected["connection_id"].as_str().unwrap().to_owned();
     let path = format!("/api/ws/connections/{id}/disconnect");
-    let (status, _) = http(stack.gateway.addr, "POST", &path, Some(ADMIN_KEY), None)
-        .await
-        .unwrap();
+    let (status, _) = http(stack.gateway.addr, "POST", &path, Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(status, 200);
     let (closed, frames) = ws.closed().await;
     assert_eq!(closed, Closed::Code(4503));
     assert_eq!(frames.last().unwrap()["reconnect"], false);
-    let (status, _) = http(stack.gateway.addr, "POST", &path, Some(ADMIN_KEY), None)
-        .await
-        .unwrap();
+    let (status, _) = http(stack.gateway.addr, "POST", &path, Some(ADMIN_KEY), None).await.unwrap();
     assert_eq!(status, 404);
 }
 
@@ -212,10 +136,7 @@ async fn health_ready_and_metrics() {
     let mut client = stack.client().await;
     publish(&mut client, "missions", "e", json!(1)).await;
     ws.expect("event").await;
-    assert_eq!(
-        http(addr, "GET", "/health", None, None).await.unwrap().0,
-        200
-    );
+    assert_eq!(http(addr, "GET", "/health", None, None).await.unwrap().0, 200);
     let (status, ready) = http(addr, "GET", "/ready", None, None).await.unwrap();
     assert_eq!((status, &ready["ready"]), (200, &json!(true)));
     let (status, metrics) = http(addr, "GET", "/metrics", None, None).await.unwrap();

@@ -7,9 +7,7 @@ async fn published(stack: &Stack, channel: &str, n: u64) -> String {
     let mut client = stack.client().await;
     let mut epoch = String::new();
     for i in 1..=n {
-        epoch = publish(&mut client, channel, "tick", json!({ "i": i }))
-            .await
-            .epoch;
+        epoch = publish(&mut client, channel, "tick", json!({ "i": i })).await.epoch;
     }
     epoch
 }
@@ -36,11 +34,7 @@ async fn recovers_the_gap(with_live_listener: bool) {
     }
     let mut client = stack.client().await;
     publish(&mut client, "missions", "tick", json!({ "i": 6 })).await;
-    assert_eq!(
-        ws.expect("event").await["offset"],
-        6,
-        "live events follow the replay, without duplicates"
-    );
+    assert_eq!(ws.expect("event").await["offset"], 6, "live events follow the replay, without duplicates");
 }
 
 #[tokio::test]
@@ -63,29 +57,16 @@ async fn a_wrong_epoch_is_not_recovered() {
     let sub = ws.expect("subscribed").await;
     assert_eq!(sub["recovered"], false);
     assert_eq!(sub["missed"], 0);
-    assert_eq!(
-        sub["position"]["offset"], 3,
-        "the current position, to start over from"
-    );
+    assert_eq!(sub["position"]["offset"], 3, "the current position, to start over from");
     let mut client = stack.client().await;
     publish(&mut client, "missions", "tick", json!({})).await;
-    assert_eq!(
-        ws.expect("event").await["offset"],
-        4,
-        "no partial replay came before the live event"
-    );
+    assert_eq!(ws.expect("event").await["offset"], 4, "no partial replay came before the live event");
 }
 
 #[tokio::test]
 async fn trimmed_history_is_not_recovered_partially() {
     let mut config = eventbus::Config::memory();
-    config.namespaces.insert(
-        "short".into(),
-        eventbus::HistoryPolicy {
-            size: 3,
-            ..Default::default()
-        },
-    );
+    config.namespaces.insert("short".into(), eventbus::HistoryPolicy { size: 3, ..Default::default() });
     let bus = BusServer::start(config).await;
     let gw = GatewayServer::start(&bus.url()).await;
     let mut client = bus_client(&bus.url()).await;
@@ -94,7 +75,8 @@ async fn trimmed_history_is_not_recovered_partially() {
         epoch = publish(&mut client, "short:x", "e", json!(i)).await.epoch;
     }
     let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
-    ws.send(json!({ "type": "subscribe", "channel": "short:x", "since": { "offset": 2, "epoch": epoch.clone() } })).await;
+    ws.send(json!({ "type": "subscribe", "channel": "short:x", "since": { "offset": 2, "epoch": epoch.clone() } }))
+        .await;
     let sub = ws.expect("subscribed").await;
     assert_eq!(sub["recovered"], false, "events 3..7 were trimmed");
     assert_eq!(sub["position"]["offset"], 10);
@@ -112,9 +94,7 @@ async fn trimmed_history_is_not_recovered_partially() {
 async fn since_query_parameter_recovers_on_open() {
     let stack = Stack::start().await;
     let epoch = published(&stack, "task:9", 4).await;
-    let url = stack
-        .gateway
-        .ws_url(&format!("/ws/tasks/9?since=1:{epoch}"));
+    let url = stack.gateway.ws_url(&format!("/ws/tasks/9?since=1:{epoch}"));
     let mut ws = Ws::connect(&url).await.unwrap();
     let sub = ws.expect("subscribed").await;
     assert_eq!(sub["recovered"], true);

@@ -31,10 +31,7 @@ async fn bus_restart_under_a_subscribed_client_loses_nothing() {
     publish(&mut client, "missions", "e", json!(7)).await;
     for i in 4..=7u64 {
         let ev = ws.expect("event").await;
-        assert_eq!(
-            ev["offset"], i,
-            "no gap and no duplicate across the relink: {ev}"
-        );
+        assert_eq!(ev["offset"], i, "no gap and no duplicate across the relink: {ev}");
         assert_eq!(ev["data"], json!(i));
     }
     // New subscribes work on the new link.
@@ -73,15 +70,11 @@ async fn readiness_follows_the_bus_link() {
             assert_eq!(body["ready"], false);
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never became unready"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "never became unready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
-    ws.send(json!({ "type": "subscribe", "channel": "missions", "id": 1 }))
-        .await;
+    ws.send(json!({ "type": "subscribe", "channel": "missions", "id": 1 })).await;
     let err = ws.expect("error").await;
     assert_eq!(err["code"], "unavailable");
     assert_eq!(err["id"], 1);

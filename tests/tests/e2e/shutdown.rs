@@ -7,8 +7,7 @@ use switchboard_tests::*;
 #[tokio::test]
 async fn shutdown_says_goodbye_and_returns_within_the_grace_period() {
     let bus = BusServer::memory().await;
-    let mut gw =
-        GatewayServer::start_with(&bus.url(), |c| c.shutdown_grace = Duration::from_secs(5)).await;
+    let mut gw = GatewayServer::start_with(&bus.url(), |c| c.shutdown_grace = Duration::from_secs(5)).await;
     let mut a = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     let mut b = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     b.subscribe("missions").await;
@@ -23,8 +22,6 @@ async fn shutdown_says_goodbye_and_returns_within_the_grace_period() {
         assert_eq!(bye["code"], 1001);
         assert_eq!(bye["reconnect"], true);
     }
-    tokio::time::timeout(Duration::from_secs(6), gw.join())
-        .await
-        .expect("serve must return within the grace period");
+    tokio::time::timeout(Duration::from_secs(6), gw.join()).await.expect("serve must return within the grace period");
     assert!(started.elapsed() < Duration::from_secs(6));
 }

@@ -1,0 +1,318 @@
+//! Agents through the gateway: runs streamed as AG-UI events, interrupts,
+//! threads and their history, the thread channel, and commands.
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use switchboard_tests::*;
+
+const SECRET: &str = "an-hs256-secret-for-agent-tests-0123";
+
+/// A bus, a bridge (echo at `delay`) and a gateway that accepts tokens and anonymous clients.
+struct AgentStack {
+    bus: BusServer,
+    bridge: BridgeServer,
+    gateway: GatewayServer,
+    _data: tempfile::TempDir,
+}
+
+async fn stack(delay: Duration) -> AgentStack {
+    let data = tempfile::tempdir().unwrap();
+    let bus = BusServer::memory().await;
+    let bridge = BridgeServer::start(agent_bridge::Config {
+        data_dir: data.path().to_owned(),
+        eventbus_url: Some(bus.url()),
+        echo_delay: delay,
+        ..agent_bridge::Config::default()
+    })
+    .await;
+    let gateway = GatewayServer::start_with(&bus.url(), |c| {
+        c.agent_bridge_url = Some(bridge.url());
+        c.auth = gateway::auth::AuthConfig::none().with_hs256(SECRET.as_bytes());
+    })
+    .await;
+    AgentStack { bus, bridge, gateway, _data: data }
+}
+
+fn token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({ "sub": sub, "exp": exp }),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Reads `agent_event` frames until the run ends; returns their events.
+async fn run_events(ws: &mut Ws) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let f = ws.recv().await.unwrap();
+        if f["type"] != "agent_event" {
+            continue;
+        }
+        assert_eq!(f["seq"], events.len() as u64 + 1, "seq numbers the run's events");
+        let e = f["event"].clone();
+        let done = e["type"] == "RUN_FINISHED" || e["type"] == "RUN_ERROR";
+        events.push(e);
+        if done {
+            return events;
+        }
+    }
+}
+
+fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+fn text(events: &[Value]) -> String {
+    events.iter().filter(|e| e["type"] == "TEXT_MESSAGE_CONTENT").map(|e| e["delta"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn chat_message_streams_the_echo_run() {
+    let s = stack(Duration::from_millis(5)).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url("/ws")).await.unwrap();
+    ws.send(json!({ "type": "chat_message", "content": "hello world", "agent": "echo", "id": 1 })).await;
+    let run = ws.expect("run").await;
+    assert_eq!(run["id"], 1);
+    let thread = run["thread_id"].as_str().unwrap().to_owned();
+    assert!(run["channel"].as_str().unwrap().starts_with(&format!("thread:{thread}#")));
+    assert_eq!(run["position"]["offset"], 0);
+    let events = run_events(&mut ws).await;
+    assert_eq!(
+        types(&events),
+        [
+            "RUN_STARTED",
+            "TEXT_MESSAGE_START",
+            "TEXT_MESSAGE_CONTENT",
+            "TEXT_MESSAGE_CONTENT",
+            "TEXT_MESSAGE_END",
+            "RUN_FINISHED"
+        ]
+    );
+    assert_eq!(text(&events), "hello world");
+    assert_eq!(events[0]["runId"], run["run_id"]);
+    assert_eq!(events[0]["threadId"], thread.as_str());
+
+    ws.send(json!({ "type": "chat_message", "content": "what time is it", "thread_id": thread })).await;
+    ws.expect("run").await;
+    let events = run_events(&mut ws).await;
+    assert_eq!(&types(&events)[1..5], ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT"]);
+    assert_eq!(events[1]["toolCallName"], "get_time");
+}
+
+#[tokio::test]
+async fn interrupt_ends_the_run_within_a_second_with_end_events() {
+    let s = stack(Duration::from_millis(200)).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url("/ws")).await.unwrap();
+    let words: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
+    ws.send(json!({ "type": "chat_message", "content": words.join(" ") })).await;
+    let run = ws.expect("run").await;
+    // Wait for the text message to open, then stop it.
+    loop {
+        let f = ws.recv().await.unwrap();
+        if f["event"]["type"] == "TEXT_MESSAGE_CONTENT" {
+            break;
+        }
+    }
+    let asked = tokio::time::Instant::now();
+    ws.send(json!({ "type": "interrupt_stream", "run_id": run["run_id"] })).await;
+    let mut rest = Vec::new();
+    loop {
+        let f = ws.recv().await.unwrap();
+        if f["type"] != "agent_event" {
+            continue;
+        }
+        let done = f["event"]["type"] == "RUN_ERROR";
+        rest.push(f["event"].clone());
+        if done {
+            break;
+        }
+    }
+    assert!(asked.elapsed() < Duration::from_secs(1), "took {:?}", asked.elapsed());
+    let t = types(&rest);
+    assert_eq!(&t[t.len() - 2..], ["TEXT_MESSAGE_END", "RUN_ERROR"]);
+    assert_eq!(rest.last().unwrap()["code"], "cancelled");
+    // Interrupting again is harmless, and the thread is free for the next run.
+    ws.send(json!({ "type": "interrupt_stream", "thread_id": run["thread_id"] })).await;
+    ws.send(json!({ "type": "chat_message", "content": "again", "thread_id": run["thread_id"] })).await;
+    ws.expect("run").await;
+}
+
+#[tokio::test]
+async fn one_run_per_thread_unless_multitask() {
+    let s = stack(Duration::from_millis(100)).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url("/ws")).await.unwrap();
+    ws.send(json!({ "type": "chat_message", "content": "one two three four five six" })).await;
+    let first = ws.expect("run").await;
+    let thread = first["thread_id"].clone();
+    ws.send(json!({ "type": "chat_message", "content": "second", "thread_id": thread, "id": "busy" })).await;
+    let err = loop {
+        let f = ws.recv().await.unwrap();
+        if f["type"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!((err["code"].as_str(), &err["id"]), (Some("thread_busy"), &json!("busy")));
+
+    ws.send(json!({ "type": "chat_message", "content": "instead", "thread_id": thread, "multitask": "interrupt" }))
+        .await;
+    let mut first_end = None;
+    let mut second = None;
+    while first_end.is_none() || second.is_none() {
+        let f = ws.recv().await.unwrap();
+        if f["type"] == "run" {
+            second = Some(f["run_id"].clone());
+        } else if f["type"] == "agent_event" && f["run_id"] == first["run_id"] && f["event"]["type"] == "RUN_ERROR" {
+            first_end = Some(f["event"]["code"].clone());
+        }
+    }
+    assert_eq!(first_end.unwrap(), "cancelled");
+    assert_ne!(second.unwrap(), first["run_id"]);
+}
+
+#[tokio::test]
+async fn threads_keep_history_across_runs_and_restarts() {
+    let mut s = stack(Duration::ZERO).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url(&format!("/ws?token={}", token("alice")))).await.unwrap();
+    ws.expect("subscribed").await;
+    ws.send(json!({ "type": "chat_message", "content": "first message" })).await;
+    let thread = ws.expect("run").await["thread_id"].as_str().unwrap().to_owned();
+    run_events(&mut ws).await;
+    ws.send(json!({ "type": "chat_message", "content": "second message", "thread_id": thread })).await;
+    ws.expect("run").await;
+    run_events(&mut ws).await;
+
+    // Another user may not use alice's thread.
+    let mut bob = Ws::connect(&s.gateway.ws_url(&format!("/ws?token={}", token("bob")))).await.unwrap();
+    bob.expect("subscribed").await;
+    bob.send(json!({ "type": "chat_message", "content": "mine now", "thread_id": thread })).await;
+    assert_eq!(bob.expect("error").await["code"], "permission_denied");
+
+    s.bridge.stop().await;
+    let threads = agent_bridge::threads::Threads::open(s._data.path()).unwrap();
+    let history = threads.messages(&thread).unwrap();
+    let summary: Vec<(&str, &str)> =
+        history.iter().map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("user", "first message"),
+            ("assistant", "first message"),
+            ("user", "second message"),
+            ("assistant", "second message")
+        ]
+    );
+    assert_eq!(threads.owner(&thread).unwrap().as_deref(), Some("alice"));
+}
+
+#[tokio::test]
+async fn another_tab_watches_the_run_through_the_thread_channel() {
+    let s = stack(Duration::from_millis(20)).await;
+    let url = s.gateway.ws_url(&format!("/ws?token={}", token("carol")));
+    let mut tab1 = Ws::connect(&url).await.unwrap();
+    tab1.expect("subscribed").await;
+    let mut tab2 = Ws::connect(&url).await.unwrap();
+    tab2.expect("subscribed").await;
+    tab1.send(json!({ "type": "chat_message", "content": "watch this happen", "on_disconnect": "continue" })).await;
+    let run = tab1.expect("run").await;
+    let channel = run["channel"].as_str().unwrap().to_owned();
+    assert!(channel.ends_with("#carol"));
+    // The second tab joins late and recovers the run from the start.
+    let position = run["position"].clone();
+    tab2.send(json!({ "type": "subscribe", "channel": channel, "since": position })).await;
+    assert_eq!(tab2.expect("subscribed").await["recovered"], true);
+    let mut seen = Vec::new();
+    loop {
+        let f = tab2.expect("event").await;
+        assert_eq!(f["channel"], channel.as_str());
+        assert_eq!(f["data"]["run_id"], run["run_id"]);
+        assert_eq!(f["data"]["seq"], seen.len() as u64 + 1);
+        seen.push(f["data"]["event"].clone());
+        if f["event"] == "RUN_FINISHED" {
+            break;
+        }
+    }
+    assert_eq!(text(&seen), "watch this happen");
+    // Other users may not watch.
+    let mut dave = Ws::connect(&s.gateway.ws_url(&format!("/ws?token={}", token("dave")))).await.unwrap();
+    dave.expect("subscribed").await;
+    dave.send(json!({ "type": "subscribe", "channel": channel })).await;
+    assert_eq!(dave.expect("error").await["code"], "permission_denied");
+}
+
+#[tokio::test]
+async fn closing_a_connection_cancels_its_run_only_when_asked() {
+    let s = stack(Duration::from_millis(50)).await;
+    let url = s.gateway.ws_url(&format!("/ws?token={}", token("erin")));
+    let mut watcher = Ws::connect(&url).await.unwrap();
+    watcher.expect("subscribed").await;
+    for (on_disconnect, expected) in [("cancel", "RUN_ERROR"), ("continue", "RUN_FINISHED")] {
+        let mut tab = Ws::connect(&url).await.unwrap();
+        tab.expect("subscribed").await;
+        tab.send(json!({ "type": "chat_message", "content": "a b c d e f g h", "on_disconnect": on_disconnect })).await;
+        let run = tab.expect("run").await;
+        watcher.send(json!({ "type": "subscribe", "channel": run["channel"], "since": run["position"] })).await;
+        watcher.expect("subscribed").await;
+        drop(tab);
+        let end = loop {
+            let f = watcher.expect("event").await;
+            if f["event"] == "RUN_FINISHED" || f["event"] == "RUN_ERROR" {
+                break f;
+            }
+        };
+        assert_eq!(end["event"], expected, "on_disconnect {on_disconnect}");
+        watcher.send(json!({ "type": "unsubscribe", "channel": run["channel"] })).await;
+        watcher.expect("unsubscribed").await;
+    }
+}
+
+#[tokio::test]
+async fn rpc_commands() {
+    let s = stack(Duration::ZERO).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url("/ws")).await.unwrap();
+    ws.subscribe("system").await;
+    ws.send(json!({ "type": "rpc", "method": "get_status", "id": 1 })).await;
+    let status = ws.expect("rpc_response").await;
+    assert_eq!(status["id"], 1);
+    assert_eq!(status["result"]["bridge"], "ok");
+    assert_eq!(status["result"]["bus_linked"], true);
+    assert_eq!(status["result"]["agents"][0]["name"], "echo");
+
+    ws.send(json!({ "type": "rpc", "method": "module_control", "params": { "module": "vision", "enabled": true }, "id": 2 }))
+        .await;
+    let mut got = [ws.recv().await.unwrap(), ws.recv().await.unwrap()];
+    got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
+    assert_eq!(got[0]["type"], "event");
+    assert_eq!((got[0]["channel"].as_str(), got[0]["event"].as_str()), (Some("system"), Some("module_status_changed")));
+    assert_eq!(got[0]["data"], json!({ "module": "vision", "enabled": true }));
+    assert_eq!(got[1]["result"], json!({ "module": "vision", "enabled": true }));
+
+    for (method, params, code) in [
+        ("teleport", json!({}), "unknown_method"),
+        ("execute_command", json!({ "command": "reboot" }), "unknown_method"),
+        ("module_control", json!({ "module": "vision" }), "invalid_frame"),
+    ] {
+        ws.send(json!({ "type": "rpc", "method": method, "params": params, "id": method })).await;
+        let r = ws.expect("rpc_response").await;
+        assert_eq!(r["error"]["code"], code, "{method}: {r}");
+    }
+    ws.send(json!({ "type": "chat_message", "content": "x", "agent": "nobody", "id": 9 })).await;
+    let err = ws.expect("error").await;
+    assert_eq!((err["code"].as_str(), &err["id"]), (Some("unknown_agent"), &json!(9)));
+    drop(s.bus);
+}
+
+#[tokio::test]
+async fn without_a_bridge_agent_frames_are_unavailable() {
+    let stack = Stack::start().await;
+    let mut ws = stack.ws().await;
+    ws.send(json!({ "type": "chat_message", "content": "hi", "id": 1 })).await;
+    let err = ws.expect("error").await;
+    assert_eq!((err["code"].as_str(), &err["id"]), (Some("unavailable"), &json!(1)));
+    ws.send(json!({ "type": "interrupt_stream" })).await;
+    assert_eq!(ws.expect("error").await["code"], "invalid_frame");
+}
