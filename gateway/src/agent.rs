@@ -21,7 +21,7 @@ const BRIDGE_CODES: &[&str] =
     &["unknown_agent", "thread_busy", "permission_denied", "invalid_frame", "unknown_method", "internal"];
 
 /// Maps a bridge status to an `error.code` and message.
-fn status_error(status: &tonic::Status) -> (String, String) {
+pub(crate) fn status_error(status: &tonic::Status) -> (String, String) {
     if let Some((code, message)) = status.message().split_once(": ").filter(|(c, _)| BRIDGE_CODES.contains(c)) {
         return (code.to_owned(), message.to_owned());
     }

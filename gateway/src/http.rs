@@ -43,6 +43,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/agui/{agent}", post(agui))
         .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }
@@ -444,6 +445,63 @@ async fn info(State(node): State<Arc<Node>>) -> ApiResult {
         },
         "bus_linked": node.hub.link_is_up(),
     }))
+}
+
+/// `POST /agui/{agent}`: the AG-UI HTTP protocol. The body is a
+/// `RunAgentInput`; the answer streams the run's AG-UI events as Server-Sent
+/// Events, so a stock `@ag-ui/client` `HttpAgent` works unchanged. Closing the
+/// request cancels the run. Without `auth.anonymous`, a bearer token is required.
+async fn agui(State(node): State<Arc<Node>>, headers: HeaderMap, Path(agent): Path<String>, body: Bytes) -> ApiResult {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+
+    let Some(mut bridge) = node.bridge.clone() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no agent bridge is configured"));
+    };
+    let token =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let user = match token.map(|t| auth::verify(&node.config.auth, t)) {
+        Some(Ok(credentials)) => credentials.user_id,
+        Some(Err(e)) => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.0)),
+        None if node.config.anonymous => format!("anon-{}", uuid::Uuid::new_v4()),
+        None => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")),
+    };
+    let input = match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "body must be a RunAgentInput object")),
+    };
+    let request = switchboard_proto::agent::v1::RunRequest {
+        agent,
+        thread_id: input["threadId"].as_str().unwrap_or_default().to_owned(),
+        input: body,
+        user_id: user,
+        multitask: String::new(),
+    };
+    let events = match bridge.run(request).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => {
+            let (code, message) = crate::agent::status_error(&status);
+            let http = match code.as_str() {
+                "unknown_agent" => StatusCode::NOT_FOUND,
+                "thread_busy" => StatusCode::CONFLICT,
+                "permission_denied" => StatusCode::FORBIDDEN,
+                "invalid_frame" => StatusCode::BAD_REQUEST,
+                "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return Err(ApiError { status: http, code: "agent_error", message: format!("{code}: {message}") });
+        }
+    };
+    let stream = events.filter_map(|item| async move {
+        match item {
+            Ok(e) => Some(Ok::<_, std::convert::Infallible>(Event::default().data(e.json))),
+            Err(status) => {
+                tracing::warn!(%status, "agent stream ended with an error");
+                None
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn health() -> ApiResult {

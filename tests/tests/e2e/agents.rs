@@ -316,3 +316,33 @@ async fn without_a_bridge_agent_frames_are_unavailable() {
     ws.send(json!({ "type": "interrupt_stream" })).await;
     assert_eq!(ws.expect("error").await["code"], "invalid_frame");
 }
+
+#[tokio::test]
+async fn agui_http_endpoint_streams_server_sent_events() {
+    let s = stack(Duration::ZERO).await;
+    let input = json!({
+        "threadId": "t-agui-1",
+        "runId": "r-agui-1",
+        "messages": [{ "id": "m1", "role": "user", "content": "over http" }],
+        "tools": [], "context": [], "state": {}, "forwardedProps": {},
+    });
+    let (status, body) = http(s.gateway.addr, "POST", "/agui/echo", None, Some(&input.to_string())).await.unwrap();
+    assert_eq!(status, 200);
+    let events: Vec<Value> = body
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.first().unwrap()["type"], "RUN_STARTED");
+    assert_eq!(events[0]["runId"], "r-agui-1");
+    assert_eq!(events[0]["threadId"], "t-agui-1");
+    assert_eq!(events.last().unwrap()["type"], "RUN_FINISHED");
+    assert_eq!(text(&events), "over http");
+
+    let (status, body) = http(s.gateway.addr, "POST", "/agui/nobody", None, Some(&input.to_string())).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = http(s.gateway.addr, "POST", "/agui/echo", None, Some("[1]")).await.unwrap();
+    assert_eq!(status, 400);
+}
