@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::workers::AgentMsg;
+
 /// Returns the text of the last user message of a `RunAgentInput`.
 pub fn last_user_text(input: &Value) -> String {
     input["messages"]
@@ -19,11 +21,11 @@ pub fn last_user_text(input: &Value) -> String {
 
 /// Runs the echo agent, sending AG-UI events to `tx` until done or until the
 /// receiver is dropped (which is how a cancelled run stops it).
-pub async fn run(input: Value, thread_id: String, run_id: String, delay: Duration, tx: mpsc::Sender<Value>) {
+pub async fn run(input: Value, thread_id: String, run_id: String, delay: Duration, tx: mpsc::Sender<AgentMsg>) {
     let text = last_user_text(&input);
     let send = |e: Value| {
         let tx = tx.clone();
-        async move { tx.send(e).await.is_ok() }
+        async move { tx.send(AgentMsg::Event(e)).await.is_ok() }
     };
     if !send(json!({ "type": "RUN_STARTED", "threadId": thread_id, "runId": run_id })).await {
         return;
@@ -32,7 +34,7 @@ pub async fn run(input: Value, thread_id: String, run_id: String, delay: Duratio
         let call = format!("{run_id}-get_time");
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         for e in [
-            json!({ "type": "TOOL_CALL_START", "toolCallId": call, "toolCallName": "get_time" }),
+            json!({ "type": "TOOL_CALL_START", "toolCallId": call, "toolCallName": "get_time", "parentMessageId": format!("{run_id}-call") }),
             json!({ "type": "TOOL_CALL_ARGS", "toolCallId": call, "delta": "{}" }),
             json!({ "type": "TOOL_CALL_END", "toolCallId": call }),
             json!({
@@ -75,7 +77,7 @@ mod tests {
         run(input, "t".into(), "r".into(), Duration::ZERO, tx).await;
         let mut types = Vec::new();
         let mut text = String::new();
-        while let Some(e) = rx.recv().await {
+        while let Some(AgentMsg::Event(e)) = rx.recv().await {
             if e["type"] == "TEXT_MESSAGE_CONTENT" {
                 text.push_str(e["delta"].as_str().unwrap());
             }

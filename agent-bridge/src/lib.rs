@@ -25,6 +25,7 @@ pub mod echo;
 pub mod runs;
 pub mod service;
 pub mod threads;
+pub mod workers;
 
 pub use runs::{Bridge, BridgeError, RunSpec};
 
@@ -121,9 +122,14 @@ pub async fn serve_bridge(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    use switchboard_proto::agent::v1::agent_bridge_server::AgentBridgeServer;
+    use switchboard_proto::agent::v1::{
+        agent_bridge_server::AgentBridgeServer, agent_worker_server::AgentWorkerServer,
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<AgentBridgeServer<service::AgentBridgeService>>().await;
+    reporter.set_serving::<AgentWorkerServer<service::AgentWorkerService>>().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(bridge.clone().heartbeats(stop.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -132,10 +138,15 @@ pub async fn serve_bridge(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(service::with_key(service::AgentBridgeService::new(bridge), key))
+        .add_service(service::with_key(service::AgentBridgeService::new(bridge.clone()), key.clone()))
+        .add_service(service::worker_with_key(service::AgentWorkerService::new(bridge.clone(), stop.clone()), key))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move {
+                shutdown.await;
+                // Attached workers and the heartbeat task end here.
+                stop.cancel();
+            },
         )
         .await
 }

@@ -18,6 +18,7 @@ use crate::{
     agui::{Failure, Guard},
     echo,
     threads::Threads,
+    workers::{AgentMsg, Workers},
 };
 
 /// What went wrong starting a run or a call; `code()` is the browser's `error.code`.
@@ -34,12 +35,19 @@ pub enum BridgeError {
     #[error("{0}")]
     UnknownMethod(String),
     #[error("{0}")]
+    Unavailable(String),
+    /// An error a worker answered a call with: its code and message.
+    #[error("{1}")]
+    Worker(String, String),
+    #[error("{0}")]
     Internal(String),
 }
 
 impl BridgeError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
+            BridgeError::Unavailable(_) => "unavailable",
+            BridgeError::Worker(code, _) => code,
             BridgeError::UnknownAgent(_) => "unknown_agent",
             BridgeError::ThreadBusy(_) => "thread_busy",
             BridgeError::PermissionDenied(_) => "permission_denied",
@@ -96,6 +104,7 @@ struct Shared {
     active: Mutex<HashMap<String, Active>>,
     /// Named modules switched by `module_control`.
     modules: Mutex<BTreeMap<String, bool>>,
+    workers: Workers,
 }
 
 struct Active {
@@ -111,18 +120,63 @@ fn now_unix() -> u64 {
 impl Bridge {
     pub fn new(config: Config, threads: Threads, bus: Option<BusClient>) -> Self {
         Bridge {
-            shared: Arc::new(Shared { config, threads, bus, active: Mutex::default(), modules: Mutex::default() }),
+            shared: Arc::new(Shared {
+                config,
+                threads,
+                bus,
+                active: Mutex::default(),
+                modules: Mutex::default(),
+                workers: Workers::default(),
+            }),
         }
+    }
+
+    pub fn workers(&self) -> &Workers {
+        &self.shared.workers
     }
 
     /// Agents this bridge can run: `(name, source, capacity, load)`.
     pub fn agents(&self) -> Vec<(String, &'static str, u32, u32)> {
-        let load = self.shared.active.lock().unwrap().len() as u32;
-        vec![("echo".to_owned(), "builtin", 0, load)]
+        let active = self.shared.active.lock().unwrap().len() as u32;
+        let mut by_agent: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        for w in self.shared.workers.list() {
+            for agent in &w.agents {
+                let entry = by_agent.entry(agent.clone()).or_default();
+                entry.0 += w.max_runs;
+                entry.1 += w.load;
+            }
+        }
+        let worker_load: u32 = by_agent.values().map(|(_, load)| *load).sum();
+        let mut out = vec![("echo".to_owned(), "builtin", 0, active.saturating_sub(worker_load))];
+        out.extend(by_agent.into_iter().map(|(name, (capacity, load))| (name, "worker", capacity, load)));
+        out
+    }
+
+    /// Publishes `agent_heartbeat` for every worker every 30 s (SPEC §7.6).
+    pub async fn heartbeats(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for w in self.shared.workers.list() {
+                let data = json!({ "worker_id": w.id, "worker": w.name, "agents": w.agents, "load": w.load });
+                self.announce("agents", "agent_heartbeat", data).await;
+            }
+        }
+    }
+
+    /// Announces a worker's agents as started or stopped.
+    pub async fn announce_worker(&self, event: &str, worker_id: &str, name: &str, agents: &[String]) {
+        for agent in agents {
+            let data = json!({ "agent": agent, "worker_id": worker_id, "worker": name });
+            self.announce("agents", event, data).await;
+        }
     }
 
     /// Publishes a status event; failures are logged, never fatal.
-    async fn announce(&self, channel: &str, event: &str, data: Value) {
+    pub async fn announce(&self, channel: &str, event: &str, data: Value) {
         let Some(mut bus) = self.shared.bus.clone() else { return };
         let req = bus_pb::PublishRequest {
             channel: channel.into(),
@@ -149,7 +203,7 @@ impl Bridge {
         } else {
             spec.agent.clone()
         };
-        if agent != "echo" {
+        if agent != "echo" && !self.shared.workers.serves(&agent) {
             return Err(BridgeError::UnknownAgent(agent));
         }
         let mut input = match spec.input {
@@ -223,6 +277,20 @@ impl Bridge {
 
         let channel = format!("thread:{thread_id}#{}", spec.user_id);
         let position = self.position(&channel).await;
+        // The agent: the built-in echo, or the least-loaded worker with room.
+        let (agent_tx, agent_rx) = mpsc::channel(64);
+        let source = if agent == "echo" {
+            let delay = self.shared.config.echo_delay;
+            Source::Echo(tokio::spawn(echo::run(input, thread_id.clone(), run_id.clone(), delay, agent_tx)))
+        } else {
+            match self.shared.workers.dispatch(&agent, &run_id, &thread_id, input, agent_tx) {
+                Some(worker) => Source::Worker(worker),
+                None => {
+                    self.finish(&thread_id, &run_id, &done_tx);
+                    return Err(BridgeError::Unavailable(format!("every worker of agent {agent:?} is at capacity")));
+                }
+            }
+        };
         let (tx, rx) = mpsc::channel(256);
         let bridge = self.clone();
         let run = Run {
@@ -233,7 +301,7 @@ impl Bridge {
             agent,
             user: spec.user_id,
         };
-        tokio::spawn(run.drive(input, cancel, tx, done_tx));
+        tokio::spawn(run.drive(source, agent_rx, cancel, tx, done_tx));
         Ok(Started { run_id, thread_id, channel, position, events: rx })
     }
 
@@ -279,7 +347,10 @@ impl Bridge {
                     "bridge": "ok",
                     "bus_linked": bus,
                     "agents": agents,
-                    "workers": [],
+                    "workers": self.shared.workers.list().into_iter().map(|w| json!({
+                        "id": w.id, "name": w.name, "agents": w.agents, "methods": w.methods,
+                        "max_concurrent_runs": w.max_runs, "load": w.load,
+                    })).collect::<Vec<_>>(),
                     "runs_active": runs,
                     "modules": modules,
                     "timestamp": now_unix(),
@@ -300,12 +371,25 @@ impl Bridge {
                 Ok(state)
             }
             "execute_command" => {
-                let command = params["command"].as_str().unwrap_or_default();
-                Err(BridgeError::UnknownMethod(format!("no worker registered the command {command:?}")))
+                let command = params["command"].as_str().unwrap_or_default().to_owned();
+                match self.shared.workers.call(&command, params["args"].clone()).await {
+                    Some(outcome) => outcome.map_err(|(code, message)| BridgeError::Worker(code, message)),
+                    None => Err(BridgeError::UnknownMethod(format!("no worker registered the command {command:?}"))),
+                }
             }
-            other => Err(BridgeError::UnknownMethod(format!("unknown method {other:?}"))),
+            other => match self.shared.workers.call(other, params).await {
+                Some(outcome) => outcome.map_err(|(code, message)| BridgeError::Worker(code, message)),
+                None => Err(BridgeError::UnknownMethod(format!("unknown method {other:?}"))),
+            },
         }
     }
+}
+
+/// Where a run's events come from.
+enum Source {
+    Echo(tokio::task::JoinHandle<()>),
+    /// The id of the worker serving it.
+    Worker(String),
 }
 
 /// One run being driven.
@@ -321,7 +405,8 @@ struct Run {
 impl Run {
     async fn drive(
         self,
-        input: Value,
+        source: Source,
+        mut agent_rx: mpsc::Receiver<AgentMsg>,
         cancel: CancellationToken,
         tx: mpsc::Sender<RunEvent>,
         done: watch::Sender<bool>,
@@ -351,9 +436,6 @@ impl Run {
             ptx
         });
 
-        let (agent_tx, mut agent_rx) = mpsc::channel(64);
-        let agent =
-            tokio::spawn(echo::run(input, self.thread_id.clone(), self.run_id.clone(), config.echo_delay, agent_tx));
         let mut guard = Guard::default();
         let mut out = Emitter {
             run: &self,
@@ -361,7 +443,7 @@ impl Run {
             tx: &tx,
             publisher: publisher.as_ref(),
             caller_gone: false,
-            texts: BTreeMap::new(),
+            messages: Vec::new(),
         };
         let deadline = tokio::time::sleep(config.run_deadline);
         tokio::pin!(deadline);
@@ -376,7 +458,8 @@ impl Run {
                     cancel.cancel();
                 }
                 event = agent_rx.recv() => match event {
-                    Some(event) => match guard.check(&event) {
+                    Some(AgentMsg::Lost) => break Some((Failure::AgentLost, "the worker serving the run went away".to_owned())),
+                    Some(AgentMsg::Event(event)) => match guard.check(&event) {
                         Ok(()) => {
                             out.emit(event).await;
                             if guard.ended() {
@@ -389,15 +472,24 @@ impl Run {
                 },
             }
         };
-        agent.abort();
+        let workers = &self.bridge.shared.workers;
+        match &source {
+            Source::Echo(task) => task.abort(),
+            Source::Worker(worker) => {
+                // A worker that broke the rules, or whose run was cancelled, is told to stop.
+                if let Some((_, message)) = failure.as_ref().filter(|(kind, _)| *kind != Failure::AgentLost) {
+                    workers.cancel(worker, &self.run_id, message);
+                }
+                workers.finished(worker, &self.run_id);
+            }
+        }
         let ok = failure.is_none();
         if let Some((failure, message)) = failure {
             for event in guard.repair(failure, &message, &self.thread_id, &self.run_id) {
                 out.emit(event).await;
             }
         }
-        let replies: Vec<Value> =
-            out.texts.iter().map(|(id, text)| json!({ "id": id, "role": "assistant", "content": text })).collect();
+        let replies: Vec<Value> = std::mem::take(&mut out.messages);
         if let Err(e) = self.bridge.shared.threads.append(&self.thread_id, &self.user, &replies) {
             tracing::error!(cause = %e, "cannot store the run's messages");
         }
@@ -408,6 +500,18 @@ impl Run {
     }
 }
 
+/// Returns the message with `id`, adding an empty one of `role` when new.
+fn message<'m>(messages: &'m mut Vec<Value>, id: &str, role: &str) -> &'m mut Value {
+    let i = match messages.iter().position(|m| m["id"] == id) {
+        Some(i) => i,
+        None => {
+            messages.push(json!({ "id": id, "role": role }));
+            messages.len() - 1
+        }
+    };
+    &mut messages[i]
+}
+
 /// Numbers events and sends them to the caller and the thread channel.
 struct Emitter<'a> {
     run: &'a Run,
@@ -416,18 +520,58 @@ struct Emitter<'a> {
     publisher: Option<&'a mpsc::Sender<bus_pb::PublishRequest>>,
     caller_gone: bool,
     /// The assistant's text per message id, kept in the thread afterwards.
-    texts: BTreeMap<String, String>,
+    messages: Vec<Value>,
 }
 
 impl Emitter<'_> {
+    /// Keeps what the run says as AG-UI messages, in order and with the ids
+    /// a client sees, so a client that sends its history back adds nothing twice.
+    fn record(&mut self, kind: &str, e: &Value) {
+        let text = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+        match kind {
+            "TEXT_MESSAGE_START" => {
+                message(&mut self.messages, &text("messageId"), "assistant");
+            }
+            "TEXT_MESSAGE_CONTENT" => {
+                let m = message(&mut self.messages, &text("messageId"), "assistant");
+                let content = format!("{}{}", m["content"].as_str().unwrap_or_default(), text("delta"));
+                m["content"] = json!(content);
+            }
+            "TOOL_CALL_START" => {
+                let parent = e["parentMessageId"].as_str().map(str::to_owned).unwrap_or_else(|| text("toolCallId"));
+                let m = message(&mut self.messages, &parent, "assistant");
+                let call = json!({ "id": text("toolCallId"), "type": "function", "function": { "name": text("toolCallName"), "arguments": "" } });
+                match m["toolCalls"].as_array_mut() {
+                    Some(calls) => calls.push(call),
+                    None => m["toolCalls"] = json!([call]),
+                }
+            }
+            "TOOL_CALL_ARGS" => {
+                let id = text("toolCallId");
+                let call = self
+                    .messages
+                    .iter_mut()
+                    .filter_map(|m| m["toolCalls"].as_array_mut())
+                    .flatten()
+                    .find(|c| c["id"] == id.as_str());
+                if let Some(call) = call {
+                    let args =
+                        format!("{}{}", call["function"]["arguments"].as_str().unwrap_or_default(), text("delta"));
+                    call["function"]["arguments"] = json!(args);
+                }
+            }
+            "TOOL_CALL_RESULT" => {
+                let m = message(&mut self.messages, &text("messageId"), "tool");
+                m["toolCallId"] = json!(text("toolCallId"));
+                m["content"] = e["content"].clone();
+            }
+            _ => {}
+        }
+    }
     async fn emit(&mut self, event: Value) {
         self.seq += 1;
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        if let ("TEXT_MESSAGE_CONTENT", Some(id), Some(delta)) =
-            (kind.as_str(), event["messageId"].as_str(), event["delta"].as_str())
-        {
-            self.texts.entry(id.to_owned()).or_default().push_str(delta);
-        }
+        self.record(&kind, &event);
         let json = event.to_string();
         if let Some(publisher) = self.publisher {
             let data = json!({ "run_id": self.run.run_id, "seq": self.seq, "event": event });

@@ -10,7 +10,10 @@ use tonic::{Request, Response, Status, service::interceptor::InterceptedService}
 
 use switchboard_proto::agent::v1 as pb;
 
-use crate::runs::{Bridge, BridgeError, RunSpec};
+use crate::{
+    runs::{Bridge, BridgeError, RunSpec},
+    workers::ToWorker,
+};
 
 /// Metadata of a `Run` response: where the run's events are also published.
 pub const RUN_ID: &str = "x-run-id";
@@ -40,6 +43,8 @@ fn status(e: BridgeError) -> Status {
         BridgeError::InvalidInput(_) => Status::invalid_argument(message),
         BridgeError::UnknownMethod(_) => Status::unimplemented(message),
         BridgeError::Internal(_) => Status::internal(message),
+        BridgeError::Unavailable(_) => Status::unavailable(message),
+        BridgeError::Worker(..) => Status::aborted(message),
     }
 }
 
@@ -148,5 +153,113 @@ impl pb::agent_bridge_server::AgentBridge for AgentBridgeService {
             .map(|(name, source, capacity, load)| pb::AgentInfo { name, source: source.into(), capacity, load })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+}
+
+/// The tonic service `AgentWorker`: agent processes attach here.
+pub struct AgentWorkerService {
+    bridge: Bridge,
+    /// Cancelled at shutdown: attached workers are let go.
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AgentWorkerService {
+    pub fn new(bridge: Bridge, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        AgentWorkerService { bridge, shutdown }
+    }
+}
+
+pub fn worker_with_key(
+    svc: AgentWorkerService,
+    key: Option<String>,
+) -> InterceptedService<pb::agent_worker_server::AgentWorkerServer<AgentWorkerService>, KeyCheck> {
+    InterceptedService::new(
+        pb::agent_worker_server::AgentWorkerServer::new(svc),
+        KeyCheck(key.map(|k| Arc::from(k.into_bytes()))),
+    )
+}
+
+fn to_proto(m: ToWorker) -> pb::BridgeMessage {
+    use pb::bridge_message::Message as M;
+    let message = match m {
+        ToWorker::Welcome { worker_id } => M::Welcome(pb::Welcome { worker_id }),
+        ToWorker::StartRun { run_id, thread_id, agent, input } => {
+            M::StartRun(pb::StartRun { run_id, thread_id, agent, input: input.to_string().into() })
+        }
+        ToWorker::CancelRun { run_id, reason } => M::CancelRun(pb::CancelRun { run_id, reason }),
+        ToWorker::Call { call_id, method, params } => {
+            M::Call(pb::Call { call_id, method, params: params.to_string().into() })
+        }
+    };
+    pb::BridgeMessage { message: Some(message) }
+}
+
+#[tonic::async_trait]
+impl pb::agent_worker_server::AgentWorker for AgentWorkerService {
+    type AttachStream = BoxStream<pb::BridgeMessage>;
+
+    async fn attach(
+        &self,
+        request: Request<tonic::Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        use pb::worker_message::Message as M;
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::WorkerMessage { message: Some(M::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("the first message of a worker must be `hello`")),
+        };
+        if hello.agents.is_empty() && hello.methods.is_empty() {
+            return Err(Status::invalid_argument("a worker must name at least one agent or method"));
+        }
+        if hello.agents.iter().any(|a| a == "echo" || a.is_empty()) {
+            return Err(Status::invalid_argument("agent names must be non-empty and not `echo`"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let workers = self.bridge.workers();
+        let name = hello.worker_name.clone();
+        let id =
+            workers.attach(name.clone(), hello.agents.clone(), hello.methods, hello.max_concurrent_runs, tx.clone());
+        let _ = tx.send(ToWorker::Welcome { worker_id: id.clone() }).await;
+        tracing::info!(worker = %name, worker_id = %id, agents = ?hello.agents, "worker attached");
+        let bridge = self.bridge.clone();
+        bridge.announce_worker("agent_started", &id, &name, &hello.agents).await;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let workers = bridge.workers();
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match message {
+                    Ok(Some(pb::WorkerMessage { message: Some(M::Event(e)) })) => {
+                        // JSON that does not parse becomes an event without a type,
+                        // which the run's checks refuse: the run is repaired and ended.
+                        let event = serde_json::from_slice(&e.json).unwrap_or(serde_json::Value::Null);
+                        if !workers.event(&id, &e.run_id, event) {
+                            tracing::debug!(run_id = %e.run_id, "event for a run the worker does not serve");
+                        }
+                    }
+                    Ok(Some(pb::WorkerMessage { message: Some(M::CallResult(r)) })) => {
+                        let outcome = match r.error {
+                            Some(e) => Err((e.code, e.message)),
+                            None => serde_json::from_slice(&r.result)
+                                .or_else(|_| if r.result.is_empty() { Ok(serde_json::Value::Null) } else { Err(()) })
+                                .map_err(|_| {
+                                    ("agent_error".to_owned(), "the worker answered with invalid JSON".to_owned())
+                                }),
+                        };
+                        workers.call_result(&id, &r.call_id, outcome);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let agents = workers.detach(&id);
+            tracing::info!(worker = %name, worker_id = %id, "worker detached");
+            bridge.announce_worker("agent_stopped", &id, &name, &agents).await;
+        });
+        let stream = ReceiverStream::new(rx).map(|m| Ok(to_proto(m)));
+        Ok(Response::new(Box::pin(stream) as Self::AttachStream))
     }
 }

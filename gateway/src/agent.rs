@@ -16,6 +16,10 @@ use crate::{
     queue::Outbound,
 };
 
+/// The user that runs of anonymous clients belong to. Anonymous clients are a
+/// dev-mode convenience; their threads are shared among them.
+pub const ANONYMOUS: &str = "anonymous";
+
 /// The error codes the bridge puts first in its status messages.
 const BRIDGE_CODES: &[&str] =
     &["unknown_agent", "thread_busy", "permission_denied", "invalid_frame", "unknown_method", "internal"];
@@ -41,7 +45,7 @@ pub(crate) fn status_error(status: &tonic::Status) -> (String, String) {
 pub struct Context {
     pub node: Arc<Node>,
     pub queue: Arc<Outbound>,
-    /// The user runs belong to: the authenticated user, or `anon-<connection id>`.
+    /// The user runs belong to: the authenticated user, or `anonymous`.
     pub user: String,
     /// Cancelled when the connection ends.
     pub gone: CancellationToken,

@@ -17,7 +17,9 @@ use subtle::ConstantTimeEq;
 use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
-    Node, auth,
+    Node,
+    agent::ANONYMOUS,
+    auth,
     config::origin_allowed,
     disconnect::Disconnect,
     hub::BROADCAST_CHANNEL,
@@ -463,7 +465,7 @@ async fn agui(State(node): State<Arc<Node>>, headers: HeaderMap, Path(agent): Pa
     let user = match token.map(|t| auth::verify(&node.config.auth, t)) {
         Some(Ok(credentials)) => credentials.user_id,
         Some(Err(e)) => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.0)),
-        None if node.config.anonymous => format!("anon-{}", uuid::Uuid::new_v4()),
+        None if node.config.anonymous => ANONYMOUS.to_owned(),
         None => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")),
     };
     let input = match serde_json::from_slice::<Value>(&body) {

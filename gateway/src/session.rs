@@ -336,7 +336,7 @@ impl Session {
         agent::Context {
             node: self.node.clone(),
             queue: self.queue.clone(),
-            user: self.user_id().map(str::to_owned).unwrap_or_else(|| format!("anon-{}", self.id)),
+            user: self.user_id().unwrap_or(agent::ANONYMOUS).to_owned(),
             gone: self.gone.clone(),
         }
     }

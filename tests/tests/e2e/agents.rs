@@ -192,11 +192,15 @@ async fn threads_keep_history_across_runs_and_restarts() {
     bob.send(json!({ "type": "chat_message", "content": "mine now", "thread_id": thread })).await;
     assert_eq!(bob.expect("error").await["code"], "permission_denied");
 
+    ws.send(json!({ "type": "chat_message", "content": "what time is it", "thread_id": thread })).await;
+    ws.expect("run").await;
+    run_events(&mut ws).await;
+
     s.bridge.stop().await;
     let threads = agent_bridge::threads::Threads::open(s._data.path()).unwrap();
     let history = threads.messages(&thread).unwrap();
     let summary: Vec<(&str, &str)> =
-        history.iter().map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();
+        history.iter().take(4).map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();
     assert_eq!(
         summary,
         [
@@ -207,6 +211,12 @@ async fn threads_keep_history_across_runs_and_restarts() {
         ]
     );
     assert_eq!(threads.owner(&thread).unwrap().as_deref(), Some("alice"));
+    // The tool call and its result are kept as AG-UI messages too, in order.
+    let roles: Vec<&str> = history[4..].iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+    assert_eq!(history[5]["toolCalls"][0]["function"]["name"], "get_time");
+    assert_eq!(history[6]["toolCallId"], history[5]["toolCalls"][0]["id"]);
+    assert_eq!(history[7]["content"], "what time is it");
 }
 
 #[tokio::test]
@@ -328,21 +338,35 @@ async fn agui_http_endpoint_streams_server_sent_events() {
     });
     let (status, body) = http(s.gateway.addr, "POST", "/agui/echo", None, Some(&input.to_string())).await.unwrap();
     assert_eq!(status, 200);
-    let events: Vec<Value> = body
-        .as_str()
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let events = sse_events(&body);
     assert_eq!(events.first().unwrap()["type"], "RUN_STARTED");
     assert_eq!(events[0]["runId"], "r-agui-1");
     assert_eq!(events[0]["threadId"], "t-agui-1");
     assert_eq!(events.last().unwrap()["type"], "RUN_FINISHED");
     assert_eq!(text(&events), "over http");
 
+    // A stock client sends the whole history back on the next turn: nothing
+    // already stored is added twice, and anonymous callers may continue.
+    let mut history = input["messages"].as_array().unwrap().clone();
+    history.push(json!({ "id": events[1]["messageId"], "role": "assistant", "content": "over http" }));
+    history.push(json!({ "id": "m2", "role": "user", "content": "second turn" }));
+    let next = json!({ "threadId": "t-agui-1", "runId": "r-agui-2", "messages": history, "tools": [], "context": [], "state": {}, "forwardedProps": {} });
+    let (status, body) = http(s.gateway.addr, "POST", "/agui/echo", None, Some(&next.to_string())).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(text(&sse_events(&body)), "second turn");
+
     let (status, body) = http(s.gateway.addr, "POST", "/agui/nobody", None, Some(&input.to_string())).await.unwrap();
     assert_eq!(status, 404, "{body}");
     let (status, _) = http(s.gateway.addr, "POST", "/agui/echo", None, Some("[1]")).await.unwrap();
     assert_eq!(status, 400);
+}
+
+/// The AG-UI events of a Server-Sent Events body.
+fn sse_events(body: &Value) -> Vec<Value> {
+    body.as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }

@@ -13,3 +13,4 @@ mod recovery;
 mod relink;
 mod shutdown;
 mod slow_consumer;
+mod workers;
