@@ -444,8 +444,25 @@ impl Plan {
         let local_bus = s.gateway.eventbus_url.is_none();
         let local_bridge = s.gateway.agent_bridge_url.is_none();
         let local_bridge_bus = s.agent_bridge.eventbus_url.is_none();
-        if s.agents.default != "echo" {
-            return Err(format!("agents.default: {:?} is not an available agent (echo)", s.agents.default));
+        let openai = match &s.agents.openai {
+            Some(o) => {
+                let api_key = match &o.api_key_env {
+                    Some(var) => {
+                        Some(std::env::var(var).map_err(|_| format!("agents.openai.api_key_env: {var} is not set"))?)
+                    }
+                    None => None,
+                };
+                Some(switchboard_agent_bridge::openai::OpenAiConfig {
+                    base_url: o.base_url.clone(),
+                    model: o.model.clone(),
+                    api_key,
+                    timeout: o.timeout.0,
+                })
+            }
+            None => None,
+        };
+        if !(s.agents.default == "echo" || (s.agents.default == "openai" && openai.is_some())) {
+            return Err(format!("agents.default: {:?} is not an available built-in agent", s.agents.default));
         }
         let bridge = switchboard_agent_bridge::Config {
             data_dir: s.agent_bridge.data_dir.clone(),
@@ -456,6 +473,7 @@ impl Plan {
             default_agent: s.agents.default.clone(),
             echo_delay: Duration::from_millis(s.agents.echo.delay_ms),
             run_deadline: s.agents.run_deadline.0,
+            openai,
         };
         let gateway = switchboard_gateway::Config {
             node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
@@ -569,7 +587,12 @@ impl Plan {
                     return ExitCode::FAILURE;
                 }
             };
-            println!("bridge    grpc://{}  (agents: echo)", bridge_addr.map(|a| a.to_string()).unwrap_or_default());
+            let agents: Vec<String> = bridge.agents().into_iter().map(|a| a.0).collect();
+            println!(
+                "bridge    grpc://{}  (agents: {})",
+                bridge_addr.map(|a| a.to_string()).unwrap_or_default(),
+                agents.join(", ")
+            );
             let token = stop.clone();
             let key = self.bridge.api_key.clone();
             bridge_task = Some(tokio::spawn(async move {

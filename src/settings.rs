@@ -152,14 +152,33 @@ impl Default for Auth {
 pub struct Agents {
     pub default: String,
     pub echo: Echo,
+    /// The `openai` agent, when configured.
+    pub openai: Option<OpenAi>,
     /// Each run's deadline.
     pub run_deadline: Dur,
 }
 
 impl Default for Agents {
     fn default() -> Self {
-        Agents { default: "echo".into(), echo: Echo::default(), run_deadline: secs(300) }
+        Agents { default: "echo".into(), echo: Echo::default(), openai: None, run_deadline: secs(300) }
     }
+}
+
+/// An OpenAI-compatible chat-completions server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAi {
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable that holds the API key (none for local servers).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default = "openai_timeout")]
+    pub timeout: Dur,
+}
+
+fn openai_timeout() -> Dur {
+    secs(60)
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,6 +22,7 @@ use tonic::{
 
 pub mod agui;
 pub mod echo;
+pub mod openai;
 pub mod runs;
 pub mod service;
 pub mod threads;
@@ -43,6 +44,8 @@ pub struct Config {
     pub echo_delay: Duration,
     /// Each run's deadline.
     pub run_deadline: Duration,
+    /// The `openai` agent, when configured.
+    pub openai: Option<openai::OpenAiConfig>,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             default_agent: "echo".into(),
             echo_delay: Duration::from_millis(20),
             run_deadline: Duration::from_secs(300),
+            openai: None,
         }
     }
 }
@@ -97,7 +101,11 @@ pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send +
         }
         None => None,
     };
-    Ok(Bridge::new(config, threads, bus))
+    let openai = match &config.openai {
+        Some(c) => Some(openai::OpenAi::new(c.clone())?),
+        None => None,
+    };
+    Ok(Bridge::new(config, threads, bus, openai))
 }
 
 /// Serves the agent bridge on `listener` until `shutdown` completes.

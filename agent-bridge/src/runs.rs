@@ -17,6 +17,7 @@ use crate::{
     BusClient, Config,
     agui::{Failure, Guard},
     echo,
+    openai::OpenAi,
     threads::Threads,
     workers::{AgentMsg, Workers},
 };
@@ -105,6 +106,8 @@ struct Shared {
     /// Named modules switched by `module_control`.
     modules: Mutex<BTreeMap<String, bool>>,
     workers: Workers,
+    /// The `openai` agent, when configured.
+    openai: Option<OpenAi>,
 }
 
 struct Active {
@@ -118,7 +121,7 @@ fn now_unix() -> u64 {
 }
 
 impl Bridge {
-    pub fn new(config: Config, threads: Threads, bus: Option<BusClient>) -> Self {
+    pub fn new(config: Config, threads: Threads, bus: Option<BusClient>, openai: Option<OpenAi>) -> Self {
         Bridge {
             shared: Arc::new(Shared {
                 config,
@@ -127,6 +130,7 @@ impl Bridge {
                 active: Mutex::default(),
                 modules: Mutex::default(),
                 workers: Workers::default(),
+                openai,
             }),
         }
     }
@@ -148,6 +152,9 @@ impl Bridge {
         }
         let worker_load: u32 = by_agent.values().map(|(_, load)| *load).sum();
         let mut out = vec![("echo".to_owned(), "builtin", 0, active.saturating_sub(worker_load))];
+        if self.shared.openai.is_some() {
+            out.push(("openai".to_owned(), "builtin", 0, 0));
+        }
         out.extend(by_agent.into_iter().map(|(name, (capacity, load))| (name, "worker", capacity, load)));
         out
     }
@@ -203,7 +210,8 @@ impl Bridge {
         } else {
             spec.agent.clone()
         };
-        if agent != "echo" && !self.shared.workers.serves(&agent) {
+        let builtin = agent == "echo" || (agent == "openai" && self.shared.openai.is_some());
+        if !builtin && !self.shared.workers.serves(&agent) {
             return Err(BridgeError::UnknownAgent(agent));
         }
         let mut input = match spec.input {
@@ -281,7 +289,9 @@ impl Bridge {
         let (agent_tx, agent_rx) = mpsc::channel(64);
         let source = if agent == "echo" {
             let delay = self.shared.config.echo_delay;
-            Source::Echo(tokio::spawn(echo::run(input, thread_id.clone(), run_id.clone(), delay, agent_tx)))
+            Source::Builtin(tokio::spawn(echo::run(input, thread_id.clone(), run_id.clone(), delay, agent_tx)))
+        } else if let (true, Some(openai)) = (builtin, self.shared.openai.clone()) {
+            Source::Builtin(tokio::spawn(openai.run(input, thread_id.clone(), run_id.clone(), agent_tx)))
         } else {
             match self.shared.workers.dispatch(&agent, &run_id, &thread_id, input, agent_tx) {
                 Some(worker) => Source::Worker(worker),
@@ -387,7 +397,8 @@ impl Bridge {
 
 /// Where a run's events come from.
 enum Source {
-    Echo(tokio::task::JoinHandle<()>),
+    /// A built-in agent's task.
+    Builtin(tokio::task::JoinHandle<()>),
     /// The id of the worker serving it.
     Worker(String),
 }
@@ -474,7 +485,7 @@ impl Run {
         };
         let workers = &self.bridge.shared.workers;
         match &source {
-            Source::Echo(task) => task.abort(),
+            Source::Builtin(task) => task.abort(),
             Source::Worker(worker) => {
                 // A worker that broke the rules, or whose run was cancelled, is told to stop.
                 if let Some((_, message)) = failure.as_ref().filter(|(kind, _)| *kind != Failure::AgentLost) {

@@ -9,6 +9,7 @@ mod channels;
 mod cli;
 mod frames_prop;
 mod http_api;
+mod openai;
 mod recovery;
 mod relink;
 mod shutdown;
