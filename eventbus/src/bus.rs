@@ -111,6 +111,37 @@ pub struct Subscription {
     channels: Vec<Arc<Channel>>,
 }
 
+/// Deepest nesting of arrays and objects accepted in event data: every
+/// JSON parser a subscriber may use (serde_json stops at 128) can read the
+/// frame that carries it.
+pub const MAX_NESTING: usize = 64;
+
+/// Returns how deeply arrays and objects nest in JSON text (strings are skipped).
+fn nesting_depth(data: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in data {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 // === impl Bus ===
 
 impl Bus {
@@ -185,6 +216,9 @@ impl Bus {
         }
         serde_json::from_slice::<serde::de::IgnoredAny>(&event.data)
             .map_err(|e| BusError::InvalidJson(e.to_string()))?;
+        if nesting_depth(&event.data) > MAX_NESTING {
+            return Err(BusError::InvalidJson(format!("data is nested deeper than {MAX_NESTING} levels")));
+        }
         if event.idempotency_key.as_ref().is_some_and(|k| k.len() > 255) {
             return Err(BusError::InvalidArgument("idempotency key is longer than 255 bytes".into()));
         }
@@ -360,5 +394,18 @@ impl Drop for Subscription {
         for ch in std::mem::take(&mut self.channels) {
             self.detach(&ch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nesting_depth;
+
+    #[test]
+    fn nesting_depth_skips_strings() {
+        assert_eq!(nesting_depth(b"1"), 0);
+        assert_eq!(nesting_depth(br#"{"a":[1,{"b":2}]}"#), 3);
+        assert_eq!(nesting_depth(br#"{"a":"[[[{{{\"]]]"}"#), 1);
+        assert_eq!(nesting_depth("[".repeat(100).as_bytes()), 100);
     }
 }

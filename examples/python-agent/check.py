@@ -6,8 +6,9 @@ It starts worker.py as a subprocess against the agent bridge, waits until
 
   (a) a chat_message to the worker's agent streams RUN_STARTED .. RUN_FINISHED
       with the expected text, word by word;
-  (b) a second message on the same thread says "message 2" (the history
-      reached the worker);
+  (b) more messages on the same thread, each sent as soon as the previous run
+      finished, say "message 2", "message 3", "message 4" (the history reached
+      the worker), and none is refused with thread_busy;
   (c) rpc `add` {a: 2, b: 3} answers 5, and bad params answer the worker's error;
   (d) rpc execute_command {command: "reverse", args: {text: "abc"}} answers "cba";
   (e) two runs on two threads are served at the same time;
@@ -76,6 +77,14 @@ def expected_reply(text: str, n: int) -> str:
     return f"You said: {text} (message {n} of this thread)"
 
 
+class ChatRefused(Exception):
+    """A chat_message answered with an `error` frame."""
+
+    def __init__(self, frame: dict) -> None:
+        super().__init__(f"chat_message answered {json.dumps(frame)}")
+        self.frame = frame
+
+
 class Gateway:
     """A WebSocket client of the gateway. One reader task routes frames: those
     with an `id` answer a request, `agent_event` frames queue per run."""
@@ -121,14 +130,14 @@ class Gateway:
         """`rpc` -> the `rpc_response` (with `result` or `error`), or an `error` frame."""
         return await self.request({"type": "rpc", "method": method, "params": params or {}})
 
-    async def chat(self, content: str, agent: str, thread_id: str | None = None) -> dict:
-        """`chat_message` -> the `run` frame; an `error` frame raises."""
-        frame = {"type": "chat_message", "content": content, "agent": agent}
+    async def chat(self, content: str, agent: str, thread_id: str | None = None, **extra) -> dict:
+        """`chat_message` -> the `run` frame; an `error` frame raises ChatRefused."""
+        frame = {"type": "chat_message", "content": content, "agent": agent, **extra}
         if thread_id:
             frame["thread_id"] = thread_id
         answer = await self.request(frame)
         if answer.get("type") != "run":
-            raise RuntimeError(f"chat_message answered {answer}")
+            raise ChatRefused(answer)
         return answer
 
     async def next_event(self, run_id: str, timeout: float) -> dict:
@@ -275,18 +284,36 @@ async def checks_with_worker(args: argparse.Namespace, checks: Checks, gw: Gatew
         checks.check("(a) first message: a run that finishes", False, f"{type(err).__name__}: {err}")
         run = None
 
-    # (b) the same thread again: the worker sees two user messages.
+    # (b) the same thread again, each message sent as soon as the previous run
+    # finished (as a chat UI would): the worker counts 2, 3, 4 user messages.
     if run:
-        try:
-            run2 = await gw.chat("and again", agent, thread_id=run["thread_id"])
-            checks.check("(b) second message: same thread", run2.get("thread_id") == run["thread_id"],
-                         f"run frame {run2}")
-            frames = await gw.until_end(run2["run_id"], RUN_TIMEOUT)
-            check_text_run(checks, "(b) second message", run2, frames, expected_reply("and again", 2))
-        except Exception as err:
-            checks.check("(b) second message: a run that finishes", False, f"{type(err).__name__}: {err}")
+        busy: list[dict] = []  # thread_busy answers to those immediate follow-ups
+        for n in (2, 3, 4):
+            label = f"(b) message {n} on the same thread"
+            text = f"and again, {n}"
+            try:
+                try:
+                    next_run = await gw.chat(text, agent, thread_id=run["thread_id"])
+                except ChatRefused as refused:
+                    if refused.frame.get("code") != "thread_busy":
+                        raise
+                    # The thread is still held by the run that just finished;
+                    # wait for it (enqueue), so the history is still checked.
+                    busy.append(refused.frame)
+                    next_run = await gw.chat(text, agent, thread_id=run["thread_id"], multitask="enqueue")
+                frames = await gw.until_end(next_run["run_id"], RUN_TIMEOUT)
+                reply = expected_reply(text, n)
+                got = "".join(f["event"].get("delta", "") for f in frames)
+                checks.check(f"{label} says 'message {n}' (the history reached the worker)",
+                             next_run.get("thread_id") == run["thread_id"] and got == reply
+                             and frames[-1]["event"].get("type") == "RUN_FINISHED",
+                             f"thread {next_run.get('thread_id')}, text {got!r}, last {frames[-1]['event']}")
+            except Exception as err:
+                checks.check(f"{label}: a run that finishes", False, f"{type(err).__name__}: {err}")
+        checks.check("(b) a chat_message right after RUN_FINISHED is accepted (no thread_busy)", not busy,
+                     f"{len(busy)} of 3 answered {json.dumps(busy[0]) if busy else ''}")
     else:
-        checks.check("(b) second message", False, "skipped: (a) did not start a run")
+        checks.check("(b) messages on the same thread", False, "skipped: (a) did not start a run")
 
     # (c) a method by name, with good and with bad params.
     answer = await gw.rpc("add", {"a": 2, "b": 3})

@@ -144,6 +144,7 @@ async fn grpc_publish_validation_stores_nothing() {
         ("missions", b"{not json".to_vec()),
         ("bad channel", b"{}".to_vec()),
         ("missions", format!(r#"{{"pad":"{}"}}"#, "x".repeat(1024 * 1024)).into_bytes()),
+        ("missions", format!("{}{}", "[".repeat(65), "]".repeat(65)).into_bytes()),
     ];
     for (channel, data) in cases {
         let status = client
