@@ -395,6 +395,39 @@ impl Bridge {
     }
 }
 
+/// Largest AG-UI event an agent may emit, in bytes of JSON.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Most events an agent may emit in one second.
+pub const MAX_EVENTS_PER_SECOND: u32 = 2_000;
+
+/// The size and rate bound of one run's events (SPEC §7.4).
+#[derive(Default)]
+struct Bounds {
+    window: Option<std::time::Instant>,
+    in_window: u32,
+}
+
+impl Bounds {
+    fn admit(&mut self, event: &Value) -> Result<(), String> {
+        let size = event.to_string().len();
+        if size > MAX_EVENT_BYTES {
+            return Err(format!("an event of {size} bytes is over the limit of {MAX_EVENT_BYTES}"));
+        }
+        let now = std::time::Instant::now();
+        match self.window {
+            Some(start) if now.duration_since(start) < std::time::Duration::from_secs(1) => self.in_window += 1,
+            _ => {
+                self.window = Some(now);
+                self.in_window = 1;
+            }
+        }
+        if self.in_window > MAX_EVENTS_PER_SECOND {
+            return Err(format!("more than {MAX_EVENTS_PER_SECOND} events in a second"));
+        }
+        Ok(())
+    }
+}
+
 /// Where a run's events come from.
 enum Source {
     /// A built-in agent's task.
@@ -456,6 +489,7 @@ impl Run {
             caller_gone: false,
             messages: Vec::new(),
         };
+        let mut bounds = Bounds::default();
         let deadline = tokio::time::sleep(config.run_deadline);
         tokio::pin!(deadline);
         let failure = loop {
@@ -470,14 +504,14 @@ impl Run {
                 }
                 event = agent_rx.recv() => match event {
                     Some(AgentMsg::Lost) => break Some((Failure::AgentLost, "the worker serving the run went away".to_owned())),
-                    Some(AgentMsg::Event(event)) => match guard.check(&event) {
+                    Some(AgentMsg::Event(event)) => match bounds.admit(&event).and_then(|()| guard.check(&event)) {
                         Ok(()) => {
                             out.emit(event).await;
                             if guard.ended() {
                                 break None;
                             }
                         }
-                        Err(rule) => break Some((Failure::AgentError, format!("the agent broke AG-UI ordering: {rule}"))),
+                        Err(rule) => break Some((Failure::AgentError, format!("the agent broke the rules of a run: {rule}"))),
                     },
                     None => break Some((Failure::AgentError, "the agent stopped without ending the run".to_owned())),
                 },
@@ -488,8 +522,12 @@ impl Run {
             Source::Builtin(task) => task.abort(),
             Source::Worker(worker) => {
                 // A worker that broke the rules, or whose run was cancelled, is told to stop.
-                if let Some((_, message)) = failure.as_ref().filter(|(kind, _)| *kind != Failure::AgentLost) {
+                if let Some((kind, message)) = failure.as_ref().filter(|(kind, _)| *kind != Failure::AgentLost) {
                     workers.cancel(worker, &self.run_id, message);
+                    if *kind == Failure::AgentError {
+                        let data = json!({ "agent": self.agent, "worker_id": worker, "run_id": self.run_id, "message": message });
+                        self.bridge.announce("agents", "agent_error", data).await;
+                    }
                 }
                 workers.finished(worker, &self.run_id);
             }

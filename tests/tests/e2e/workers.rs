@@ -208,6 +208,8 @@ async fn broken_streams_are_repaired_and_cancels_reach_the_worker() {
     let e = env().await;
     let mut worker = TestWorker::attach(&e.bridge.url(), "sloppy", &["sloppy"], &[], 2).await;
     let mut ws = Ws::connect(&e.gateway.ws_url("/ws")).await.unwrap();
+    let mut dashboard = Ws::connect(&e.gateway.ws_url("/ws")).await.unwrap();
+    dashboard.subscribe("agents").await;
 
     // Content for a message that was never started.
     ws.send(json!({ "type": "chat_message", "content": "x", "agent": "sloppy" })).await;
@@ -220,6 +222,22 @@ async fn broken_streams_are_repaired_and_cancels_reach_the_worker() {
     assert_eq!(events[1]["code"], "agent_error");
     let apb::bridge_message::Message::CancelRun(c) = worker.recv().await else { panic!("the worker is told") };
     assert_eq!(c.run_id, start.run_id);
+    let ev = dashboard.expect("event").await;
+    assert_eq!(
+        (ev["event"].as_str(), ev["data"]["run_id"].as_str()),
+        (Some("agent_error"), Some(start.run_id.as_str()))
+    );
+
+    // An event over the size bound ends the run the same way.
+    ws.send(json!({ "type": "chat_message", "content": "z", "agent": "sloppy" })).await;
+    ws.expect("run").await;
+    let start = worker.start_run().await;
+    worker.event(&start.run_id, json!({ "type": "RUN_STARTED" })).await;
+    worker.event(&start.run_id, json!({ "type": "CUSTOM", "name": "blob", "value": "x".repeat(300 * 1024) })).await;
+    let events = until_end(&mut ws).await;
+    assert_eq!(events.last().unwrap()["code"], "agent_error");
+    assert!(events.last().unwrap()["message"].as_str().unwrap().contains("over the limit"));
+    let apb::bridge_message::Message::CancelRun(_) = worker.recv().await else { panic!("cancel_run") };
 
     // An interrupt reaches the worker, and the run ends even if it ignores it.
     ws.send(json!({ "type": "chat_message", "content": "y", "agent": "sloppy" })).await;
