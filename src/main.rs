@@ -214,6 +214,8 @@ struct Plan {
     gateway_listen: SocketAddr,
     eventbus_listen: SocketAddr,
     bridge_listen: SocketAddr,
+    bus_metrics_listen: Option<SocketAddr>,
+    bridge_metrics_listen: Option<SocketAddr>,
     gateway: switchboard_gateway::Config,
     /// Whether `gateway.agent_bridge_url` was left to default to the local bridge.
     local_bridge: bool,
@@ -302,6 +304,10 @@ impl Plan {
         let gateway_listen = addr("gateway.listen", &s.gateway.listen)?;
         let eventbus_listen = addr("eventbus.listen", &s.eventbus.listen)?;
         let bridge_listen = addr("agent_bridge.listen", &s.agent_bridge.listen)?;
+        let bus_metrics_listen =
+            s.eventbus.metrics_listen.as_deref().map(|a| addr("eventbus.metrics_listen", a)).transpose()?;
+        let bridge_metrics_listen =
+            s.agent_bridge.metrics_listen.as_deref().map(|a| addr("agent_bridge.metrics_listen", a)).transpose()?;
         let backend = match s.eventbus.backend.as_str() {
             "embedded" => switchboard_eventbus::Backend::Embedded,
             "memory" => switchboard_eventbus::Backend::Memory,
@@ -507,6 +513,8 @@ impl Plan {
             gateway_listen,
             eventbus_listen,
             bridge_listen,
+            bus_metrics_listen,
+            bridge_metrics_listen,
             gateway,
             local_bridge,
             local_bridge_bus,
@@ -567,6 +575,22 @@ impl Plan {
                 bus.backend(),
                 bus.epoch()
             );
+            if let Some(addr) = self.bus_metrics_listen {
+                match bind(addr, "eventbus.metrics_listen").await {
+                    Ok(l) => {
+                        println!(
+                            "metrics   http://{}/metrics  (eventbus)",
+                            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                        );
+                        tokio::spawn(switchboard_eventbus::serve_metrics(
+                            bus.clone(),
+                            l,
+                            stop.clone().cancelled_owned(),
+                        ));
+                    }
+                    Err(code) => return code,
+                }
+            }
             let token = stop.clone();
             bus_task = Some(tokio::spawn(async move {
                 let r = switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
@@ -593,6 +617,22 @@ impl Plan {
                 bridge_addr.map(|a| a.to_string()).unwrap_or_default(),
                 agents.join(", ")
             );
+            if let Some(addr) = self.bridge_metrics_listen {
+                match bind(addr, "agent_bridge.metrics_listen").await {
+                    Ok(l) => {
+                        println!(
+                            "metrics   http://{}/metrics  (agent bridge)",
+                            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                        );
+                        tokio::spawn(switchboard_agent_bridge::serve_metrics(
+                            bridge.clone(),
+                            l,
+                            stop.clone().cancelled_owned(),
+                        ));
+                    }
+                    Err(code) => return code,
+                }
+            }
             let token = stop.clone();
             let key = self.bridge.api_key.clone();
             bridge_task = Some(tokio::spawn(async move {

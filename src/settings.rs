@@ -71,6 +71,8 @@ impl Default for Gateway {
 #[serde(default, deny_unknown_fields)]
 pub struct Eventbus {
     pub listen: String,
+    /// Prometheus metrics of the bus, when set.
+    pub metrics_listen: Option<String>,
     pub backend: String,
     pub data_dir: PathBuf,
     pub redis_url: Option<String>,
@@ -83,6 +85,7 @@ impl Default for Eventbus {
     fn default() -> Self {
         Eventbus {
             listen: "127.0.0.1:50051".into(),
+            metrics_listen: None,
             backend: "embedded".into(),
             data_dir: PathBuf::from("./data"),
             redis_url: None,
@@ -97,13 +100,20 @@ impl Default for Eventbus {
 #[serde(default, deny_unknown_fields)]
 pub struct AgentBridge {
     pub listen: String,
+    /// Prometheus metrics of the bridge, when set.
+    pub metrics_listen: Option<String>,
     pub eventbus_url: Option<String>,
     pub data_dir: PathBuf,
 }
 
 impl Default for AgentBridge {
     fn default() -> Self {
-        AgentBridge { listen: "127.0.0.1:50052".into(), eventbus_url: None, data_dir: PathBuf::from("./data") }
+        AgentBridge {
+            listen: "127.0.0.1:50052".into(),
+            metrics_listen: None,
+            eventbus_url: None,
+            data_dir: PathBuf::from("./data"),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use tonic::{
 
 pub mod agui;
 pub mod echo;
+pub mod metrics;
 pub mod openai;
 pub mod runs;
 pub mod service;
@@ -157,4 +158,23 @@ pub async fn serve_bridge(
             },
         )
         .await
+}
+
+/// Serves `GET /metrics` (Prometheus text) for the bridge until `shutdown`.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve_metrics(
+    bridge: Bridge,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let bridge = bridge.clone();
+            async move { bridge.metrics().render() }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -17,6 +17,7 @@ use crate::{
     BusClient, Config,
     agui::{Failure, Guard},
     echo,
+    metrics::{Metrics, RunLabels},
     openai::OpenAi,
     threads::Threads,
     workers::{AgentMsg, Workers},
@@ -108,6 +109,7 @@ struct Shared {
     workers: Workers,
     /// The `openai` agent, when configured.
     openai: Option<OpenAi>,
+    metrics: Metrics,
 }
 
 struct Active {
@@ -131,12 +133,17 @@ impl Bridge {
                 modules: Mutex::default(),
                 workers: Workers::default(),
                 openai,
+                metrics: Metrics::new(),
             }),
         }
     }
 
     pub fn workers(&self) -> &Workers {
         &self.shared.workers
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Agents this bridge can run: `(name, source, capacity, load)`.
@@ -457,6 +464,8 @@ impl Run {
     ) {
         let config = &self.bridge.shared.config;
         let started_at = std::time::Instant::now();
+        let metrics = &self.bridge.shared.metrics;
+        metrics.runs_active.inc();
         let task =
             json!({ "run_id": self.run_id, "thread_id": self.thread_id, "agent": self.agent, "user_id": self.user });
         self.bridge.announce("tasks", "run_started", task.clone()).await;
@@ -533,6 +542,12 @@ impl Run {
             }
         }
         let ok = failure.is_none();
+        let outcome = failure.as_ref().map_or("finished", |(kind, _)| kind.code());
+        metrics.runs_active.dec();
+        metrics
+            .run_duration
+            .get_or_create(&RunLabels { agent: self.agent.clone(), outcome: outcome.to_owned() })
+            .observe(started_at.elapsed().as_secs_f64());
         if let Some((failure, message)) = failure {
             for event in guard.repair(failure, &message, &self.thread_id, &self.run_id) {
                 out.emit(event).await;

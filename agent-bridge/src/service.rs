@@ -219,6 +219,7 @@ impl pb::agent_worker_server::AgentWorker for AgentWorkerService {
         let name = hello.worker_name.clone();
         let id =
             workers.attach(name.clone(), hello.agents.clone(), hello.methods, hello.max_concurrent_runs, tx.clone());
+        self.bridge.metrics().workers.set(workers.list().len() as i64);
         let _ = tx.send(ToWorker::Welcome { worker_id: id.clone() }).await;
         tracing::info!(worker = %name, worker_id = %id, agents = ?hello.agents, "worker attached");
         let bridge = self.bridge.clone();
@@ -256,6 +257,7 @@ impl pb::agent_worker_server::AgentWorker for AgentWorkerService {
                 }
             }
             let agents = workers.detach(&id);
+            bridge.metrics().workers.set(workers.list().len() as i64);
             tracing::info!(worker = %name, worker_id = %id, "worker detached");
             bridge.announce_worker("agent_stopped", &id, &name, &agents).await;
         });

@@ -46,6 +46,7 @@ pub(crate) struct Shared {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     writer: mpsc::Sender<WriteRequest>,
     pub(crate) published_total: AtomicU64,
+    pub(crate) metrics: crate::metrics::Metrics,
     subscriptions: AtomicU64,
     next_subscriber: AtomicU64,
 }
@@ -156,6 +157,7 @@ impl Bus {
                 channels: Mutex::default(),
                 writer,
                 published_total: AtomicU64::new(0),
+                metrics: crate::metrics::Metrics::new(),
                 subscriptions: AtomicU64::new(0),
                 next_subscriber: AtomicU64::new(1),
             }),
@@ -230,6 +232,17 @@ impl Bus {
         self.submit(event).await?.await
     }
 
+    /// Renders the bus's Prometheus metrics.
+    pub fn render_metrics(&self) -> String {
+        let (channels, subscriptions, published) = self.stats();
+        let m = &self.shared.metrics;
+        m.channels.set(channels as i64);
+        m.subscriptions.set(subscriptions as i64);
+        let counted = m.published.get();
+        m.published.inc_by(published.saturating_sub(counted));
+        m.render()
+    }
+
     /// Queues an event for the writer and returns the future of its result.
     /// Events submitted one after another are stored in that order, however
     /// their results are awaited.
@@ -238,9 +251,15 @@ impl Bus {
         event: NewEvent,
     ) -> Result<impl Future<Output = Result<Published, BusError>> + use<>, BusError> {
         self.check(&event)?;
+        let started = std::time::Instant::now();
+        let shared = self.shared.clone();
         let (reply, rx) = oneshot::channel();
         self.shared.writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?;
-        Ok(async move { rx.await.map_err(|_| BusError::ShuttingDown)? })
+        Ok(async move {
+            let result = rx.await.map_err(|_| BusError::ShuttingDown)?;
+            shared.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
+            result
+        })
     }
 
     pub(crate) fn writer(&self) -> &mpsc::Sender<WriteRequest> {

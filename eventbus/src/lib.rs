@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub mod bus;
 pub mod config;
 pub mod error;
+pub mod metrics;
 mod service;
 pub mod store;
 mod writer;
@@ -155,4 +156,23 @@ async fn expire_every_second(bus: Bus, token: CancellationToken) {
             }
         }
     }
+}
+
+/// Serves `GET /metrics` (Prometheus text) for the bus until `shutdown`.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve_metrics(
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let bus = bus.clone();
+            async move { bus.render_metrics() }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -271,8 +271,9 @@ async def run_checks(args: argparse.Namespace, checks: Checks) -> None:
 async def checks_with_worker(args: argparse.Namespace, checks: Checks, gw: Gateway, worker: WorkerProcess) -> None:
     agent = args.agent
     attached = await wait_attached(gw, worker, args.worker_name)
-    if not checks.check(f"worker {args.worker_name} attached (listed by get_status)", attached is not None,
-                        f"not listed within {ATTACH_TIMEOUT:g} s; worker exit status {worker.proc.returncode}"):
+    why = (f"worker.py exited with status {worker.proc.returncode} before attaching"
+           if worker.proc.returncode is not None else f"not listed within {ATTACH_TIMEOUT:g} s")
+    if not checks.check(f"worker {args.worker_name} attached (listed by get_status)", attached is not None, why):
         return
     print(f"      worker {attached.get('id')}: agents {attached.get('agents')}, "
           f"methods {attached.get('methods')}", flush=True)

@@ -50,6 +50,8 @@ fn invalid_configuration_exits_64_naming_the_setting() {
 /// A `switchboard` process, killed when dropped.
 struct Process {
     child: Child,
+    /// `http://ADDR/metrics` of the bus and the bridge, when asked for.
+    metrics: Vec<String>,
     grpc: String,
     ws: Option<String>,
 }
@@ -71,7 +73,7 @@ impl Process {
             .spawn()
             .expect("spawn switchboard");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut grpc, mut ws) = (None, None);
+        let (mut grpc, mut ws, mut metrics) = (None, None, Vec::new());
         let wants_gateway = args[0] == "up" || args[0] == "gateway";
         let wants_bus = args[0] != "gateway";
         while (wants_bus && grpc.is_none()) || (wants_gateway && ws.is_none()) {
@@ -82,10 +84,13 @@ impl Process {
             if let Some(rest) = line.strip_prefix("gateway   ") {
                 ws = Some(rest.trim().to_owned());
             }
+            if let Some(rest) = line.strip_prefix("metrics   ") {
+                metrics.push(rest.split_whitespace().next().unwrap().to_owned());
+            }
         }
         // Keep draining stdout so the process never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Process { child, grpc: grpc.unwrap_or_default(), ws }
+        Process { child, grpc: grpc.unwrap_or_default(), metrics, ws }
     }
 
     fn terminate(&mut self) -> i32 {
@@ -111,17 +116,24 @@ impl Drop for Process {
 #[tokio::test]
 async fn up_publish_and_tail() {
     let data = tempfile::tempdir().unwrap();
-    let mut up = Process::start(&[
-        "up",
-        "--gateway-listen",
-        "127.0.0.1:0",
-        "--eventbus-listen",
-        "127.0.0.1:0",
-        "--agent-bridge-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.path().to_str().unwrap(),
-    ]);
+    let metrics_env = [
+        ("SWITCHBOARD_EVENTBUS__METRICS_LISTEN", "127.0.0.1:0"),
+        ("SWITCHBOARD_AGENT_BRIDGE__METRICS_LISTEN", "127.0.0.1:0"),
+    ];
+    let mut up = Process::start_with(
+        &[
+            "up",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--eventbus-listen",
+            "127.0.0.1:0",
+            "--agent-bridge-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &metrics_env,
+    );
     let ws_url = up.ws.clone().unwrap();
     let addr: std::net::SocketAddr =
         ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
@@ -182,6 +194,25 @@ async fn up_publish_and_tail() {
         }
     }
     assert_eq!(text, "hello world");
+
+    // The bus and the bridge serve their own metrics.
+    assert_eq!(up.metrics.len(), 2, "{:?}", up.metrics);
+    let mut all = String::new();
+    for url in &up.metrics {
+        let (host, path) = url.trim_start_matches("http://").split_once('/').unwrap();
+        let (status, body) = http(host.parse().unwrap(), "GET", &format!("/{path}"), None, None).await.unwrap();
+        assert_eq!(status, 200);
+        all.push_str(body.as_str().unwrap());
+    }
+    for line in [
+        "switchboard_events_published_total",
+        "switchboard_publish_duration_seconds_count",
+        "switchboard_runs_active 0",
+        "switchboard_run_duration_seconds_count{agent=\"echo\",outcome=\"finished\"} 1",
+        "switchboard_workers 0",
+    ] {
+        assert!(all.contains(line), "missing {line} in\n{all}");
+    }
 
     // SIGTERM: clients are told, the process exits cleanly.
     let code = up.terminate();
