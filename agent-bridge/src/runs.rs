@@ -471,9 +471,9 @@ impl Run {
         self.bridge.announce("tasks", "run_started", task.clone()).await;
 
         // Events go to the thread channel through one ordered stream.
-        let publisher = self.bridge.shared.bus.clone().map(|mut bus| {
+        let (publisher, published) = match self.bridge.shared.bus.clone().map(|mut bus| {
             let (ptx, prx) = mpsc::channel::<bus_pb::PublishRequest>(256);
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 match bus.publish_stream(tokio_stream::wrappers::ReceiverStream::new(prx)).await {
                     Ok(resp) => {
                         let mut answers = resp.into_inner();
@@ -486,19 +486,16 @@ impl Run {
                     Err(status) => tracing::warn!(%status, "cannot publish run events"),
                 }
             });
-            ptx
-        });
+            (ptx, task)
+        }) {
+            Some((ptx, task)) => (Some(ptx), Some(task)),
+            None => (None, None),
+        };
 
         let mut guard = Guard::default();
-        let mut out = Emitter {
-            run: &self,
-            seq: 0,
-            tx: &tx,
-            publisher: publisher.as_ref(),
-            caller_gone: false,
-            messages: Vec::new(),
-        };
+        let mut out = Emitter { run: &self, seq: 0, tx: &tx, publisher, caller_gone: false, messages: Vec::new() };
         let mut bounds = Bounds::default();
+        let mut terminal = None;
         let deadline = tokio::time::sleep(config.run_deadline);
         tokio::pin!(deadline);
         let failure = loop {
@@ -514,12 +511,12 @@ impl Run {
                 event = agent_rx.recv() => match event {
                     Some(AgentMsg::Lost) => break Some((Failure::AgentLost, "the worker serving the run went away".to_owned())),
                     Some(AgentMsg::Event(event)) => match bounds.admit(&event).and_then(|()| guard.check(&event)) {
-                        Ok(()) => {
-                            out.emit(event).await;
-                            if guard.ended() {
-                                break None;
-                            }
+                        // The terminal event is held back until the thread is released.
+                        Ok(()) if guard.ended() => {
+                            terminal = Some(event);
+                            break None;
                         }
+                        Ok(()) => out.emit(event).await,
                         Err(rule) => break Some((Failure::AgentError, format!("the agent broke the rules of a run: {rule}"))),
                     },
                     None => break Some((Failure::AgentError, "the agent stopped without ending the run".to_owned())),
@@ -548,19 +545,37 @@ impl Run {
             .run_duration
             .get_or_create(&RunLabels { agent: self.agent.clone(), outcome: outcome.to_owned() })
             .observe(started_at.elapsed().as_secs_f64());
-        if let Some((failure, message)) = failure {
-            for event in guard.repair(failure, &message, &self.thread_id, &self.run_id) {
-                out.emit(event).await;
-            }
+        let mut tail = match failure {
+            Some((failure, message)) => guard.repair(failure, &message, &self.thread_id, &self.run_id),
+            None => terminal.into_iter().collect(),
+        };
+        let last = tail.pop();
+        for event in tail {
+            out.emit(event).await;
+        }
+        // The end of a run, in an order a client can rely on: the terminal event
+        // is on the thread channel (and everything before it), the run's
+        // messages are in the thread, and the thread is free, before the
+        // caller sees RUN_FINISHED or RUN_ERROR and perhaps sends the next message.
+        let last = last.map(|event| out.number(event));
+        if let Some((event, _)) = &last {
+            out.publish(event).await;
+        }
+        drop(out.publisher.take());
+        if let Some(task) = published {
+            let _ = task.await;
         }
         let replies: Vec<Value> = std::mem::take(&mut out.messages);
         if let Err(e) = self.bridge.shared.threads.append(&self.thread_id, &self.user, &replies) {
             tracing::error!(cause = %e, "cannot store the run's messages");
         }
+        self.bridge.finish(&self.thread_id, &self.run_id, &done);
+        if let Some((event, seq)) = last {
+            out.deliver(event, seq).await;
+        }
         let mut task = task;
         task["duration_ms"] = json!(started_at.elapsed().as_millis() as u64);
         self.bridge.announce("tasks", if ok { "run_finished" } else { "run_failed" }, task).await;
-        self.bridge.finish(&self.thread_id, &self.run_id, &done);
     }
 }
 
@@ -581,7 +596,8 @@ struct Emitter<'a> {
     run: &'a Run,
     seq: u64,
     tx: &'a mpsc::Sender<RunEvent>,
-    publisher: Option<&'a mpsc::Sender<bus_pb::PublishRequest>>,
+    /// The run's ordered stream to the thread channel; taken to flush it.
+    publisher: Option<mpsc::Sender<bus_pb::PublishRequest>>,
     caller_gone: bool,
     /// The assistant's text per message id, kept in the thread afterwards.
     messages: Vec<Value>,
@@ -633,31 +649,47 @@ impl Emitter<'_> {
         }
     }
     async fn emit(&mut self, event: Value) {
+        let (event, seq) = self.number(event);
+        self.publish(&event).await;
+        self.deliver(event, seq).await;
+    }
+
+    /// Gives the event the next `seq` and records what it says.
+    fn number(&mut self, event: Value) -> (Value, u64) {
         self.seq += 1;
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
         self.record(&kind, &event);
-        let json = event.to_string();
-        if let Some(publisher) = self.publisher {
+        (event, self.seq)
+    }
+
+    /// Queues the event for the thread channel.
+    async fn publish(&self, event: &Value) {
+        if let Some(publisher) = &self.publisher {
             let data = json!({ "run_id": self.run.run_id, "seq": self.seq, "event": event });
             let req = bus_pb::PublishRequest {
                 channel: self.run.channel.clone(),
-                event: kind.clone(),
+                event: event["type"].as_str().unwrap_or_default().to_owned(),
                 data: data.to_string().into(),
                 ..Default::default()
             };
             let _ = publisher.send(req).await;
         }
-        if !self.caller_gone {
-            let e = RunEvent {
-                run_id: self.run.run_id.clone(),
-                thread_id: self.run.thread_id.clone(),
-                seq: self.seq,
-                kind,
-                json,
-            };
-            if self.tx.send(e).await.is_err() {
-                self.caller_gone = true;
-            }
+    }
+
+    /// Sends the event to the caller of `Run`, while it listens.
+    async fn deliver(&mut self, event: Value, seq: u64) {
+        if self.caller_gone {
+            return;
+        }
+        let e = RunEvent {
+            run_id: self.run.run_id.clone(),
+            thread_id: self.run.thread_id.clone(),
+            seq,
+            kind: event["type"].as_str().unwrap_or_default().to_owned(),
+            json: event.to_string(),
+        };
+        if self.tx.send(e).await.is_err() {
+            self.caller_gone = true;
         }
     }
 }

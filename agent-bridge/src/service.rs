@@ -237,8 +237,8 @@ impl pb::agent_worker_server::AgentWorker for AgentWorkerService {
                         // JSON that does not parse becomes an event without a type,
                         // which the run's checks refuse: the run is repaired and ended.
                         let event = serde_json::from_slice(&e.json).unwrap_or(serde_json::Value::Null);
-                        if !workers.event(&id, &e.run_id, event) {
-                            tracing::debug!(run_id = %e.run_id, "event for a run the worker does not serve");
+                        if !workers.event(&id, &e.run_id, event).await {
+                            tracing::debug!(run_id = %e.run_id, "event for a run the worker does not serve or that ended");
                         }
                     }
                     Ok(Some(pb::WorkerMessage { message: Some(M::CallResult(r)) })) => {

@@ -96,7 +96,10 @@ impl Workers {
     pub fn detach(&self, id: &str) -> Vec<String> {
         let Some(worker) = self.inner.lock().unwrap().remove(id) else { return Vec::new() };
         for (_, run) in worker.runs {
-            let _ = run.try_send(AgentMsg::Lost);
+            // After the events already queued, never instead of them.
+            tokio::spawn(async move {
+                let _ = run.send(AgentMsg::Lost).await;
+            });
         }
         for (_, call) in worker.calls {
             let _ = call.send(Err(("agent_lost".into(), "the worker went away".into())));
@@ -147,11 +150,13 @@ impl Workers {
         Some(id.clone())
     }
 
-    /// Routes an event a worker sent for one of its runs; false for a run it does not serve.
-    pub fn event(&self, worker: &str, run_id: &str, event: Value) -> bool {
+    /// Routes an event a worker sent for one of its runs, waiting while the
+    /// run is behind (which slows the worker's stream, never drops an event);
+    /// false for a run it does not serve, or one that already ended.
+    pub async fn event(&self, worker: &str, run_id: &str, event: Value) -> bool {
         let sender = self.inner.lock().unwrap().get(worker).and_then(|w| w.runs.get(run_id).cloned());
         match sender {
-            Some(tx) => tx.try_send(AgentMsg::Event(event)).is_ok(),
+            Some(tx) => tx.send(AgentMsg::Event(event)).await.is_ok(),
             None => false,
         }
     }

@@ -21,8 +21,15 @@ use crate::{
 pub const ANONYMOUS: &str = "anonymous";
 
 /// The error codes the bridge puts first in its status messages.
-const BRIDGE_CODES: &[&str] =
-    &["unknown_agent", "thread_busy", "permission_denied", "invalid_frame", "unknown_method", "internal"];
+const BRIDGE_CODES: &[&str] = &[
+    "unknown_agent",
+    "thread_busy",
+    "permission_denied",
+    "invalid_frame",
+    "unknown_method",
+    "unavailable",
+    "internal",
+];
 
 /// Maps a bridge status to an `error.code` and message.
 pub(crate) fn status_error(status: &tonic::Status) -> (String, String) {

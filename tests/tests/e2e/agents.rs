@@ -370,3 +370,46 @@ fn sse_events(body: &Value) -> Vec<Value> {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
 }
+
+#[tokio::test]
+async fn the_next_message_right_after_run_finished_is_accepted() {
+    let s = stack(Duration::ZERO).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url(&format!("/ws?token={}", token("fay")))).await.unwrap();
+    ws.expect("subscribed").await;
+    ws.send(json!({ "type": "chat_message", "content": "turn 0" })).await;
+    let run = ws.expect("run").await;
+    let thread = run["thread_id"].clone();
+    run_events(&mut ws).await;
+    for i in 1..=10 {
+        // Sent the moment RUN_FINISHED arrives: the thread is already free.
+        ws.send(json!({ "type": "chat_message", "content": format!("turn {i}"), "thread_id": thread, "id": i })).await;
+        let f = ws.recv().await.unwrap();
+        assert_eq!(f["type"], "run", "turn {i}: {f}");
+        assert_eq!(text(&run_events(&mut ws).await), format!("turn {i}"));
+    }
+    // The thread channel holds every run's events in order: each run ends before the next starts.
+    let channel = run["channel"].as_str().unwrap();
+    let (_, history) = http(
+        s.gateway.addr,
+        "GET",
+        &format!("/api/ws/channels/{}/history?limit=1000", channel.replace('#', "%23")),
+        Some(ADMIN_KEY),
+        None,
+    )
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = history["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let starts = kinds.iter().filter(|k| **k == "RUN_STARTED").count();
+    assert_eq!(starts, 11);
+    let mut open = false;
+    for k in &kinds {
+        match *k {
+            "RUN_STARTED" => {
+                assert!(!open, "a run started before the previous one ended: {kinds:?}");
+                open = true;
+            }
+            "RUN_FINISHED" | "RUN_ERROR" => open = false,
+            _ => {}
+        }
+    }
+}
