@@ -186,6 +186,7 @@ impl Context {
         let ctx = self.clone();
         tokio::spawn(async move {
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
+            let status = method == "get_status";
             let req = pb::CallRequest { method, params: params.to_string().into(), user_id: ctx.user.clone() };
             let body = match bridge.call(req).await {
                 Ok(resp) => match resp.into_inner().outcome {
@@ -202,6 +203,22 @@ impl Context {
                     json!({ "error": { "code": code, "message": message } })
                 }
             };
+            let mut body = body;
+            if let (true, Some(result)) = (status, body.get_mut("result").and_then(Value::as_object_mut)) {
+                // The bridge knows agents, workers and modules; the gateway adds itself.
+                let (connections, users, channels) = ctx.node.hub.stats();
+                result.insert(
+                    "gateway".into(),
+                    json!({
+                        "node": ctx.node.config.node,
+                        "ready": ctx.node.ready(),
+                        "bus_linked": ctx.node.hub.link_is_up(),
+                        "connections": connections,
+                        "users": users,
+                        "channels": channels.len(),
+                    }),
+                );
+            }
             ctx.push(protocol::frame("rpc_response", id.as_ref(), body));
         });
     }

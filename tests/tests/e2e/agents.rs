@@ -291,6 +291,8 @@ async fn rpc_commands() {
     assert_eq!(status["result"]["bridge"], "ok");
     assert_eq!(status["result"]["bus_linked"], true);
     assert_eq!(status["result"]["agents"][0]["name"], "echo");
+    assert_eq!(status["result"]["gateway"]["bus_linked"], true);
+    assert_eq!(status["result"]["gateway"]["connections"], 1);
 
     ws.send(json!({ "type": "rpc", "method": "module_control", "params": { "module": "vision", "enabled": true }, "id": 2 }))
         .await;
