@@ -27,6 +27,16 @@ use crate::{
     session::{self, Params, status_error},
 };
 
+/// The read buffer of a WebSocket, allocated for every connection up front:
+/// tungstenite's default (128 KiB) would be most of an idle connection's
+/// memory, and clients send small frames (bigger ones are read in pieces).
+const READ_BUFFER: usize = 2 * 1024;
+
+/// How much a connection's writer gathers before writing to the socket; the
+/// buffer grows only while frames are waiting, and the writer flushes after
+/// every batch it takes from the queue.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/ws", any(ws_connect))
@@ -251,6 +261,8 @@ fn upgrade(node: Arc<Node>, headers: HeaderMap, q: WsQuery, ws: WebSocketUpgrade
     let sessions = node.sessions.clone();
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| sessions.track_future(session::run(node, socket, params)))
 }
 
