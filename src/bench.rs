@@ -274,7 +274,6 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     let channels = args.channels.max(1);
     let rss_before = args.server_pid.and_then(rss_kib);
     let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let started_connect = Instant::now();
     let mut clients = Vec::with_capacity(args.clients);
     let mut connect_errors = 0u64;
@@ -300,13 +299,21 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     // Wait until every client is subscribed, then measure.
     let mut readers = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(clients.len().max(1));
+    let done = tokio_util::sync::CancellationToken::new();
     for mut ws in clients.drain(..) {
         let received = received.clone();
-        let stop = stop.clone();
+        let done = done.clone();
         let ready = ready_tx.clone();
         readers.push(tokio::spawn(async move {
             let mut h = histogram();
-            while let Some(Ok(msg)) = ws.next().await {
+            loop {
+                let msg = tokio::select! {
+                    _ = done.cancelled() => break,
+                    msg = ws.next() => match msg {
+                        Some(Ok(msg)) => msg,
+                        _ => break,
+                    },
+                };
                 let Message::Text(t) = msg else { continue };
                 let text = t.as_str();
                 if text.contains(r#""type":"event""#) {
@@ -323,9 +330,6 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
                     let _ = ready.send(()).await;
                 } else if text.contains(r#""type":"ping""#) {
                     let _ = ws.send(Message::Text(r#"{"type":"pong"}"#.into())).await;
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
                 }
             }
             h
@@ -383,10 +387,9 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rss_end = args.server_pid.and_then(rss_kib);
-    stop.store(true, Ordering::Relaxed);
+    done.cancel();
     let mut h = histogram();
     for r in readers {
-        r.abort();
         if let Ok(rh) = r.await {
             let _ = h.add(rh);
         }

@@ -30,7 +30,7 @@ use crate::{
 /// The read buffer of a WebSocket, allocated for every connection up front:
 /// tungstenite's default (128 KiB) would be most of an idle connection's
 /// memory, and clients send small frames (bigger ones are read in pieces).
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 
 /// How much a connection's writer gathers before writing to the socket; the
 /// buffer grows only while frames are waiting, and the writer flushes after
