@@ -15,10 +15,7 @@
 use std::{future::Future, path::PathBuf, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::{
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
-};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 pub mod agui;
 pub mod echo;
@@ -63,21 +60,9 @@ impl Default for Config {
     }
 }
 
-/// Adds the API key to calls to the bus.
-#[derive(Clone)]
-pub struct BusKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for BusKey {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub type BusClient =
-    switchboard_proto::eventbus::v1::event_bus_client::EventBusClient<InterceptedService<Channel, BusKey>>;
+pub type BusClient = switchboard_proto::eventbus::v1::event_bus_client::EventBusClient<
+    InterceptedService<Channel, switchboard_proto::auth::BearerKey>,
+>;
 
 /// Opens the thread store and builds the bridge, binding nothing.
 ///
@@ -91,14 +76,8 @@ pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send +
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .connect_lazy();
-            let key = match &config.api_key {
-                Some(k) => Some(format!("Bearer {k}").parse()?),
-                None => None,
-            };
-            Some(switchboard_proto::eventbus::v1::event_bus_client::EventBusClient::with_interceptor(
-                channel,
-                BusKey(key),
-            ))
+            let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;
+            Some(switchboard_proto::eventbus::v1::event_bus_client::EventBusClient::with_interceptor(channel, key))
         }
         None => None,
     };

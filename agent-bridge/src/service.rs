@@ -1,10 +1,10 @@
 //! The tonic service `AgentBridge`: converts proto messages, calls the
 //! `Bridge`, and maps its errors to statuses. Proto types stop here.
 
-use std::{pin::Pin, sync::Arc};
+use std::pin::Pin;
 
 use futures::Stream;
-use subtle::ConstantTimeEq;
+use switchboard_proto::auth::KeyCheck;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
@@ -55,35 +55,11 @@ fn json_of(bytes: &[u8]) -> Result<serde_json::Value, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("invalid_frame: not JSON: {e}")))
 }
 
-/// Checks `authorization: Bearer <key>` when a key is configured.
-#[derive(Clone)]
-pub struct KeyCheck(pub Option<Arc<[u8]>>);
-
-impl tonic::service::Interceptor for KeyCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(key) = &self.0 else { return Ok(req) };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(key)) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or wrong api key"))
-        }
-    }
-}
-
 pub fn with_key(
     svc: AgentBridgeService,
     key: Option<String>,
 ) -> InterceptedService<pb::agent_bridge_server::AgentBridgeServer<AgentBridgeService>, KeyCheck> {
-    InterceptedService::new(
-        pb::agent_bridge_server::AgentBridgeServer::new(svc),
-        KeyCheck(key.map(|k| Arc::from(k.into_bytes()))),
-    )
+    InterceptedService::new(pb::agent_bridge_server::AgentBridgeServer::new(svc), KeyCheck::new(key.as_deref()))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -173,10 +149,7 @@ pub fn worker_with_key(
     svc: AgentWorkerService,
     key: Option<String>,
 ) -> InterceptedService<pb::agent_worker_server::AgentWorkerServer<AgentWorkerService>, KeyCheck> {
-    InterceptedService::new(
-        pb::agent_worker_server::AgentWorkerServer::new(svc),
-        KeyCheck(key.map(|k| Arc::from(k.into_bytes()))),
-    )
+    InterceptedService::new(pb::agent_worker_server::AgentWorkerServer::new(svc), KeyCheck::new(key.as_deref()))
 }
 
 fn to_proto(m: ToWorker) -> pb::BridgeMessage {

@@ -4,7 +4,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, stream::FuturesOrdered};
-use subtle::ConstantTimeEq;
+use switchboard_proto::auth::KeyCheck;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -32,35 +32,13 @@ impl EventBusService {
     }
 }
 
-/// Checks `authorization: Bearer <key>` on every call when a key is
-/// configured; the key is compared in constant time.
-#[derive(Clone)]
-pub struct KeyCheck(Option<Arc<[u8]>>);
-
-impl tonic::service::Interceptor for KeyCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(key) = &self.0 else { return Ok(req) };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(key)) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or wrong api key"))
-        }
-    }
-}
-
 /// The service behind its key check.
 pub fn with_key(
     svc: EventBusService,
     key: Option<String>,
 ) -> InterceptedService<pb::event_bus_server::EventBusServer<EventBusService>, KeyCheck> {
     let server = pb::event_bus_server::EventBusServer::new(svc).max_decoding_message_size(16 * 1024 * 1024);
-    InterceptedService::new(server, KeyCheck(key.map(|k| Arc::from(k.into_bytes()))))
+    InterceptedService::new(server, KeyCheck::new(key.as_deref()))
 }
 
 fn new_event(req: pb::PublishRequest) -> NewEvent {

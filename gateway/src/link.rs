@@ -14,9 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Request, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 
@@ -28,18 +26,7 @@ use crate::{
     protocol::{self, EventRef, Position},
 };
 
-/// Adds the API key to every call, when one is configured.
-#[derive(Clone)]
-pub struct ApiKey(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for ApiKey {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+pub use switchboard_proto::auth::BearerKey as ApiKey;
 
 pub type BusClient = pb::event_bus_client::EventBusClient<InterceptedService<Channel, ApiKey>>;
 
@@ -52,13 +39,8 @@ pub fn endpoint(url: &str, key: Option<&str>, setting: &str) -> Result<(Channel,
         .map_err(|e| format!("{setting}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
-    let key = match key {
-        Some(k) => {
-            Some(format!("Bearer {k}").parse().map_err(|_| "auth.admin_key: not a valid header value".to_owned())?)
-        }
-        None => None,
-    };
-    Ok((endpoint.connect_lazy(), ApiKey(key)))
+    let key = ApiKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
+    Ok((endpoint.connect_lazy(), key))
 }
 
 /// Builds a bus client that connects on first use.

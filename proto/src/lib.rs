@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod channel;
 
 /// `switchboard.eventbus.v1`: the event bus.
