@@ -87,6 +87,13 @@ pub struct FanoutArgs {
     /// The server's process id, to report its RSS per connection.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Publish nothing: hold the connections for `--duration` (heartbeats
+    /// keep running) and report how many the server closed.
+    #[arg(long)]
+    idle: bool,
+    /// Channel names are `PREFIX:N`; give each of several bench processes its own.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
     #[arg(long)]
     json: bool,
 }
@@ -264,7 +271,12 @@ async fn connect_one(
     }
     let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).ok();
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| e.to_string())?;
+    // Small buffers: one bench process holds up to ~19,000 of these.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await.map_err(|e| e.to_string())?;
     Ok(ws)
 }
 
@@ -275,8 +287,14 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     let rss_before = args.server_pid.and_then(rss_kib);
     let received = Arc::new(AtomicU64::new(0));
     let started_connect = Instant::now();
-    let mut clients = Vec::with_capacity(args.clients);
     let mut connect_errors = 0u64;
+    // Each client gets its reader as soon as it is connected, so that early
+    // clients answer heartbeats while later ones connect.
+    let mut readers = Vec::with_capacity(args.clients);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.clients.max(1));
+    let done = tokio_util::sync::CancellationToken::new();
+    // Connections the server closed before the end.
+    let closed = Arc::new(AtomicU64::new(0));
     for i in 0..args.clients {
         let source =
             (args.source_addrs > 0).then(|| IpAddr::from([127, 0, 0, 1 + ((i / 20_000) as u8 % args.source_addrs)]));
@@ -287,22 +305,15 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
                 continue;
             }
         };
-        let channel = format!("bench:{}", i % channels);
+        let channel = format!("{}:{}", args.prefix, i % channels);
         let sub = json!({ "type": "subscribe", "channel": channel }).to_string();
         if ws.send(Message::Text(sub.into())).await.is_err() {
             connect_errors += 1;
             continue;
         }
-        clients.push(ws);
-    }
-    let connect_s = started_connect.elapsed().as_secs_f64();
-    // Wait until every client is subscribed, then measure.
-    let mut readers = Vec::new();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(clients.len().max(1));
-    let done = tokio_util::sync::CancellationToken::new();
-    for mut ws in clients.drain(..) {
         let received = received.clone();
         let done = done.clone();
+        let closed = closed.clone();
         let ready = ready_tx.clone();
         readers.push(tokio::spawn(async move {
             let mut h = histogram();
@@ -311,7 +322,10 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
                     _ = done.cancelled() => break,
                     msg = ws.next() => match msg {
                         Some(Ok(msg)) => msg,
-                        _ => break,
+                        _ => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                     },
                 };
                 let Message::Text(t) = msg else { continue };
@@ -335,6 +349,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
             h
         }));
     }
+    let connect_s = started_connect.elapsed().as_secs_f64();
     drop(ready_tx);
     let subscribed = readers.len();
     for _ in 0..subscribed {
@@ -349,14 +364,15 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     let published = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut publishers = Vec::new();
-    for c in 0..channels {
+    for c in (0..channels).filter(|_| !args.idle) {
         let mut client = client.clone();
         let pad = pad.clone();
         let published = published.clone();
         let duration = args.duration;
         let rate = args.rate;
+        let prefix = args.prefix.clone();
         publishers.push(tokio::spawn(async move {
-            let channel = format!("bench:{c}");
+            let channel = format!("{prefix}:{c}");
             let mut tick = (rate > 0).then(|| tokio::time::interval(Duration::from_micros(1_000_000 / rate)));
             while started.elapsed() < duration {
                 if let Some(t) = tick.as_mut() {
@@ -377,6 +393,9 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     }
     for p in publishers {
         let _ = p.await;
+    }
+    if args.idle {
+        tokio::time::sleep(args.duration).await;
     }
     let publish_s = started.elapsed().as_secs_f64();
     // Let in-flight deliveries land.
@@ -413,6 +432,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
         "deliveries": got,
         "deliveries_per_s": (got as f64 / publish_s).round(),
         "loss": expected.saturating_sub(got),
+        "closed_by_server": closed.load(Ordering::Relaxed),
         "latency": latency(&h),
         "server_rss_kib": rss_end,
         "rss_bytes_per_connection_idle": per_conn(rss_connected),
