@@ -424,3 +424,36 @@ impl Drop for BridgeServer {
         self.stop.cancel();
     }
 }
+
+/// A bus, an agent bridge on it (threads in a temporary directory) and a
+/// gateway on both, each configured further by its `tweak`.
+pub struct AgentStack {
+    pub bus: BusServer,
+    pub bridge: BridgeServer,
+    pub gateway: GatewayServer,
+    /// The bridge's data directory.
+    pub data: tempfile::TempDir,
+}
+
+impl AgentStack {
+    pub async fn start(
+        bridge: impl FnOnce(&mut agent_bridge::Config),
+        gateway: impl FnOnce(&mut gateway::Config),
+    ) -> AgentStack {
+        let data = tempfile::tempdir().unwrap();
+        let bus = BusServer::memory().await;
+        let mut config = agent_bridge::Config {
+            data_dir: data.path().to_owned(),
+            eventbus_url: Some(bus.url()),
+            ..agent_bridge::Config::default()
+        };
+        bridge(&mut config);
+        let bridge = BridgeServer::start(config).await;
+        let gateway = GatewayServer::start_with(&bus.url(), |c| {
+            c.agent_bridge_url = Some(bridge.url());
+            gateway(c);
+        })
+        .await;
+        AgentStack { bus, bridge, gateway, data }
+    }
+}

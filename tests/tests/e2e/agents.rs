@@ -9,30 +9,13 @@ use switchboard_tests::*;
 
 const SECRET: &str = "an-hs256-secret-for-agent-tests-0123";
 
-/// A bus, a bridge (echo at `delay`) and a gateway that accepts tokens and anonymous clients.
-struct AgentStack {
-    bus: BusServer,
-    bridge: BridgeServer,
-    gateway: GatewayServer,
-    _data: tempfile::TempDir,
-}
-
+/// The agent stack with echo at `delay` and a gateway that accepts tokens and anonymous clients.
 async fn stack(delay: Duration) -> AgentStack {
-    let data = tempfile::tempdir().unwrap();
-    let bus = BusServer::memory().await;
-    let bridge = BridgeServer::start(agent_bridge::Config {
-        data_dir: data.path().to_owned(),
-        eventbus_url: Some(bus.url()),
-        echo_delay: delay,
-        ..agent_bridge::Config::default()
-    })
-    .await;
-    let gateway = GatewayServer::start_with(&bus.url(), |c| {
-        c.agent_bridge_url = Some(bridge.url());
-        c.auth = gateway::auth::AuthConfig::none().with_hs256(SECRET.as_bytes());
-    })
-    .await;
-    AgentStack { bus, bridge, gateway, _data: data }
+    AgentStack::start(
+        |b| b.echo_delay = delay,
+        |g| g.auth = gateway::auth::AuthConfig::none().with_hs256(SECRET.as_bytes()),
+    )
+    .await
 }
 
 fn token(sub: &str) -> String {
@@ -197,7 +180,7 @@ async fn threads_keep_history_across_runs_and_restarts() {
     run_events(&mut ws).await;
 
     s.bridge.stop().await;
-    let threads = agent_bridge::threads::Threads::open(s._data.path()).unwrap();
+    let threads = agent_bridge::threads::Threads::open(s.data.path()).unwrap();
     let history = threads.messages(&thread).unwrap();
     let summary: Vec<(&str, &str)> =
         history.iter().take(4).map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();

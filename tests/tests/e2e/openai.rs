@@ -62,33 +62,17 @@ async fn model_server(status: u16, content_type: &'static str, body: String) -> 
     (url, seen)
 }
 
-struct Env {
-    _bus: BusServer,
-    _bridge: BridgeServer,
-    gateway: GatewayServer,
-    _data: tempfile::TempDir,
+async fn env(base_url: String) -> AgentStack {
+    let openai = agent_bridge::openai::OpenAiConfig {
+        base_url,
+        model: "gpt-4o-mini".into(),
+        api_key: Some("sk-test".into()),
+        timeout: Duration::from_secs(5),
+    };
+    AgentStack::start(|b| b.openai = Some(openai), |_| {}).await
 }
 
-async fn env(base_url: String) -> Env {
-    let data = tempfile::tempdir().unwrap();
-    let bus = BusServer::memory().await;
-    let bridge = BridgeServer::start(agent_bridge::Config {
-        data_dir: data.path().to_owned(),
-        eventbus_url: Some(bus.url()),
-        openai: Some(agent_bridge::openai::OpenAiConfig {
-            base_url,
-            model: "gpt-4o-mini".into(),
-            api_key: Some("sk-test".into()),
-            timeout: Duration::from_secs(5),
-        }),
-        ..agent_bridge::Config::default()
-    })
-    .await;
-    let gateway = GatewayServer::start_with(&bus.url(), |c| c.agent_bridge_url = Some(bridge.url())).await;
-    Env { _bus: bus, _bridge: bridge, gateway, _data: data }
-}
-
-async fn run(env: &Env, content: &str) -> Vec<Value> {
+async fn run(env: &AgentStack, content: &str) -> Vec<Value> {
     let mut ws = Ws::connect(&env.gateway.ws_url("/ws")).await.unwrap();
     ws.send(json!({ "type": "chat_message", "content": content, "agent": "openai" })).await;
     ws.expect("run").await;

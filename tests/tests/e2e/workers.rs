@@ -66,24 +66,8 @@ async fn next(s: &mut tonic::Streaming<apb::BridgeMessage>) -> Option<apb::bridg
         .and_then(|m| m.message)
 }
 
-struct Env {
-    _bus: BusServer,
-    bridge: BridgeServer,
-    gateway: GatewayServer,
-    _data: tempfile::TempDir,
-}
-
-async fn env() -> Env {
-    let data = tempfile::tempdir().unwrap();
-    let bus = BusServer::memory().await;
-    let bridge = BridgeServer::start(agent_bridge::Config {
-        data_dir: data.path().to_owned(),
-        eventbus_url: Some(bus.url()),
-        ..agent_bridge::Config::default()
-    })
-    .await;
-    let gateway = GatewayServer::start_with(&bus.url(), |c| c.agent_bridge_url = Some(bridge.url())).await;
-    Env { _bus: bus, bridge, gateway, _data: data }
+async fn env() -> AgentStack {
+    AgentStack::start(|_| {}, |_| {}).await
 }
 
 /// Reads this run's events until it ends.
