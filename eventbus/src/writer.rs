@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Most requests committed together.
-const MAX_BATCH: usize = 1024;
+const MAX_BATCH: usize = 8192;
 
 /// How long an idempotency key is remembered (SPEC §5).
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
@@ -53,7 +53,7 @@ pub(crate) fn now_ms() -> i64 {
 
 /// Runs the writer until `Stop`; meant for a dedicated thread.
 pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut writer = Writer { bus, idempotency: HashMap::new() };
+    let mut writer = Writer { bus, idempotency: HashMap::new(), ids: Ids::default() };
     writer.load_idempotency();
     let fsync = writer.bus.config().fsync;
     let interval = writer.bus.config().fsync_interval;
@@ -79,6 +79,37 @@ struct Writer {
     bus: Bus,
     /// `(channel, key)` → the first result and when the key expires (Unix ms).
     idempotency: HashMap<(Arc<str>, String), (Published, i64)>,
+    ids: Ids,
+}
+
+/// Event ids: UUIDv7, increasing within a millisecond (RFC 9562 §6.2,
+/// method 2: a counter in the random bits, seeded anew each millisecond).
+/// The writer is the only caller, so no lock; the seed comes from the
+/// thread's user-space generator rather than a system call per id.
+#[derive(Default)]
+struct Ids {
+    ms: i64,
+    rand_a: u16,
+    counter: u64,
+}
+
+impl Ids {
+    fn next(&mut self, now_ms: i64) -> String {
+        if now_ms != self.ms {
+            self.ms = now_ms;
+            self.rand_a = rand::random::<u16>();
+            // Two bits of room below the variant bits, so the counter never wraps.
+            self.counter = rand::random::<u64>() >> 4;
+        } else {
+            self.counter += 1;
+        }
+        let mut random = [0u8; 10];
+        random[..2].copy_from_slice(&self.rand_a.to_be_bytes());
+        random[2..].copy_from_slice(&self.counter.to_be_bytes());
+        let uuid = uuid::Builder::from_unix_timestamp_millis(now_ms as u64, &random).into_uuid();
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid.hyphenated().encode_lower(&mut text).to_owned()
+    }
 }
 
 /// A channel touched by the batch being built.
@@ -152,7 +183,7 @@ impl Writer {
             }
             let p = &mut pending[index[&name]];
             p.top += 1;
-            let event_id = uuid::Uuid::now_v7().to_string();
+            let event_id = self.ids.next(now);
             let published = Published {
                 event_id: event_id.clone(),
                 position: Position { offset: p.top, epoch: epoch.clone() },
@@ -184,14 +215,17 @@ impl Writer {
             replies.push((reply, Ok(published)));
         }
 
-        let touched: Vec<&Pending> = pending.iter().filter(|p| !p.events.is_empty()).collect();
+        let mut touched: Vec<Pending> = pending.into_iter().filter(|p| !p.events.is_empty()).collect();
         if !touched.is_empty() {
+            // The events move into the batch and back out after the commit: never copied.
             let mut batch = Batch { idempotency: records, ..Batch::default() };
-            for p in &touched {
+            let mut counts = Vec::with_capacity(touched.len());
+            for p in &mut touched {
                 let size = self.bus.config().history_of(&p.channel.name).size.max(1);
                 let first = p.first.max(p.top.saturating_sub(size) + 1);
                 batch.metas.push(ChannelMeta { channel: p.channel.name.clone(), top: p.top, first });
-                batch.events.extend(p.events.iter().cloned());
+                counts.push(p.events.len());
+                batch.events.append(&mut p.events);
             }
             if let Err(e) = self.bus.shared.store.commit(&batch) {
                 tracing::error!(cause = %e, "commit failed");
@@ -204,10 +238,10 @@ impl Writer {
                 }
                 return keep_going;
             }
-            let count: usize = pending.iter().map(|p| p.events.len()).sum();
-            self.bus.shared.published_total.fetch_add(count as u64, Ordering::Relaxed);
-            for (p, meta) in pending.into_iter().filter(|p| !p.events.is_empty()).zip(batch.metas) {
-                let events: Arc<[Event]> = p.events.into();
+            self.bus.shared.published_total.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+            let mut events = batch.events.into_iter();
+            for ((p, meta), count) in touched.into_iter().zip(batch.metas).zip(counts) {
+                let events: Arc<[Event]> = events.by_ref().take(count).collect();
                 let mut st = p.channel.state.lock().unwrap();
                 st.top = meta.top;
                 st.first = meta.first;
@@ -247,5 +281,27 @@ impl Writer {
             }
             Err(e) => tracing::error!(cause = %e, "expiry failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ids;
+
+    #[test]
+    fn ids_are_uuid_v7_and_increase_within_a_millisecond() {
+        let mut ids = Ids::default();
+        let all: Vec<String> = (0..1000).map(|i| ids.next(1_790_000_000_000 + i / 400)).collect();
+        for id in &all {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version_num(), 7, "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        for pair in all.windows(2) {
+            assert!(pair[0] < pair[1], "{} then {}", pair[0], pair[1]);
+        }
+        let ms = |id: &str| uuid::Uuid::parse_str(id).unwrap().get_timestamp().unwrap().to_unix();
+        assert_eq!(ms(&all[0]), (1_790_000_000, 0));
+        assert_eq!(ms(&all[999]), (1_790_000_000, 2_000_000));
     }
 }
