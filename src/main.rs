@@ -21,6 +21,12 @@ use switchboard_proto::eventbus::v1 as pb;
 
 use settings::{AccessSetting, Settings, addr};
 
+/// mimalloc rather than glibc's allocator: the publish path allocates and frees
+/// small buffers per event across threads, where glibc spent a fifth of the
+/// bus's core (BENCHMARKS.md, durable publish).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
