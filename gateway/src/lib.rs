@@ -25,6 +25,7 @@ use std::{
     },
 };
 
+use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -104,6 +105,13 @@ pub async fn serve(
 
     let app = http::router(node.clone());
     let stopping = node.clone();
+    // Frames are small and written as they come: Nagle's algorithm would hold
+    // each one back until the client acknowledged the previous one.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
