@@ -22,8 +22,11 @@ use crate::{
     store::{Batch, ChannelMeta, IdempotencyRecord},
 };
 
-/// Most requests committed together.
+/// Most requests committed together, and most payload bytes: a group is
+/// large enough that one sync serves thousands of publishes, and bounded so
+/// that a queue of large events does not become one huge transaction.
 const MAX_BATCH: usize = 8192;
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// How long an idempotency key is remembered (SPEC §5).
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
@@ -47,6 +50,15 @@ pub(crate) enum WriteRequest {
     Stop,
 }
 
+impl WriteRequest {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            WriteRequest::Publish { event, .. } => event.data.len(),
+            _ => 0,
+        }
+    }
+}
+
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
@@ -62,10 +74,14 @@ pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
         if fsync == Fsync::Batch {
             std::thread::sleep(interval);
         }
+        let mut bytes = first.payload_bytes();
         requests.push(first);
-        while requests.len() < MAX_BATCH {
+        while requests.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(r) => requests.push(r),
+                Ok(r) => {
+                    bytes += r.payload_bytes();
+                    requests.push(r);
+                }
                 Err(_) => break,
             }
         }
