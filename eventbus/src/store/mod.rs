@@ -53,7 +53,7 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the idempotency records not expired at `now_ms`.
     fn idempotency(&self, now_ms: i64) -> Result<Vec<IdempotencyRecord>, StoreError>;
 
-    /// Stores a batch atomically; events below each meta's `first` are dropped.
+    /// Stores a batch atomically; events below each meta's `first` are no longer served.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
 
     /// Returns up to `limit` events of `channel` with offsets above `after`, oldest first.
