@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-rows = [json.loads(line) for line in (out / "fanout.jsonl").read_text().splitlines() if line.strip()]
+fanout = out / "fanout.jsonl"  # absent when every harness run failed (or ROUNDS=0)
+rows = [json.loads(line) for line in fanout.read_text().splitlines() if line.strip()] if fanout.exists() else []
 rows = [r for r in rows if not r.get("meta") and "error" not in r]
 
 

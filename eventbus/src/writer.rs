@@ -98,8 +98,9 @@ struct Writer {
     ids: Ids,
 }
 
-/// Event ids: UUIDv7, increasing within a millisecond (RFC 9562 §6.2,
-/// method 2: a counter in the random bits, seeded anew each millisecond).
+/// Event ids: UUIDv7, each greater than the one before (RFC 9562 §6.2,
+/// method 2: a counter in the random bits, seeded anew each millisecond;
+/// a clock that steps back keeps the newest millisecond seen).
 /// The writer is the only caller, so no lock; the seed comes from the
 /// thread's user-space generator rather than a system call per id.
 #[derive(Default)]
@@ -111,6 +112,8 @@ struct Ids {
 
 impl Ids {
     fn next(&mut self, now_ms: i64) -> String {
+        // A clock that steps back does not take the ids back with it.
+        let now_ms = now_ms.max(self.ms);
         if now_ms != self.ms {
             self.ms = now_ms;
             self.rand_a = rand::random::<u16>();
@@ -305,7 +308,7 @@ mod tests {
     use super::Ids;
 
     #[test]
-    fn ids_are_uuid_v7_and_increase_within_a_millisecond() {
+    fn ids_are_uuid_v7_and_always_increase() {
         let mut ids = Ids::default();
         let all: Vec<String> = (0..1000).map(|i| ids.next(1_790_000_000_000 + i / 400)).collect();
         for id in &all {
@@ -319,5 +322,8 @@ mod tests {
         let ms = |id: &str| uuid::Uuid::parse_str(id).unwrap().get_timestamp().unwrap().to_unix();
         assert_eq!(ms(&all[0]), (1_790_000_000, 0));
         assert_eq!(ms(&all[999]), (1_790_000_000, 2_000_000));
+
+        let after_step_back = ids.next(1_789_999_999_000);
+        assert!(after_step_back > all[999], "{after_step_back} after {}", all[999]);
     }
 }

@@ -8,8 +8,10 @@
 //!   on every commit, to a few rows per commit. Keying a chunk by its last
 //!   offset makes both "the chunk holding offset n" and "the chunks wholly
 //!   below `first`" single range reads;
-//! - `channels`: `channel` → `(top, first)`: a chunk may still hold events
-//!   below `first`, which are never served;
+//! - `channels`: `channel` → `(top, first)`. A commit drops only whole
+//!   chunks, so the chunk holding `first` may still have events below it;
+//!   they are never served, and expiry (every second) rewrites that chunk
+//!   without them;
 //! - `idempotency`: `(channel, key)` → `(event_id, offset, expires_ms)`;
 //! - `settings`: `"epoch"` → the epoch of this data directory.
 //!
@@ -21,7 +23,7 @@
 //! back when the file is next opened, never served. redb also locks the file,
 //! so a second process on the same directory is refused.
 
-use std::{path::Path, sync::Arc};
+use std::{borrow::Cow, path::Path, sync::Arc};
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle};
 use serde::Deserialize;
@@ -54,8 +56,11 @@ pub struct EmbeddedStore {
 /// An event as files written before chunks hold it, after its 8-byte timestamp.
 #[derive(Deserialize)]
 struct Legacy<'a> {
-    id: &'a str,
-    name: &'a str,
+    // Borrowed where the JSON text has no escapes, owned where it has.
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
     #[serde(default)]
@@ -269,14 +274,14 @@ fn migrate(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     for row in old.iter().map_err(io)? {
         let (k, v) = row.map_err(io)?;
         let (channel, offset) = k.value();
-        let corrupt = || StoreError::Io(format!("corrupt event {channel}/{offset}"));
-        let (timestamp, json) = v.value().split_first_chunk::<8>().ok_or_else(corrupt)?;
-        let legacy: Legacy<'_> = serde_json::from_slice(json).map_err(|_| corrupt())?;
+        let corrupt = |cause: &str| StoreError::Io(format!("corrupt event {channel}/{offset}: {cause}"));
+        let (timestamp, json) = v.value().split_first_chunk::<8>().ok_or_else(|| corrupt("too short"))?;
+        let legacy: Legacy<'_> = serde_json::from_slice(json).map_err(|e| corrupt(&e.to_string()))?;
         value.clear();
         value.extend_from_slice(&1u32.to_le_bytes());
         let meta = legacy.meta.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let data = legacy.data.get().as_bytes();
-        push_record(&mut value, i64::from_le_bytes(*timestamp), legacy.id, legacy.name, meta, data);
+        push_record(&mut value, i64::from_le_bytes(*timestamp), &legacy.id, &legacy.name, meta, data);
         chunks.insert((channel, offset), value.as_slice()).map_err(io)?;
     }
     Ok(())
@@ -289,6 +294,33 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 /// Offsets of the chunks of `channel` whose events all lie below `first`.
 fn chunks_below(chunks: &Table<'_, (&str, u64), &[u8]>, channel: &str, first: u64) -> Result<Vec<u64>, StoreError> {
     chunks.range((channel, 0)..(channel, first)).map_err(io)?.map(|row| Ok(row.map_err(io)?.0.value().1)).collect()
+}
+
+/// Rewrites the chunk that holds offset `first` without its events below `first`.
+fn cut_boundary(chunks: &mut Table<'_, (&str, u64), &[u8]>, channel: &str, first: u64) -> Result<(), StoreError> {
+    let (last, value) = {
+        let Some(row) = chunks.range((channel, first)..=(channel, u64::MAX)).map_err(io)?.next() else {
+            return Ok(());
+        };
+        let (k, v) = row.map_err(io)?;
+        let last = k.value().1;
+        let corrupt = || StoreError::Io(format!("corrupt chunk {channel}/{last}"));
+        let chunk = Chunk::new(v.value(), last).ok_or_else(corrupt)?;
+        if chunk.offset >= first {
+            return Ok(());
+        }
+        let mut value = ((last + 1 - first) as u32).to_le_bytes().to_vec();
+        for record in chunk {
+            let (offset, record) = record.ok_or_else(corrupt)?;
+            if offset >= first {
+                value.extend_from_slice(&(record.len() as u32).to_le_bytes());
+                value.extend_from_slice(record);
+            }
+        }
+        (last, value)
+    };
+    chunks.insert((channel, last), value.as_slice()).map_err(io)?;
+    Ok(())
 }
 
 impl Store for EmbeddedStore {
@@ -408,14 +440,16 @@ impl Store for EmbeddedStore {
                         new_first = offset + 1;
                     }
                 }
-                if new_first == first {
-                    continue;
+                if new_first > first {
+                    for last in chunks_below(&chunks, channel, new_first)? {
+                        chunks.remove((&**channel, last)).map_err(io)?;
+                    }
+                    channels.insert(&**channel, (top, new_first)).map_err(io)?;
+                    changed.push((channel.clone(), new_first));
                 }
-                for last in chunks_below(&chunks, channel, new_first)? {
-                    chunks.remove((&**channel, last)).map_err(io)?;
-                }
-                channels.insert(&**channel, (top, new_first)).map_err(io)?;
-                changed.push((channel.clone(), new_first));
+                // Commits drop whole chunks only; what trimming or expiry left below
+                // `first` in the chunk that holds it goes here, within a second.
+                cut_boundary(&mut chunks, channel, new_first)?;
             }
             let mut idem = txn.open_table(IDEMPOTENCY).map_err(io)?;
             idem.retain(|_, (_, _, expires_ms)| expires_ms > now_ms).map_err(io)?;
@@ -488,6 +522,16 @@ mod tests {
         let chunks = txn.open_table(CHUNKS).unwrap();
         let lasts: Vec<u64> = chunks.iter().unwrap().map(|r| r.unwrap().0.value().1).collect();
         assert_eq!(lasts, [70, 100]);
+        drop((chunks, txn));
+
+        // Expiry with nothing old enough still removes 65 from the disk.
+        assert_eq!(store.expire(&[(Arc::from("c"), 0)], 0).unwrap(), []);
+        let txn = store.db.begin_read().unwrap();
+        let chunks = txn.open_table(CHUNKS).unwrap();
+        let boundary = chunks.get(("c", 70)).unwrap().unwrap();
+        let offsets: Vec<u64> = Chunk::new(boundary.value(), 70).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(offsets, [66, 67, 68, 69, 70]);
+        assert_eq!(store.read("c", 0, 1000).unwrap(), expected[65..]);
     }
 
     #[test]
@@ -517,7 +561,7 @@ mod tests {
                 for offset in [2u64, 3] {
                     let mut value = (40 + offset as i64).to_le_bytes().to_vec();
                     let json =
-                        format!(r#"{{"id":"e{offset}","name":"n","data":{{"a":[{offset}]}},"meta":[["k","v"]]}}"#);
+                        format!(r#"{{"id":"e{offset}","name":"n\"\t","data":{{"a":[{offset}]}},"meta":[["k","v"]]}}"#);
                     value.extend_from_slice(json.as_bytes());
                     events.insert(("c", offset), value.as_slice()).unwrap();
                 }
@@ -531,6 +575,7 @@ mod tests {
         let summary: Vec<_> = read.iter().map(|e| (e.id.as_str(), e.offset, e.timestamp_ms, &e.data[..])).collect();
         assert_eq!(summary, [("e2", 2, 42, &br#"{"a":[2]}"#[..]), ("e3", 3, 43, &br#"{"a":[3]}"#[..])]);
         assert_eq!(read[0].meta, [("k".to_owned(), "v".to_owned())]);
+        assert_eq!(read[1].name, "n\"\t", "escaped text in the old JSON is unescaped");
         let txn = store.db.begin_read().unwrap();
         assert!(!txn.list_tables().unwrap().any(|t| t.name() == LEGACY_EVENTS.name()));
     }

@@ -241,3 +241,75 @@ async fn a_second_bus_on_the_same_directory_is_refused() {
         .expect("the directory is in use");
     assert!(matches!(err, eventbus::StoreError::Locked { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn embedded_store_keeps_trimmed_histories_of_channels_committed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = eventbus::Config { data_dir: dir.path().to_owned(), ..eventbus::Config::default() };
+    config.namespaces.insert("small".into(), eventbus::HistoryPolicy { size: 3, ttl: Duration::from_secs(3600) });
+    let mut bus = BusServer::start(config).await;
+    let mut client = bus_client(&bus.url()).await;
+    // One pipelined stream over three channels in turn: commit groups hold several
+    // channels, each with runs longer than one stored chunk (64 events).
+    let channels = ["small:a", "small:b", "missions"];
+    let requests: Vec<pb::PublishRequest> = (0..600)
+        .map(|i| pb::PublishRequest {
+            channel: channels[i % 3].into(),
+            event: "e".into(),
+            data: json!({ "i": i }).to_string().into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut acks = client.publish_stream(futures::stream::iter(requests)).await.unwrap().into_inner();
+    let mut acked = 0;
+    while let Some(ack) = acks.message().await.unwrap() {
+        assert!(ack.error.is_none(), "{:?}", ack.error);
+        acked += 1;
+    }
+    assert_eq!(acked, 600);
+
+    // The k-th event (from 1) of channel c carries i = 3 (k - 1) + c.
+    let check = |h: pb::HistoryResponse, c: usize, offsets: std::ops::RangeInclusive<u64>| {
+        assert_eq!(h.position.unwrap().offset, 200, "{}", channels[c]);
+        let got: Vec<(u64, Vec<u8>)> = h.events.into_iter().map(|e| (e.offset, e.data.to_vec())).collect();
+        let want: Vec<(u64, Vec<u8>)> =
+            offsets.map(|k| (k, json!({ "i": 3 * (k - 1) as usize + c }).to_string().into_bytes())).collect();
+        assert_eq!(got, want, "{}", channels[c]);
+    };
+    for round in ["before", "after"] {
+        if round == "after" {
+            bus.restart().await;
+            client = bus_client(&bus.url()).await;
+        }
+        for (c, channel) in channels.iter().enumerate() {
+            let req = pb::HistoryRequest { channel: (*channel).into(), limit: 1000, ..Default::default() };
+            let h = client.history(req).await.unwrap().into_inner();
+            check(h, c, if c < 2 { 198..=200 } else { 1..=200 });
+        }
+    }
+
+    // Recovery from below the trimmed history is refused; from within it, replays the rest.
+    let epoch = publish(&mut client, "other", "e", json!(1)).await.epoch;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut stream = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    for (channel, since) in [("small:a", 100), ("small:b", 198)] {
+        tx.send(pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Join(pb::Join {
+                channel: channel.into(),
+                since: Some(pb::StreamPosition { offset: since, epoch: epoch.clone() }),
+            })),
+        })
+        .await
+        .unwrap();
+    }
+    use pb::subscribe_response::Response as R;
+    let R::Joined(j) = next(&mut stream).await else { panic!("expected joined") };
+    assert_eq!((j.channel.as_str(), j.recovered, j.missed), ("small:a", false, 0));
+    let R::Joined(j) = next(&mut stream).await else { panic!("expected joined") };
+    assert_eq!((j.channel.as_str(), j.recovered, j.missed), ("small:b", true, 2));
+    let R::Events(batch) = next(&mut stream).await else { panic!("expected the replay") };
+    let replay: Vec<(u64, Vec<u8>)> = batch.events.into_iter().map(|e| (e.offset, e.data.to_vec())).collect();
+    let want: Vec<(u64, Vec<u8>)> =
+        (199..=200).map(|k| (k, json!({ "i": 3 * (k - 1) as usize + 1 }).to_string().into_bytes())).collect();
+    assert_eq!(replay, want);
+}
