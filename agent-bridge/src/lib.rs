@@ -148,12 +148,5 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let bridge = bridge.clone();
-            async move { bridge.metrics().render() }
-        }),
-    );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    switchboard_proto::metrics::serve(listener, move || bridge.metrics().render(), shutdown).await
 }

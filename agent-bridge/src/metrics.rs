@@ -3,7 +3,7 @@
 //! `agent_bridge.metrics_listen` when it is set.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -41,10 +41,7 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        switchboard_proto::metrics::render(&self.registry)
     }
 }
 

@@ -167,12 +167,5 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let bus = bus.clone();
-            async move { bus.render_metrics() }
-        }),
-    );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    switchboard_proto::metrics::serve(listener, move || bus.render_metrics(), shutdown).await
 }

@@ -4,7 +4,6 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
-    encoding::text::encode,
     metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -42,10 +41,7 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        switchboard_proto::metrics::render(&self.registry)
     }
 }
 

@@ -531,6 +531,5 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render())
-        .into_response()
+    ([(header::CONTENT_TYPE, switchboard_proto::metrics::CONTENT_TYPE)], node.metrics.render()).into_response()
 }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod channel;
+pub mod metrics;
 
 /// `switchboard.eventbus.v1`: the event bus.
 pub mod eventbus {

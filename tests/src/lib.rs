@@ -199,6 +199,11 @@ pub async fn bus_client(url: &str) -> BusClient {
     BusClient::connect(url.to_owned()).await.expect("connect to bus")
 }
 
+/// The `type` of each AG-UI event, in order.
+pub fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
 /// Publishes through gRPC and returns the response.
 pub async fn publish(client: &mut BusClient, channel: &str, event: &str, data: Value) -> pb::PublishResponse {
     client

@@ -162,16 +162,16 @@ fn timestamp_of(record: &[u8]) -> Option<i64> {
 }
 
 /// Builds chunk values from a batch's events and inserts them.
-struct ChunkWriter {
+struct ChunkWriter<'a> {
     value: Vec<u8>,
     count: u32,
     /// Channel and offset of the newest event in `value`.
-    last: Option<(Arc<str>, u64)>,
+    last: Option<(&'a str, u64)>,
 }
 
-impl ChunkWriter {
-    fn push(&mut self, table: &mut Table<'_, (&str, u64), &[u8]>, event: &Event) -> Result<(), StoreError> {
-        let follows = self.last.as_ref().is_some_and(|(ch, last)| *ch == event.channel && last + 1 == event.offset);
+impl<'a> ChunkWriter<'a> {
+    fn push(&mut self, table: &mut Table<'_, (&str, u64), &[u8]>, event: &'a Event) -> Result<(), StoreError> {
+        let follows = self.last.is_some_and(|(ch, last)| ch == &*event.channel && last + 1 == event.offset);
         if !follows || self.count == CHUNK_EVENTS || self.value.len() >= CHUNK_BYTES {
             self.flush(table)?;
         }
@@ -182,14 +182,14 @@ impl ChunkWriter {
         let meta = event.meta.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         push_record(&mut self.value, event.timestamp_ms, &event.id, &event.name, meta, &event.data);
         self.count += 1;
-        self.last = Some((event.channel.clone(), event.offset));
+        self.last = Some((&event.channel, event.offset));
         Ok(())
     }
 
     fn flush(&mut self, table: &mut Table<'_, (&str, u64), &[u8]>) -> Result<(), StoreError> {
         if let Some((channel, last)) = self.last.take() {
             self.value[..4].copy_from_slice(&self.count.to_le_bytes());
-            table.insert((&*channel, last), self.value.as_slice()).map_err(io)?;
+            table.insert((channel, last), self.value.as_slice()).map_err(io)?;
         }
         self.count = 0;
         Ok(())

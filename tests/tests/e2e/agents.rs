@@ -46,10 +46,6 @@ async fn run_events(ws: &mut Ws) -> Vec<Value> {
     }
 }
 
-fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
-}
-
 fn text(events: &[Value]) -> String {
     events.iter().filter(|e| e["type"] == "TEXT_MESSAGE_CONTENT").map(|e| e["delta"].as_str().unwrap()).collect()
 }

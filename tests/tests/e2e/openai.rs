@@ -87,10 +87,6 @@ async fn run(env: &AgentStack, content: &str) -> Vec<Value> {
     }
 }
 
-fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
-}
-
 #[tokio::test]
 async fn text_deltas_become_one_text_message() {
     let (url, seen) = model_server(200, "text/event-stream", fixture("text.sse")).await;

@@ -87,10 +87,6 @@ async fn until_end(ws: &mut Ws) -> Vec<Value> {
     }
 }
 
-fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
-}
-
 #[tokio::test]
 async fn a_worker_serves_runs_and_methods() {
     let e = env().await;
