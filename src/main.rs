@@ -385,10 +385,12 @@ impl Plan {
             Some(secret) => Some(secret),
             None if dev => {
                 let secret = random_key();
+                // The printed dev token is the developer's own: it has the
+                // `admin` role, so `get_status` shows everything to it.
                 let claims = token_claims(
                     "dev",
                     Duration::from_secs(24 * 3600),
-                    &[],
+                    &["admin".to_owned()],
                     &[],
                     s.auth.audience.as_deref(),
                     s.auth.issuer.as_deref(),
@@ -438,6 +440,12 @@ impl Plan {
                     )?,
                 },
             );
+        }
+        let mut rpc = HashMap::new();
+        for (method, setting) in &s.rpc {
+            // `none` is accepted too: a method nobody may call from a browser.
+            let access = access(&format!("rpc.{method}"), Some(setting), switchboard_gateway::Access::None)?;
+            rpc.insert(method.clone(), access);
         }
         let eventbus = switchboard_eventbus::Config {
             backend,
@@ -510,6 +518,7 @@ impl Plan {
                 recovery_max: l.recovery_max,
             },
             namespaces: gw_namespaces,
+            rpc,
             allowed_origins: s.gateway.allowed_origins.clone(),
             auth,
         };

@@ -37,6 +37,8 @@ pub struct Settings {
     pub agents: Agents,
     pub limits: Limits,
     pub namespaces: HashMap<String, Namespace>,
+    /// Who may call each RPC method (SPEC §7.5): `rpc.<method>`.
+    pub rpc: HashMap<String, AccessSetting>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,8 +278,37 @@ pub fn load(file: Option<&std::path::Path>, env: &HashMap<String, String>) -> Re
     figment = figment.merge(EnvMap(vars));
     figment.extract::<Settings>().map_err(|e| {
         let key = e.path.join(".");
-        if key.is_empty() { e.to_string() } else { format!("{key}: {e}") }
+        // An unknown key is reported at its parent's path.
+        let mut path = e.path.clone();
+        if let figment::error::Kind::UnknownField(field, _) = &e.kind
+            && path.last() != Some(field)
+        {
+            path.push(field.clone());
+        }
+        let from_env = env_name(&path, env);
+        match (from_env, key.is_empty()) {
+            (Some(var), _) => format!("{var} ({}): {e}", var_path(&var).unwrap_or_default().join(".")),
+            (None, true) => e.to_string(),
+            (None, false) => format!("{key}: {e}"),
+        }
     })
+}
+
+/// The setting path of a `SWITCHBOARD_<SECTION>__<KEY>` variable, or `None`
+/// for a variable without that form (a deployment's own `SWITCHBOARD_BIN`,
+/// say), which is not a setting and is ignored (SPEC §8).
+fn var_path(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix("SWITCHBOARD_")?;
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    (path.len() >= 2 && path.iter().all(|p| !p.is_empty())).then_some(path)
+}
+
+/// The variable that set the setting at `path` (or below it), if one did.
+fn env_name(path: &[String], env: &HashMap<String, String>) -> Option<String> {
+    if path.is_empty() {
+        return None;
+    }
+    env.keys().find(|k| var_path(k).is_some_and(|p| p.starts_with(path))).cloned()
 }
 
 /// `SWITCHBOARD_<SECTION>__<KEY>` variables from a given map, as figment's `Env` would read them.
@@ -292,10 +323,9 @@ impl figment::Provider for EnvMap {
         use figment::value::{Dict, Value};
         let mut root = Dict::new();
         for (k, v) in &self.0 {
-            let Some(rest) = k.strip_prefix("SWITCHBOARD_") else {
+            let Some(path) = var_path(k) else {
                 continue;
             };
-            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
             let value: Value = v.parse().unwrap_or_else(|_| Value::from(v.clone()));
             let mut dict = &mut root;
             for (i, part) in path.iter().enumerate() {

@@ -28,6 +28,32 @@ pub mod workers;
 
 pub use runs::{Bridge, BridgeError, RunSpec};
 
+/// Who a call or a cancel acts for: a user with its roles, or a service.
+///
+/// A service (empty `user_id`) reached the bridge with the admin key when one
+/// is configured, so it may act for anyone and sees everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub roles: Vec<String>,
+}
+
+impl Caller {
+    /// A service acting for anyone.
+    pub fn service() -> Self {
+        Caller::default()
+    }
+
+    pub fn is_service(&self) -> bool {
+        self.user_id.is_empty()
+    }
+
+    /// Whether node-wide state (counts, workers) may be shown.
+    pub fn is_admin(&self) -> bool {
+        self.is_service() || self.roles.iter().any(|r| r == "admin")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where threads are kept.

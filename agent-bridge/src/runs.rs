@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use switchboard_proto::eventbus::v1 as bus_pb;
 
 use crate::{
-    BusClient, Config,
+    BusClient, Caller, Config,
     agui::{Failure, Guard},
     echo,
     metrics::{Metrics, RunLabels},
     openai::OpenAi,
-    threads::Threads,
+    threads::{ThreadError, Threads},
     workers::{AgentMsg, Workers},
 };
 
@@ -30,7 +30,8 @@ pub enum BridgeError {
     UnknownAgent(String),
     #[error("thread {0} has an active run")]
     ThreadBusy(String),
-    #[error("thread {0} belongs to another user")]
+    /// Another user's thread or run; the message names nothing of theirs.
+    #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     InvalidInput(String),
@@ -46,6 +47,10 @@ pub enum BridgeError {
 }
 
 impl BridgeError {
+    fn not_yours(thread_id: &str) -> Self {
+        BridgeError::PermissionDenied(format!("thread {thread_id} belongs to another user"))
+    }
+
     pub fn code(&self) -> &str {
         match self {
             BridgeError::Unavailable(_) => "unavailable",
@@ -82,6 +87,15 @@ pub struct RunEvent {
     pub json: String,
 }
 
+/// What a stop found: the run it stopped (or would have), and whether it
+/// was running and is now being cancelled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stopped {
+    pub run_id: String,
+    pub thread_id: String,
+    pub cancelled: bool,
+}
+
 /// A run that was accepted.
 pub struct Started {
     pub run_id: String,
@@ -114,6 +128,8 @@ struct Shared {
 
 struct Active {
     run_id: String,
+    /// Who started it: only this user (or a service) may stop it.
+    user: String,
     cancel: CancellationToken,
     done: watch::Receiver<bool>,
 }
@@ -203,6 +219,13 @@ impl Bridge {
         }
     }
 
+    async fn bus_linked(&self) -> bool {
+        match self.shared.bus.clone() {
+            Some(mut b) => b.info(bus_pb::InfoRequest {}).await.is_ok(),
+            None => false,
+        }
+    }
+
     async fn position(&self, channel: &str) -> Option<(u64, String)> {
         let mut bus = self.shared.bus.clone()?;
         let req = bus_pb::HistoryRequest { channel: channel.into(), limit: 1, reverse: true, ..Default::default() };
@@ -235,7 +258,7 @@ impl Bridge {
         }
         let threads = &self.shared.threads;
         match threads.owner(&thread_id).map_err(|e| BridgeError::Internal(e.to_string()))? {
-            Some(owner) if owner != spec.user_id => return Err(BridgeError::PermissionDenied(thread_id)),
+            Some(owner) if owner != spec.user_id => return Err(BridgeError::not_yours(&thread_id)),
             _ => {}
         }
         let run_id = input["runId"]
@@ -251,6 +274,9 @@ impl Bridge {
             let waiting = {
                 let mut active = self.shared.active.lock().unwrap();
                 match active.get(&thread_id) {
+                    // Checked again here: the thread may have been started by
+                    // another user after the owner check above.
+                    Some(a) if a.user != spec.user_id => return Err(BridgeError::not_yours(&thread_id)),
                     Some(a) => {
                         if spec.multitask == "interrupt" {
                             a.cancel.cancel();
@@ -260,7 +286,12 @@ impl Bridge {
                     None => {
                         active.insert(
                             thread_id.clone(),
-                            Active { run_id: run_id.clone(), cancel: cancel.clone(), done: done_rx.clone() },
+                            Active {
+                                run_id: run_id.clone(),
+                                user: spec.user_id.clone(),
+                                cancel: cancel.clone(),
+                                done: done_rx.clone(),
+                            },
                         );
                         break;
                     }
@@ -280,9 +311,14 @@ impl Bridge {
             .as_array()
             .map(|m| m.iter().filter(|m| m["id"].as_str().is_none_or(|id| !known.contains(id))).cloned().collect())
             .unwrap_or_default();
+        // The owner is checked once more with the append, atomically: a new
+        // thread is claimed by whoever appends first.
         if let Err(e) = threads.append(&thread_id, &spec.user_id, &new) {
             self.finish(&thread_id, &run_id, &done_tx);
-            return Err(BridgeError::Internal(e.to_string()));
+            return Err(match e {
+                ThreadError::NotOwner(_) => BridgeError::not_yours(&thread_id),
+                e => BridgeError::Internal(e.to_string()),
+            });
         }
         let mut messages = history;
         messages.extend(new);
@@ -331,30 +367,70 @@ impl Bridge {
         let _ = done.send(true);
     }
 
-    /// Cancels the active run with this run id or on this thread; idempotent.
-    pub fn cancel(&self, run_id: Option<&str>, thread_id: Option<&str>) -> bool {
-        let active = self.shared.active.lock().unwrap();
-        let found = active.iter().find(|(t, a)| Some(a.run_id.as_str()) == run_id || Some(t.as_str()) == thread_id);
-        match found {
-            Some((_, a)) => {
-                let fresh = !a.cancel.is_cancelled();
+    /// Cancels the active run with this run id or on this thread, for
+    /// `caller`; idempotent. Only the user who started a run (or a service)
+    /// may stop it, and only the owner of a thread may stop its runs.
+    ///
+    /// # Errors
+    /// `PermissionDenied` when the run or the thread is another user's;
+    /// nothing is cancelled then.
+    pub fn cancel(
+        &self,
+        run_id: Option<&str>,
+        thread_id: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Stopped, BridgeError> {
+        let allowed = |user: &str| caller.is_service() || caller.user_id == user;
+        {
+            let active = self.shared.active.lock().unwrap();
+            let found = active.iter().find(|(t, a)| Some(a.run_id.as_str()) == run_id || Some(t.as_str()) == thread_id);
+            if let Some((thread, a)) = found {
+                if !allowed(&a.user) {
+                    return Err(BridgeError::PermissionDenied("the run belongs to another user".into()));
+                }
+                let cancelled = !a.cancel.is_cancelled();
                 a.cancel.cancel();
-                fresh
+                return Ok(Stopped { run_id: a.run_id.clone(), thread_id: thread.clone(), cancelled });
             }
-            None => false,
         }
+        // Nothing running: say so, unless the thread is someone else's.
+        if let Some(thread) = thread_id {
+            let owner = self.shared.threads.owner(thread).map_err(|e| BridgeError::Internal(e.to_string()))?;
+            if owner.is_some_and(|o| !allowed(&o)) {
+                return Err(BridgeError::not_yours(thread));
+            }
+        }
+        Ok(Stopped {
+            run_id: run_id.unwrap_or_default().to_owned(),
+            thread_id: thread_id.unwrap_or_default().to_owned(),
+            cancelled: false,
+        })
     }
 
-    /// Runs a command (SPEC §7.5).
-    pub async fn call(&self, method: &str, params: Value) -> Result<Value, BridgeError> {
+    /// Runs a command (SPEC §7.5) for `caller`. Who may call which method is
+    /// the gateway's check (`rpc.<method>`); here `get_status` shows node-wide
+    /// state only to admins, and workers are told who called.
+    pub async fn call(&self, method: &str, params: Value, caller: &Caller) -> Result<Value, BridgeError> {
         match method {
+            "get_status" if !caller.is_admin() => {
+                let modules = self.shared.modules.lock().unwrap().clone();
+                let agents: Vec<Value> = self
+                    .agents()
+                    .into_iter()
+                    .map(|(name, source, ..)| json!({ "name": name, "source": source }))
+                    .collect();
+                Ok(json!({
+                    "bridge": "ok",
+                    "bus_linked": self.bus_linked().await,
+                    "agents": agents,
+                    "modules": modules,
+                    "timestamp": now_unix(),
+                }))
+            }
             "get_status" => {
                 let runs = self.shared.active.lock().unwrap().len();
                 let modules = self.shared.modules.lock().unwrap().clone();
-                let bus = match self.shared.bus.clone() {
-                    Some(mut b) => b.info(bus_pb::InfoRequest {}).await.is_ok(),
-                    None => false,
-                };
+                let bus = self.bus_linked().await;
                 let agents: Vec<Value> = self
                     .agents()
                     .into_iter()
@@ -389,12 +465,12 @@ impl Bridge {
             }
             "execute_command" => {
                 let command = params["command"].as_str().unwrap_or_default().to_owned();
-                match self.shared.workers.call(&command, params["args"].clone()).await {
+                match self.shared.workers.call(&command, params["args"].clone(), caller).await {
                     Some(outcome) => outcome.map_err(|(code, message)| BridgeError::Worker(code, message)),
                     None => Err(BridgeError::UnknownMethod(format!("no worker registered the command {command:?}"))),
                 }
             }
-            other => match self.shared.workers.call(other, params).await {
+            other => match self.shared.workers.call(other, params, caller).await {
                 Some(outcome) => outcome.map_err(|(code, message)| BridgeError::Worker(code, message)),
                 None => Err(BridgeError::UnknownMethod(format!("unknown method {other:?}"))),
             },
@@ -691,5 +767,75 @@ impl Emitter<'_> {
         if self.tx.send(e).await.is_err() {
             self.caller_gone = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge(dir: &std::path::Path) -> Bridge {
+        let config = Config { echo_delay: std::time::Duration::ZERO, eventbus_url: None, ..Config::default() };
+        Bridge::new(config, Threads::open(dir).unwrap(), None, None)
+    }
+
+    fn spec(user: &str, thread: &str, multitask: &str) -> RunSpec {
+        RunSpec {
+            agent: "echo".into(),
+            thread_id: thread.into(),
+            input: json!({ "messages": [{ "id": format!("{user}-{thread}"), "role": "user", "content": user }] }),
+            user_id: user.into(),
+            multitask: multitask.into(),
+        }
+    }
+
+    /// Drains a run's events to its end.
+    async fn finish(mut started: Started) {
+        while started.events.recv().await.is_some() {}
+    }
+
+    /// The race between the owner check and the per-thread wait: alice holds
+    /// a new thread's slot but has not stored it yet (no owner on record), and
+    /// bob asks to wait for it, or to interrupt it. He is refused at once,
+    /// and alice's run is left alone.
+    #[tokio::test]
+    async fn a_new_thread_held_by_one_user_is_refused_to_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bridge(dir.path());
+        let cancel = CancellationToken::new();
+        let (_done_tx, done_rx) = watch::channel(false);
+        let alice = Active { run_id: "r1".into(), user: "alice".into(), cancel: cancel.clone(), done: done_rx };
+        b.shared.active.lock().unwrap().insert("t".into(), alice);
+        for multitask in ["enqueue", "interrupt", ""] {
+            let bob = tokio::time::timeout(std::time::Duration::from_secs(5), b.start(spec("bob", "t", multitask)))
+                .await
+                .expect("refused at once, not left waiting");
+            assert_eq!(bob.err().map(|e| e.code().to_owned()).as_deref(), Some("permission_denied"), "{multitask}");
+        }
+        assert!(!cancel.is_cancelled(), "bob's `interrupt` did not stop alice's run");
+        assert_eq!(b.shared.threads.owner("t").unwrap(), None, "bob did not claim the thread");
+    }
+
+    #[tokio::test]
+    async fn only_the_runs_user_or_a_service_may_cancel_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Bridge::new(
+            Config { echo_delay: std::time::Duration::from_secs(1), eventbus_url: None, ..Config::default() },
+            Threads::open(dir.path()).unwrap(),
+            None,
+            None,
+        );
+        let started = b.start(spec("alice", "t", "")).await.unwrap();
+        let bob = Caller { user_id: "bob".into(), roles: vec!["admin".into()] };
+        for (run, thread) in [(Some(started.run_id.as_str()), None), (None, Some("t"))] {
+            assert!(matches!(b.cancel(run, thread, &bob), Err(BridgeError::PermissionDenied(_))));
+        }
+        let alice = Caller { user_id: "alice".into(), roles: vec![] };
+        let stopped = b.cancel(None, Some("t"), &alice).unwrap();
+        assert_eq!((stopped.run_id.as_str(), stopped.cancelled), (started.run_id.as_str(), true));
+        finish(started).await;
+        // Ended: nothing to cancel, but still not bob's to ask about.
+        assert!(matches!(b.cancel(None, Some("t"), &bob), Err(BridgeError::PermissionDenied(_))));
+        assert!(!b.cancel(None, Some("t"), &Caller::service()).unwrap().cancelled);
     }
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, service::interceptor::InterceptedService}
 use switchboard_proto::agent::v1 as pb;
 
 use crate::{
+    Caller,
     runs::{Bridge, BridgeError, RunSpec},
     workers::ToWorker,
 };
@@ -99,19 +100,27 @@ impl pb::agent_bridge_server::AgentBridge for AgentBridgeService {
 
     async fn cancel(&self, request: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         use pb::cancel_request::Target;
-        let cancelled = match request.into_inner().target {
-            Some(Target::RunId(r)) => self.bridge.cancel(Some(&r), None),
-            Some(Target::ThreadId(t)) => self.bridge.cancel(None, Some(&t)),
+        let req = request.into_inner();
+        let caller = Caller { user_id: req.user_id, roles: Vec::new() };
+        let stopped = match req.target {
+            Some(Target::RunId(r)) => self.bridge.cancel(Some(&r), None, &caller),
+            Some(Target::ThreadId(t)) => self.bridge.cancel(None, Some(&t), &caller),
             None => return Err(Status::invalid_argument("invalid_frame: run_id or thread_id is required")),
-        };
-        Ok(Response::new(pb::CancelResponse { cancelled }))
+        }
+        .map_err(status)?;
+        Ok(Response::new(pb::CancelResponse {
+            cancelled: stopped.cancelled,
+            run_id: stopped.run_id,
+            thread_id: stopped.thread_id,
+        }))
     }
 
     async fn call(&self, request: Request<pb::CallRequest>) -> Result<Response<pb::CallResponse>, Status> {
         let req = request.into_inner();
         let params = json_of(&req.params)?;
         use pb::call_response::Outcome;
-        let outcome = match self.bridge.call(&req.method, params).await {
+        let caller = Caller { user_id: req.user_id, roles: req.roles };
+        let outcome = match self.bridge.call(&req.method, params, &caller).await {
             Ok(result) => Outcome::Result(result.to_string().into()),
             Err(e) => Outcome::Error(pb::CallError { code: e.code().into(), message: e.to_string() }),
         };
@@ -160,9 +169,13 @@ fn to_proto(m: ToWorker) -> pb::BridgeMessage {
             M::StartRun(pb::StartRun { run_id, thread_id, agent, input: input.to_string().into() })
         }
         ToWorker::CancelRun { run_id, reason } => M::CancelRun(pb::CancelRun { run_id, reason }),
-        ToWorker::Call { call_id, method, params } => {
-            M::Call(pb::Call { call_id, method, params: params.to_string().into() })
-        }
+        ToWorker::Call { call_id, method, params, caller } => M::Call(pb::Call {
+            call_id,
+            method,
+            params: params.to_string().into(),
+            user_id: caller.user_id,
+            roles: caller.roles,
+        }),
     };
     pb::BridgeMessage { message: Some(message) }
 }

@@ -18,6 +18,9 @@ pub enum ThreadError {
     Open { path: String, cause: String },
     #[error("thread store {path} is in use by another process")]
     Locked { path: String },
+    /// The thread exists and belongs to this other user.
+    #[error("the thread belongs to another user")]
+    NotOwner(String),
     #[error("thread store: {0}")]
     Io(String),
 }
@@ -66,13 +69,23 @@ impl Threads {
         }
     }
 
-    /// Creates the thread for `owner` if new, and appends messages to it, durably.
+    /// Creates the thread for `owner` if new, and appends messages to it,
+    /// durably. The owner check and the append are one transaction, so two
+    /// users racing to start the same new thread cannot both write to it.
+    ///
+    /// # Errors
+    /// `NotOwner` when the thread belongs to another user (nothing is written).
     pub fn append(&self, thread: &str, owner: &str, new: &[Value]) -> Result<(), ThreadError> {
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut owners = txn.open_table(OWNERS).map_err(io)?;
-            if owners.get(thread).map_err(io)?.is_none() {
-                owners.insert(thread, owner).map_err(io)?;
+            let existing = owners.get(thread).map_err(io)?.map(|v| v.value().to_owned());
+            match existing {
+                Some(other) if other != owner => return Err(ThreadError::NotOwner(other)),
+                Some(_) => {}
+                None => {
+                    owners.insert(thread, owner).map_err(io)?;
+                }
             }
             let mut messages = txn.open_table(MESSAGES).map_err(io)?;
             let mut all: Vec<Value> = match messages.get(thread).map_err(io)? {
@@ -98,11 +111,13 @@ mod tests {
         {
             let t = Threads::open(dir.path()).unwrap();
             t.append("t1", "alice", &[json!({ "role": "user", "content": "hi" })]).unwrap();
-            t.append("t1", "bob", &[json!({ "role": "assistant", "content": "hello" })]).unwrap();
+            t.append("t1", "alice", &[json!({ "role": "assistant", "content": "hello" })]).unwrap();
+            let refused = t.append("t1", "bob", &[json!({ "role": "user", "content": "mine now" })]);
+            assert!(matches!(refused, Err(ThreadError::NotOwner(owner)) if owner == "alice"));
         }
         let t = Threads::open(dir.path()).unwrap();
         assert_eq!(t.owner("t1").unwrap().as_deref(), Some("alice"), "the first writer owns the thread");
-        assert_eq!(t.messages("t1").unwrap().len(), 2);
+        assert_eq!(t.messages("t1").unwrap().len(), 2, "bob's message was not written");
         assert_eq!(t.owner("nope").unwrap(), None);
         assert!(t.messages("nope").unwrap().is_empty());
     }

@@ -16,6 +16,8 @@ use std::{
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Caller;
+
 /// What a run hears from its agent.
 #[derive(Debug)]
 pub enum AgentMsg {
@@ -30,7 +32,7 @@ pub enum ToWorker {
     Welcome { worker_id: String },
     StartRun { run_id: String, thread_id: String, agent: String, input: Value },
     CancelRun { run_id: String, reason: String },
-    Call { call_id: String, method: String, params: Value },
+    Call { call_id: String, method: String, params: Value, caller: Caller },
 }
 
 /// A worker's answer to a call: a result, or `(code, message)`.
@@ -176,13 +178,14 @@ impl Workers {
     }
 
     /// Calls `method` on a worker that registered it.
-    pub async fn call(&self, method: &str, params: Value) -> Option<CallOutcome> {
+    pub async fn call(&self, method: &str, params: Value, caller: &Caller) -> Option<CallOutcome> {
         let (tx, rx) = oneshot::channel();
         let call_id = self.next_call.fetch_add(1, Ordering::Relaxed).to_string();
         let worker_id = {
             let mut inner = self.inner.lock().unwrap();
             let (id, worker) = inner.iter_mut().find(|(_, w)| w.methods.iter().any(|m| m == method))?;
-            let call = ToWorker::Call { call_id: call_id.clone(), method: method.into(), params };
+            let call =
+                ToWorker::Call { call_id: call_id.clone(), method: method.into(), params, caller: caller.clone() };
             if worker.tx.try_send(call).is_err() {
                 return Some(Err(("unavailable".into(), "the worker is not keeping up".into())));
             }

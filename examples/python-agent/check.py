@@ -10,14 +10,19 @@ It starts worker.py as a subprocess against the agent bridge, waits until
       finished, say "message 2", "message 3", "message 4" (the history reached
       the worker), and none is refused with thread_busy;
   (c) rpc `add` {a: 2, b: 3} answers 5, and bad params answer the worker's error;
-  (d) rpc execute_command {command: "reverse", args: {text: "abc"}} answers "cba";
+  (d) rpc execute_command {command: "reverse", args: {text: "abc"}} answers "cba",
+      and rpc `whoami` answers the caller (user id and roles) the worker saw;
   (e) two runs on two threads are served at the same time;
   (f) interrupt_stream ends a long run with RUN_ERROR `cancelled` within 2 s,
       and the worker stops that run;
   (g) killing the worker (SIGKILL) in the middle of a run ends the run with
       RUN_ERROR `agent_lost`, and the worker disappears from get_status.
 
-    python check.py --ws ws://127.0.0.1:8000/ws/connect --bridge 127.0.0.1:50052
+    python check.py --ws ws://127.0.0.1:8000/ws/connect --bridge 127.0.0.1:50052 \
+        --token "$TOKEN" --expect-user dev --expect-roles admin
+
+get_status lists workers only to callers with the `admin` role (the token
+`switchboard up --dev` prints has it).
 
 The last line of output is `N passed, M failed`; the exit status is 0 only
 when M is 0. Every wait is bounded, and the worker is stopped in all cases.
@@ -248,7 +253,8 @@ def check_text_run(checks: Checks, label: str, run: dict, frames: list[dict], re
 
 
 async def run_checks(args: argparse.Namespace, checks: Checks) -> None:
-    async with connect(args.ws, open_timeout=CONNECT_TIMEOUT, close_timeout=2) as ws:
+    url = f"{args.ws}?token={args.token}" if args.token else args.ws
+    async with connect(url, open_timeout=CONNECT_TIMEOUT, close_timeout=2) as ws:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             while json.loads(await ws.recv()).get("type") != "connected":
                 pass
@@ -332,6 +338,12 @@ async def checks_with_worker(args: argparse.Namespace, checks: Checks, gw: Gatew
     checks.check("(d) rpc execute_command reverse {text:'abc'} -> 'cba'",
                  answer.get("result") == "cba" and "error" not in answer, f"got {answer}")
 
+    # (d2) a worker method learns who called it.
+    answer = await gw.rpc("whoami", {})
+    expected = {"user_id": args.expect_user, "roles": args.expect_roles}
+    checks.check(f"(d2) rpc whoami -> the caller {json.dumps(expected)}",
+                 answer.get("result") == expected, f"got {answer}")
+
     # (e) two runs at once, on two threads.
     try:
         runs = await asyncio.gather(gw.chat("one " * 20, agent), gw.chat("two " * 20, agent))
@@ -400,6 +412,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ws", required=True, help="gateway WebSocket URL, ws://HOST:PORT/ws/connect")
     parser.add_argument("--bridge", required=True, help="agent bridge address, HOST:PORT")
     parser.add_argument("--key", default="", help="agent bridge API key, if it needs one")
+    parser.add_argument("--token", default="",
+                        help="client token for the WebSocket; get_status lists workers only to the admin role")
+    parser.add_argument("--expect-user", default="anonymous",
+                        help="the user id the worker should see as the caller (default: %(default)s)")
+    parser.add_argument("--expect-roles", default=[], type=lambda s: [r for r in s.split(",") if r],
+                        help="the caller's roles, comma-separated (default: none)")
     parser.add_argument("--agent", default="py-writer", help="agent to chat with (default: %(default)s)")
     parser.add_argument("--worker-agent", default="",
                         help="agent the worker registers (default: --agent; set it elsewhere to see the check fail)")

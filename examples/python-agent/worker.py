@@ -10,8 +10,10 @@ two methods), and then serves what the bridge sends:
   messages of the history the bridge sent, so the history is visible;
 * `cancel_run`: the run's task is cancelled and sends nothing more (the bridge
   closes the run's open message and ends it with RUN_ERROR `cancelled`);
-* `call`: the methods `add` ({a, b} -> a + b) and `reverse` ({text} -> the text
-  reversed), answered with `call_result`.
+* `call`: the methods `add` ({a, b} -> a + b), `reverse` ({text} -> the text
+  reversed) and `whoami` (-> the caller's {user_id, roles}, which every `call`
+  carries so that a method can decide who may do what), answered with
+  `call_result`.
 
 Every run and every call is an asyncio task, so several runs go on at once (up
 to `--max-runs`, which the bridge enforces). A heartbeat goes out every 10 s.
@@ -115,23 +117,29 @@ class CallError(Exception):
         self.code = code
 
 
-async def method_add(params: dict):
+async def method_add(params: dict, caller: dict):
     a, b = params.get("a"), params.get("b")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
         raise CallError("invalid_params", "add needs numbers `a` and `b`")
     return a + b
 
 
-async def method_reverse(params: dict):
+async def method_reverse(params: dict, caller: dict):
     text = params.get("text")
     if not isinstance(text, str):
         raise CallError("invalid_params", "reverse needs a string `text`")
     return text[::-1]
 
 
-METHODS: dict[str, Callable[[dict], Awaitable[object]]] = {
+async def method_whoami(params: dict, caller: dict):
+    # Empty user_id: a service called Call directly, not on behalf of a user.
+    return caller
+
+
+METHODS: dict[str, Callable[[dict, dict], Awaitable[object]]] = {
     "add": method_add,
     "reverse": method_reverse,
+    "whoami": method_whoami,
 }
 
 
@@ -282,7 +290,8 @@ class Worker:
             params = json.loads(call.params) if call.params else {}
             if not isinstance(params, dict):
                 raise CallError("invalid_params", "params must be a JSON object")
-            value = await method(params)
+            caller = {"user_id": call.user_id, "roles": list(call.roles)}
+            value = await method(params, caller)
             result.result = json.dumps(value).encode()
             log.info("call %s: %s(%s) -> %s", call.call_id, call.method, json.dumps(params), json.dumps(value))
         except CallError as err:

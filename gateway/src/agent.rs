@@ -54,6 +54,8 @@ pub struct Context {
     pub queue: Arc<Outbound>,
     /// The user runs belong to: the authenticated user, or `anonymous`.
     pub user: String,
+    /// The user's roles, from its token.
+    pub roles: Vec<String>,
     /// Cancelled when the connection ends.
     pub gone: CancellationToken,
 }
@@ -157,24 +159,41 @@ impl Context {
         });
     }
 
-    /// `interrupt_stream`: cancels a run; the run's own events say when it ended.
+    /// `interrupt_stream`: cancels one of the user's runs, answered by
+    /// `interrupted`; the run's own events say when it ended. Another user's
+    /// run or thread is `permission_denied` (the bridge checks, for `user`).
     pub fn interrupt(&self, run_id: Option<String>, thread_id: Option<String>, id: Option<Value>) {
+        use pb::cancel_request::Target;
+        let target = match (run_id, thread_id) {
+            (Some(r), _) => Target::RunId(r),
+            (None, Some(t)) => Target::ThreadId(t),
+            (None, None) => {
+                self.push(protocol::error("invalid_frame", "`run_id` or `thread_id` is required", id.as_ref()));
+                return;
+            }
+        };
         if self.unavailable(id.as_ref()) {
             return;
         }
         let ctx = self.clone();
         tokio::spawn(async move {
-            use pb::cancel_request::Target;
-            let target = match (run_id, thread_id) {
-                (Some(r), _) => Target::RunId(r),
-                (None, Some(t)) => Target::ThreadId(t),
-                (None, None) => return,
-            };
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
-            if let Err(status) = bridge.cancel(pb::CancelRequest { target: Some(target) }).await {
-                let (code, message) = status_error(&status);
-                ctx.push(protocol::error(&code, &message, id.as_ref()));
-            }
+            let request = pb::CancelRequest { target: Some(target), user_id: ctx.user.clone() };
+            let frame = match bridge.cancel(request).await {
+                Ok(resp) => {
+                    let r = resp.into_inner();
+                    protocol::frame(
+                        "interrupted",
+                        id.as_ref(),
+                        json!({ "run_id": r.run_id, "thread_id": r.thread_id, "cancelled": r.cancelled }),
+                    )
+                }
+                Err(status) => {
+                    let (code, message) = status_error(&status);
+                    protocol::error(&code, &message, id.as_ref())
+                }
+            };
+            ctx.push(frame);
         });
     }
 
@@ -187,7 +206,12 @@ impl Context {
         tokio::spawn(async move {
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
             let status = method == "get_status";
-            let req = pb::CallRequest { method, params: params.to_string().into(), user_id: ctx.user.clone() };
+            let req = pb::CallRequest {
+                method,
+                params: params.to_string().into(),
+                user_id: ctx.user.clone(),
+                roles: ctx.roles.clone(),
+            };
             let body = match bridge.call(req).await {
                 Ok(resp) => match resp.into_inner().outcome {
                     Some(pb::call_response::Outcome::Result(r)) => {
@@ -205,19 +229,23 @@ impl Context {
             };
             let mut body = body;
             if let (true, Some(result)) = (status, body.get_mut("result").and_then(Value::as_object_mut)) {
-                // The bridge knows agents, workers and modules; the gateway adds itself.
-                let (connections, users, channels) = ctx.node.hub.stats();
-                result.insert(
-                    "gateway".into(),
+                // The bridge knows agents, workers and modules; the gateway adds
+                // itself: readiness for everyone, counts for admins (SPEC §7.5).
+                let (ready, bus_linked) = (ctx.node.ready(), ctx.node.hub.link_is_up());
+                let gateway = if ctx.roles.iter().any(|r| r == "admin") {
+                    let (connections, users, channels) = ctx.node.hub.stats();
                     json!({
                         "node": ctx.node.config.node,
-                        "ready": ctx.node.ready(),
-                        "bus_linked": ctx.node.hub.link_is_up(),
+                        "ready": ready,
+                        "bus_linked": bus_linked,
                         "connections": connections,
                         "users": users,
                         "channels": channels.len(),
-                    }),
-                );
+                    })
+                } else {
+                    json!({ "ready": ready, "bus_linked": bus_linked })
+                };
+                result.insert("gateway".into(), gateway);
             }
             ctx.push(protocol::frame("rpc_response", id.as_ref(), body));
         });

@@ -142,6 +142,7 @@ pub fn verify(config: &AuthConfig, token: &str) -> Result<Credentials, AuthError
                 let claims = data.claims;
                 let user_id =
                     claims.sub.filter(|s| !s.is_empty()).ok_or_else(|| AuthError("token has no `sub`".into()))?;
+                switchboard_proto::channel::validate_user_id(&user_id).map_err(AuthError)?;
                 return Ok(Credentials {
                     user_id,
                     roles: claims.roles,
@@ -209,6 +210,11 @@ mod tests {
         let early = mint_hs256(b"secret", &json!({ "sub": "a", "exp": now() + 60, "nbf": now() + 30 })).unwrap();
         assert_eq!(verify(&config, &early).unwrap_err().0, "token not yet valid");
         assert_eq!(verify(&config, "garbage").unwrap_err().0, "malformed token");
+        let bad_user = mint_hs256(b"secret", &json!({ "sub": "bob,alice", "exp": now() + 60 })).unwrap();
+        assert_eq!(
+            verify(&config, &bad_user).unwrap_err().0,
+            "user id contains ',', which a personal channel name cannot"
+        );
         assert!(verify(&AuthConfig::none(), &token).is_err(), "no keys, no entry");
     }
 

@@ -80,6 +80,9 @@ pub struct Config {
     pub limits: Limits,
     /// Rules by namespace; others get `Namespace::default()`.
     pub namespaces: HashMap<String, Namespace>,
+    /// Who may call each RPC method (`rpc.<method>`); others get
+    /// `Config::rpc_access`'s default.
+    pub rpc: HashMap<String, Access>,
     /// Origins allowed to open WebSockets and call the API: exact origins,
     /// `scheme://host:*` for any port, or `*` for any origin. Requests without
     /// an `Origin` header (non-browser clients) are not affected.
@@ -123,6 +126,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             namespaces: HashMap::new(),
+            rpc: HashMap::new(),
             allowed_origins: localhost_origins(),
             auth: crate::auth::AuthConfig::none(),
         }
@@ -134,11 +138,40 @@ impl Config {
         let ns = switchboard_proto::channel::namespace(channel);
         self.namespaces.get(ns).cloned().unwrap_or_default()
     }
+
+    /// Who may call `method` (SPEC §7.5): as configured; otherwise everyone
+    /// where anonymous connections are allowed (dev), else `module_control`
+    /// needs the `admin` role and every other method a token.
+    pub fn rpc_access(&self, method: &str) -> Access {
+        if let Some(access) = self.rpc.get(method) {
+            return access.clone();
+        }
+        match method {
+            _ if self.anonymous => Access::Anonymous,
+            "module_control" => Access::Roles(vec!["admin".to_owned()]),
+            _ => Access::Authenticated,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpc_defaults_follow_the_mode_unless_configured() {
+        let production = Config { anonymous: false, ..Config::default() };
+        assert_eq!(production.rpc_access("module_control"), Access::Roles(vec!["admin".into()]));
+        assert_eq!(production.rpc_access("get_status"), Access::Authenticated);
+        assert_eq!(production.rpc_access("a_worker_method"), Access::Authenticated);
+        let dev = Config::default();
+        assert_eq!(dev.rpc_access("module_control"), Access::Anonymous);
+        let configured = Config {
+            rpc: HashMap::from([("get_status".to_owned(), Access::Roles(vec!["ops".into()]))]),
+            ..Config::default()
+        };
+        assert_eq!(configured.rpc_access("get_status"), Access::Roles(vec!["ops".into()]));
+    }
 
     #[test]
     fn origins_match_exactly_or_by_port_wildcard() {

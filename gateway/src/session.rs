@@ -60,6 +60,9 @@ struct Session {
     strikes: u32,
     /// Times of recent protocol errors, for the per-minute budget.
     errors: VecDeque<Instant>,
+    /// The path form's channel, held back until the connection may
+    /// subscribe: nothing of it is sent before `authorize` succeeds.
+    pending: Option<(String, Option<Since>)>,
 }
 
 /// Runs a connection until it closes.
@@ -86,6 +89,7 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
         bucket: TokenBucket::new(limits.rate_per_second, limits.rate_burst),
         strikes: 0,
         errors: VecDeque::new(),
+        pending: None,
     };
     let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
     let registered = node.hub.add_connection(id, queue.clone(), user_id.clone(), limits.max_connections_per_user);
@@ -108,11 +112,11 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
                 },
             }),
         ));
-        if let Some(credentials) = params.credentials {
-            session.authenticated(credentials);
-        }
-        if let Some(channel) = params.channel {
-            session.subscribe(channel, params.since, None);
+        session.pending = params.channel.map(|channel| (channel, params.since));
+        match params.credentials {
+            Some(credentials) => session.authenticated(credentials),
+            None if !params.must_authorize => session.subscribe_pending(),
+            None => {}
         }
     } else {
         queue.close(Disconnect::USER_LIMIT);
@@ -323,7 +327,15 @@ impl Session {
             Request::Pong => {}
             Request::Authorize { token } => self.authorize(&token, id),
             Request::Refresh { token } => self.refresh(&token, id),
-            Request::Rpc { method, params } => self.agent().rpc(method, params, id),
+            Request::Rpc { method, params } => {
+                if self.allowed(&self.node.config.rpc_access(&method)) {
+                    self.agent().rpc(method, params, id);
+                } else {
+                    let error =
+                        json!({ "code": "permission_denied", "message": format!("not allowed to call {method:?}") });
+                    self.push(protocol::frame("rpc_response", id.as_ref(), json!({ "error": error })));
+                }
+            }
             Request::ChatMessage(msg) => self.agent().chat(msg, id),
             Request::RunAgent { agent, input, multitask, on_disconnect } => {
                 self.agent().run_agent(agent, input, multitask, on_disconnect.as_deref() == Some("cancel"), id)
@@ -337,6 +349,7 @@ impl Session {
             node: self.node.clone(),
             queue: self.queue.clone(),
             user: self.user_id().unwrap_or(agent::ANONYMOUS).to_owned(),
+            roles: self.credentials.as_ref().map(|c| c.roles.clone()).unwrap_or_default(),
             gone: self.gone.clone(),
         }
     }
@@ -357,17 +370,43 @@ impl Session {
     }
 
     /// Takes the credentials of a valid token: the personal channel and the
-    /// token's `channels` are subscribed, and its expiry is enforced.
+    /// token's `channels` are subscribed, then the path form's channel, and
+    /// the token's expiry is enforced.
+    ///
+    /// A token's `channels` claim grants its channels whatever their
+    /// namespace's rule (the token is signed by us), but not a user-limited
+    /// channel of other users, nor the reserved broadcast channel.
     fn authenticated(&mut self, credentials: Credentials) {
         self.expires = instant_of(credentials.expires_at);
         self.authorize_by = None;
-        let mut channels = vec![format!("user#{}", credentials.user_id)];
-        channels.extend(credentials.channels.iter().cloned());
+        // `auth::verify` refuses user ids that cannot form this name.
+        let personal = format!("user#{}", credentials.user_id);
+        let claimed: Vec<String> = credentials
+            .channels
+            .iter()
+            .filter(|c| {
+                let ok = switchboard_proto::channel::validate(c).is_ok()
+                    && c.as_str() != BROADCAST_CHANNEL
+                    && *c != &personal
+                    && readable_by(c, Some(&credentials.user_id));
+                if !ok {
+                    tracing::warn!(channel = %c, "a token's `channels` claim names a channel it cannot grant");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
         self.credentials = Some(credentials);
-        for channel in channels {
-            if switchboard_proto::channel::validate(&channel).is_ok() {
-                self.subscribe_unchecked(channel, None, None);
-            }
+        for channel in std::iter::once(personal).chain(claimed) {
+            self.subscribe_unchecked(channel, None, None);
+        }
+        self.subscribe_pending();
+    }
+
+    /// Subscribes the path form's channel, with the checks of a `subscribe` frame.
+    fn subscribe_pending(&mut self) {
+        if let Some((channel, since)) = self.pending.take() {
+            self.subscribe(channel, since, None);
         }
     }
 
@@ -436,9 +475,7 @@ impl Session {
             self.error("invalid_channel", &e.to_string(), id);
             return false;
         }
-        let user_limited = switchboard_proto::channel::allowed_users(channel)
-            .map(|mut users| users.any(|u| Some(u) == self.user_id()));
-        if channel == BROADCAST_CHANNEL || user_limited == Some(false) || !self.allowed(access) {
+        if channel == BROADCAST_CHANNEL || !readable_by(channel, self.user_id()) || !self.allowed(access) {
             self.error("permission_denied", &format!("not allowed on channel {channel:?}"), id);
             return false;
         }
@@ -509,6 +546,12 @@ impl Session {
             queue.push(Utf8Bytes::from(frame));
         });
     }
+}
+
+/// The user-limited `#` rule (SPEC §6): whether `user` is among the users a
+/// channel name lists, or the channel lists none.
+fn readable_by(channel: &str, user: Option<&str>) -> bool {
+    switchboard_proto::channel::allowed_users(channel).is_none_or(|mut users| users.any(|u| Some(u) == user))
 }
 
 /// Maps a bus status to an `error.code` and a message safe to show.

@@ -55,6 +55,28 @@ pub fn allowed_users(name: &str) -> Option<impl Iterator<Item = &str>> {
     name.rfind('#').map(|i| name[i + 1..].split(',').filter(|u| !u.is_empty()))
 }
 
+/// Checks that a user id can name its personal channel `user#<id>` and be
+/// the one user of a user-limited channel: channel characters other than
+/// `#` and `,` (which would make `user#a,b` readable by `b`), short enough.
+///
+/// # Errors
+/// A message safe to show the client.
+pub fn validate_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("user id is empty".to_owned());
+    }
+    if let Some(c) = id.chars().find(|c| matches!(c, '#' | ',')) {
+        return Err(format!("user id contains {c:?}, which a personal channel name cannot"));
+    }
+    validate(&format!("user#{id}")).map_err(|e| match e {
+        ChannelNameError::Empty => unreachable!("`user#` is never empty"),
+        ChannelNameError::TooLong => format!("user id is longer than {} characters", MAX_CHANNEL_LEN - 5),
+        ChannelNameError::BadCharacter(c) => {
+            format!("user id contains {c:?}; allowed are A-Z a-z 0-9 _ - . : @ =")
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +96,17 @@ mod tests {
         assert_eq!(validate("a b"), Err(ChannelNameError::BadCharacter(' ')));
         assert_eq!(validate("a/b"), Err(ChannelNameError::BadCharacter('/')));
         assert_eq!(validate("é"), Err(ChannelNameError::BadCharacter('é')));
+    }
+
+    #[test]
+    fn user_ids_must_form_a_personal_channel() {
+        for ok in ["alice", "a.b@example.com", "auth0:123", "x=y"] {
+            assert_eq!(validate_user_id(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "bob,alice", "x#alice", "a b", "é", &"a".repeat(251)] {
+            assert!(validate_user_id(bad).is_err(), "{bad}");
+        }
+        assert_eq!(validate_user_id(&"a".repeat(250)), Ok(()));
     }
 
     #[test]

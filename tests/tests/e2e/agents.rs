@@ -19,10 +19,14 @@ async fn stack(delay: Duration) -> AgentStack {
 }
 
 fn token(sub: &str) -> String {
+    token_with(sub, &[])
+}
+
+fn token_with(sub: &str, roles: &[&str]) -> String {
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({ "sub": sub, "exp": exp }),
+        &json!({ "sub": sub, "exp": exp, "roles": roles }),
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
@@ -115,8 +119,12 @@ async fn interrupt_ends_the_run_within_a_second_with_end_events() {
     let t = types(&rest);
     assert_eq!(&t[t.len() - 2..], ["TEXT_MESSAGE_END", "RUN_ERROR"]);
     assert_eq!(rest.last().unwrap()["code"], "cancelled");
-    // Interrupting again is harmless, and the thread is free for the next run.
-    ws.send(json!({ "type": "interrupt_stream", "thread_id": run["thread_id"] })).await;
+    // Interrupting again is harmless (answered `cancelled: false`), and the
+    // thread is free for the next run.
+    ws.send(json!({ "type": "interrupt_stream", "thread_id": run["thread_id"], "id": "again" })).await;
+    let again = ws.expect("interrupted").await;
+    assert_eq!(again["id"], "again");
+    assert_eq!((&again["thread_id"], &again["cancelled"]), (&run["thread_id"], &json!(false)));
     ws.send(json!({ "type": "chat_message", "content": "again", "thread_id": run["thread_id"] })).await;
     ws.expect("run").await;
 }
@@ -271,7 +279,20 @@ async fn rpc_commands() {
     assert_eq!(status["result"]["bus_linked"], true);
     assert_eq!(status["result"]["agents"][0]["name"], "echo");
     assert_eq!(status["result"]["gateway"]["bus_linked"], true);
-    assert_eq!(status["result"]["gateway"]["connections"], 1);
+    // Counts are for admins (SPEC §7.5): this anonymous client sees none.
+    assert!(status["result"]["gateway"].get("connections").is_none(), "{status}");
+    assert!(status["result"].get("runs_active").is_none(), "{status}");
+    let mut admin =
+        Ws::connect(&s.gateway.ws_url(&format!("/ws?token={}", token_with("root", &["admin"])))).await.unwrap();
+    admin.send(json!({ "type": "rpc", "method": "get_status", "id": 1 })).await;
+    let status = loop {
+        let f = admin.recv().await.unwrap();
+        if f["type"] == "rpc_response" {
+            break f;
+        }
+    };
+    assert_eq!(status["result"]["gateway"]["connections"], 2, "{status}");
+    assert_eq!(status["result"]["runs_active"], 0, "{status}");
 
     ws.send(json!({ "type": "rpc", "method": "module_control", "params": { "module": "vision", "enabled": true }, "id": 2 }))
         .await;

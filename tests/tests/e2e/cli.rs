@@ -34,6 +34,10 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
+        // A variable of the settings' form with an unknown key names itself (SPEC §8).
+        (&["up"], &[("SWITCHBOARD_GATEWAY__LISTN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAY__LISTN"),
+        (&["up"], &[("SWITCHBOARD_GATEWAYS__LISTEN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAYS__LISTEN"),
+        (&["up"], &[("SWITCHBOARD_RPC__GET_STATUS", "everyone")], "rpc.get_status"),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
         (&["gateway"], &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")], "auth.hs256_secret"),
@@ -119,6 +123,11 @@ async fn up_publish_and_tail() {
     let metrics_env = [
         ("SWITCHBOARD_EVENTBUS__METRICS_LISTEN", "127.0.0.1:0"),
         ("SWITCHBOARD_AGENT_BRIDGE__METRICS_LISTEN", "127.0.0.1:0"),
+        // Not of the `SWITCHBOARD_<SECTION>__<KEY>` form: a deployment's own
+        // variables are not settings and must not stop the binary (SPEC §8).
+        ("SWITCHBOARD_BIN", "/usr/local/bin/switchboard"),
+        ("SWITCHBOARD_", "x"),
+        ("SWITCHBOARD_GATEWAY__", "x"),
     ];
     let mut up = Process::start_with(
         &[

@@ -12,6 +12,7 @@ mod http_api;
 mod openai;
 mod recovery;
 mod relink;
+mod security;
 mod shutdown;
 mod slow_consumer;
 mod workers;

@@ -9,14 +9,20 @@ use switchboard_tests::*;
 use tokio::sync::mpsc;
 
 /// A worker in the test: what it receives, and a handle to send.
-struct TestWorker {
+pub(crate) struct TestWorker {
     tx: mpsc::Sender<apb::WorkerMessage>,
     rx: tonic::Streaming<apb::BridgeMessage>,
     id: String,
 }
 
 impl TestWorker {
-    async fn attach(bridge_url: &str, name: &str, agents: &[&str], methods: &[&str], max: u32) -> TestWorker {
+    pub(crate) async fn attach(
+        bridge_url: &str,
+        name: &str,
+        agents: &[&str],
+        methods: &[&str],
+        max: u32,
+    ) -> TestWorker {
         let mut client = apb::agent_worker_client::AgentWorkerClient::connect(bridge_url.to_owned()).await.unwrap();
         let (tx, rx) = mpsc::channel(64);
         let hello = apb::WorkerMessage {
@@ -35,7 +41,7 @@ impl TestWorker {
         TestWorker { tx, rx: stream, id: w.worker_id }
     }
 
-    async fn recv(&mut self) -> apb::bridge_message::Message {
+    pub(crate) async fn recv(&mut self) -> apb::bridge_message::Message {
         next(&mut self.rx).await.expect("a bridge message")
     }
 
@@ -139,6 +145,8 @@ async fn a_worker_serves_runs_and_methods() {
         let apb::bridge_message::Message::Call(call) = worker.recv().await else { panic!("expected a call") };
         assert_eq!(call.method, "add");
         assert_eq!(serde_json::from_slice::<Value>(&call.params).unwrap(), params);
+        // The call names its caller: here an anonymous (dev) client without roles.
+        assert_eq!((call.user_id.as_str(), call.roles.len()), ("anonymous", 0));
         let result = apb::WorkerMessage {
             message: Some(apb::worker_message::Message::CallResult(apb::CallResult {
                 call_id: call.call_id,
@@ -150,10 +158,20 @@ async fn a_worker_serves_runs_and_methods() {
         let resp = ws.expect("rpc_response").await;
         assert_eq!((&resp["id"], &resp["result"]), (&frame["id"], &json!(3)));
     }
+    // Workers are node-wide state: shown to a service (or an admin), not to this client.
     ws.send(json!({ "type": "rpc", "method": "get_status", "id": 3 })).await;
     let status = ws.expect("rpc_response").await;
-    assert_eq!(status["result"]["workers"][0]["id"], worker.id.as_str());
-    assert_eq!(status["result"]["workers"][0]["agents"], json!(["scripted"]));
+    assert_eq!(status["result"]["agents"][1]["name"], "scripted");
+    assert!(status["result"].get("workers").is_none(), "{status}");
+    let mut bridge = apb::agent_bridge_client::AgentBridgeClient::connect(e.bridge.url()).await.unwrap();
+    let call = apb::CallRequest { method: "get_status".into(), ..Default::default() };
+    let Some(apb::call_response::Outcome::Result(status)) = bridge.call(call).await.unwrap().into_inner().outcome
+    else {
+        panic!("get_status failed")
+    };
+    let status: Value = serde_json::from_slice(&status).unwrap();
+    assert_eq!(status["workers"][0]["id"], worker.id.as_str());
+    assert_eq!(status["workers"][0]["agents"], json!(["scripted"]));
 }
 
 #[tokio::test]
