@@ -160,6 +160,12 @@ fn main() -> ExitCode {
         }
     };
     let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("SWITCHBOARD_")).collect();
+    // The tools read some settings from the environment too: a variable that
+    // names no setting is an error for every command (SPEC §8).
+    if let Err(message) = settings::load(None, &env) {
+        eprintln!("error: invalid configuration: {message}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let (role, args) = match cli.command.unwrap_or(Command::Up(ServeArgs::default())) {
         Command::Up(a) => (Role::Up, a),
         Command::Gateway(a) => (Role::Gateway, a),
@@ -493,6 +499,8 @@ impl Plan {
             default_agent: s.agents.default.clone(),
             echo_delay: Duration::from_millis(s.agents.echo.delay_ms),
             run_deadline: s.agents.run_deadline.0,
+            max_enqueued: s.agents.max_enqueued,
+            shutdown_grace: s.gateway.shutdown_grace.0,
             openai,
         };
         let gateway = switchboard_gateway::Config {
@@ -516,6 +524,9 @@ impl Plan {
                 protocol_errors_per_minute: l.protocol_errors_per_minute,
                 outbound_queue_bytes: l.outbound_queue_bytes,
                 recovery_max: l.recovery_max,
+                header_timeout: l.header_timeout.0,
+                write_timeout: l.write_timeout.0,
+                link_wait: l.link_wait.0,
             },
             namespaces: gw_namespaces,
             rpc,
@@ -543,6 +554,7 @@ impl Plan {
 
     async fn run(mut self) -> ExitCode {
         let stop = CancellationToken::new();
+        let bus_stop = CancellationToken::new();
         tokio::spawn(signal(stop.clone()));
         let runs_bus = matches!(self.role, Role::Up | Role::Eventbus);
         let runs_gateway = matches!(self.role, Role::Up | Role::Gateway);
@@ -606,7 +618,8 @@ impl Plan {
                     Err(code) => return code,
                 }
             }
-            let token = stop.clone();
+            // The bus stops last: runs publish their last events to it.
+            let token = bus_stop.clone();
             bus_task = Some(tokio::spawn(async move {
                 let r = switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
                 handle.stop().await;
@@ -675,23 +688,69 @@ impl Plan {
             println!("token     {token}  (user \"dev\", 24 h; signed with a generated auth.hs256_secret)");
         }
         println!("mode      {}", if self.dev { "dev: anonymous connections allowed" } else { "production" });
-        let mut code = ExitCode::SUCCESS;
-        // Gateway first: its sessions say goodbye while the bus still serves.
-        for task in [gateway_task, bridge_task, bus_task].into_iter().flatten() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    eprintln!("error: {e}");
-                    stop.cancel();
-                    code = ExitCode::FAILURE;
-                }
-                Err(e) => {
-                    eprintln!("error: service task failed: {e}");
-                    code = ExitCode::FAILURE;
-                }
-            }
+        // Shutdown, in order (SPEC §11): the gateway and the bridge stop runs
+        // and deliver their ends, the gateway's sessions say goodbye, and the
+        // bus, which they publish to, stops last. Each service bounds its own
+        // shutdown by the grace period; past it (and a second for the bus)
+        // what still runs is dropped, so the process always exits in time.
+        let grace = self.gateway.shutdown_grace;
+        let overdue = CancellationToken::new();
+        let bus_overdue = CancellationToken::new();
+        let (stopped, late, bus_late) = (stop.clone(), overdue.clone(), bus_overdue.clone());
+        tokio::spawn(async move {
+            stopped.cancelled().await;
+            tokio::time::sleep(grace + Duration::from_millis(500)).await;
+            late.cancel();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            bus_late.cancel();
+        });
+        let mut ok = true;
+        for task in [gateway_task, bridge_task].into_iter().flatten() {
+            ok &= finish(task, &stop, &overdue).await;
         }
-        code
+        // The others are done (they end only once stopped, or by failing,
+        // which stops everything), or there were none: the bus stops with
+        // the signal.
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            bus_stop.cancel();
+        });
+        if let Some(task) = bus_task {
+            ok &= finish(task, &stop, &bus_overdue).await;
+        }
+        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    }
+}
+
+/// Waits for a service to end; one that fails stops the others, and one
+/// still running once `overdue` is cancelled is dropped. Returns false on failure.
+async fn finish(
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    stop: &CancellationToken,
+    overdue: &CancellationToken,
+) -> bool {
+    let abort = task.abort_handle();
+    let result = tokio::select! {
+        r = task => r,
+        _ = overdue.cancelled() => {
+            abort.abort();
+            eprintln!("warning: a service did not stop within the grace period");
+            return true;
+        }
+    };
+    match result {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            stop.cancel();
+            false
+        }
+        Err(e) => {
+            eprintln!("error: service task failed: {e}");
+            stop.cancel();
+            false
+        }
     }
 }
 

@@ -168,11 +168,19 @@ pub struct Agents {
     pub openai: Option<OpenAi>,
     /// Each run's deadline.
     pub run_deadline: Dur,
+    /// Most runs waiting for one thread.
+    pub max_enqueued: usize,
 }
 
 impl Default for Agents {
     fn default() -> Self {
-        Agents { default: "echo".into(), echo: Echo::default(), openai: None, run_deadline: secs(300) }
+        Agents {
+            default: "echo".into(),
+            echo: Echo::default(),
+            openai: None,
+            run_deadline: secs(300),
+            max_enqueued: 16,
+        }
     }
 }
 
@@ -220,6 +228,9 @@ pub struct Limits {
     pub recovery_max: u64,
     pub history_size: u64,
     pub history_ttl: Dur,
+    pub header_timeout: Dur,
+    pub write_timeout: Dur,
+    pub link_wait: Dur,
 }
 
 impl Default for Limits {
@@ -238,6 +249,9 @@ impl Default for Limits {
             recovery_max: g.recovery_max,
             history_size: 1000,
             history_ttl: secs(24 * 3600),
+            header_timeout: Dur(g.header_timeout),
+            write_timeout: Dur(g.write_timeout),
+            link_wait: Dur(g.link_wait),
         }
     }
 }

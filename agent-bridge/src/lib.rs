@@ -68,6 +68,10 @@ pub struct Config {
     pub echo_delay: Duration,
     /// Each run's deadline.
     pub run_deadline: Duration,
+    /// Most runs waiting for one thread (`agents.max_enqueued`).
+    pub max_enqueued: usize,
+    /// How long shutdown waits for cancelled runs to end.
+    pub shutdown_grace: Duration,
     /// The `openai` agent, when configured.
     pub openai: Option<openai::OpenAiConfig>,
 }
@@ -81,6 +85,8 @@ impl Default for Config {
             default_agent: "echo".into(),
             echo_delay: Duration::from_millis(20),
             run_deadline: Duration::from_secs(300),
+            max_enqueued: 16,
+            shutdown_grace: Duration::from_secs(10),
             openai: None,
         }
     }
@@ -143,6 +149,7 @@ pub async fn serve_bridge(
     reporter.set_serving::<AgentBridgeServer<service::AgentBridgeService>>().await;
     reporter.set_serving::<AgentWorkerServer<service::AgentWorkerService>>().await;
     let stop = tokio_util::sync::CancellationToken::new();
+    let grace = bridge.shutdown_grace();
     tokio::spawn(bridge.clone().heartbeats(stop.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
@@ -158,6 +165,8 @@ pub async fn serve_bridge(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 shutdown.await;
+                // Runs first, while workers and the bus still answer.
+                bridge.drain(grace).await;
                 // Attached workers and the heartbeat task end here.
                 stop.cancel();
             },

@@ -44,6 +44,9 @@ pub enum BridgeError {
     Worker(String, String),
     #[error("{0}")]
     Internal(String),
+    /// A run waiting for its thread was cancelled before it started.
+    #[error("the run was cancelled while it waited for its thread")]
+    Cancelled,
 }
 
 impl BridgeError {
@@ -56,7 +59,8 @@ impl BridgeError {
             BridgeError::Unavailable(_) => "unavailable",
             BridgeError::Worker(code, _) => code,
             BridgeError::UnknownAgent(_) => "unknown_agent",
-            BridgeError::ThreadBusy(_) => "thread_busy",
+            // The thread was busy, and the run waiting for it was stopped.
+            BridgeError::ThreadBusy(_) | BridgeError::Cancelled => "thread_busy",
             BridgeError::PermissionDenied(_) => "permission_denied",
             BridgeError::InvalidInput(_) => "invalid_frame",
             BridgeError::UnknownMethod(_) => "unknown_method",
@@ -116,14 +120,51 @@ struct Shared {
     config: Config,
     threads: Threads,
     bus: Option<BusClient>,
-    /// Active run per thread. A std lock: held only for map updates.
-    active: Mutex<HashMap<String, Active>>,
+    /// Active and waiting runs per thread. A std lock: held only for map updates.
+    slots: Mutex<Slots>,
+    /// Every run's task, for shutdown to wait for.
+    runs: tokio_util::task::TaskTracker,
+    /// Set at shutdown: no new run starts.
+    closing: std::sync::atomic::AtomicBool,
     /// Named modules switched by `module_control`.
     modules: Mutex<BTreeMap<String, bool>>,
     workers: Workers,
     /// The `openai` agent, when configured.
     openai: Option<OpenAi>,
     metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// The one active run of each busy thread.
+    active: HashMap<String, Active>,
+    /// Runs waiting for their thread (`multitask: enqueue` or `interrupt`),
+    /// at most `max_enqueued` per thread.
+    waiting: HashMap<String, Vec<Waiting>>,
+    /// The latest runs that ended, `(run_id, thread_id, user)`, so that a
+    /// stop by run id after the end still says whose run it was.
+    ended: std::collections::VecDeque<(String, String, String)>,
+}
+
+/// How many ended runs `Slots::ended` remembers.
+const ENDED_KEPT: usize = 4096;
+
+/// A run waiting for its thread; cancelling it ends the wait.
+struct Waiting {
+    run_id: String,
+    cancel: CancellationToken,
+}
+
+impl Slots {
+    /// Forgets a waiting run.
+    fn unqueue(&mut self, thread_id: &str, run_id: &str) {
+        if let Some(w) = self.waiting.get_mut(thread_id) {
+            w.retain(|w| w.run_id != run_id);
+            if w.is_empty() {
+                self.waiting.remove(thread_id);
+            }
+        }
+    }
 }
 
 struct Active {
@@ -145,13 +186,19 @@ impl Bridge {
                 config,
                 threads,
                 bus,
-                active: Mutex::default(),
+                slots: Mutex::default(),
+                runs: tokio_util::task::TaskTracker::new(),
+                closing: std::sync::atomic::AtomicBool::new(false),
                 modules: Mutex::default(),
                 workers: Workers::default(),
                 openai,
                 metrics: Metrics::new(),
             }),
         }
+    }
+
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        self.shared.config.shutdown_grace
     }
 
     pub fn workers(&self) -> &Workers {
@@ -164,7 +211,7 @@ impl Bridge {
 
     /// Agents this bridge can run: `(name, source, capacity, load)`.
     pub fn agents(&self) -> Vec<(String, &'static str, u32, u32)> {
-        let active = self.shared.active.lock().unwrap().len() as u32;
+        let active = self.shared.slots.lock().unwrap().active.len() as u32;
         let mut by_agent: BTreeMap<String, (u32, u32)> = BTreeMap::new();
         for w in self.shared.workers.list() {
             for agent in &w.agents {
@@ -233,8 +280,29 @@ impl Bridge {
         resp.position.map(|p| (p.offset, p.epoch))
     }
 
+    /// Shutdown (SPEC §11): no new run starts; every active and waiting run
+    /// is cancelled, and this waits up to `limit` for the active ones to end
+    /// as 7.1 says (repaired, published, delivered, kept in their thread).
+    pub async fn drain(&self, limit: std::time::Duration) {
+        self.shared.closing.store(true, std::sync::atomic::Ordering::Release);
+        {
+            let slots = self.shared.slots.lock().unwrap();
+            let waiting = slots.waiting.values().flatten().map(|w| &w.cancel);
+            for token in slots.active.values().map(|a| &a.cancel).chain(waiting) {
+                token.cancel();
+            }
+        }
+        self.shared.runs.close();
+        if tokio::time::timeout(limit, self.shared.runs.wait()).await.is_err() {
+            tracing::warn!(remaining = self.shared.runs.len(), "runs still going when the grace period ran out");
+        }
+    }
+
     /// Starts a run, after the thread's active run ends when `multitask` asks for that.
     pub async fn start(&self, spec: RunSpec) -> Result<Started, BridgeError> {
+        if self.shared.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BridgeError::Unavailable("the agent bridge is shutting down".into()));
+        }
         let agent = if spec.agent.is_empty() || spec.agent == "default" {
             self.shared.config.default_agent.clone()
         } else {
@@ -270,21 +338,43 @@ impl Bridge {
         // One run per thread.
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
+        let wait = spec.multitask == "interrupt" || spec.multitask == "enqueue";
+        let mut queued = false;
         loop {
             let waiting = {
-                let mut active = self.shared.active.lock().unwrap();
-                match active.get(&thread_id) {
+                let mut slots = self.shared.slots.lock().unwrap();
+                let slots = &mut *slots;
+                // Stopped while it waited (the thread's run ending wakes it too).
+                if cancel.is_cancelled() {
+                    slots.unqueue(&thread_id, &run_id);
+                    return Err(BridgeError::Cancelled);
+                }
+                match slots.active.get(&thread_id) {
                     // Checked again here: the thread may have been started by
                     // another user after the owner check above.
-                    Some(a) if a.user != spec.user_id => return Err(BridgeError::not_yours(&thread_id)),
+                    Some(a) if a.user != spec.user_id => {
+                        slots.unqueue(&thread_id, &run_id);
+                        return Err(BridgeError::not_yours(&thread_id));
+                    }
+                    Some(_) if !wait => return Err(BridgeError::ThreadBusy(thread_id)),
                     Some(a) => {
                         if spec.multitask == "interrupt" {
                             a.cancel.cancel();
                         }
-                        a.done.clone()
+                        let done = a.done.clone();
+                        if !queued {
+                            let line = slots.waiting.entry(thread_id.clone()).or_default();
+                            if line.len() >= self.shared.config.max_enqueued {
+                                return Err(BridgeError::ThreadBusy(thread_id));
+                            }
+                            line.push(Waiting { run_id: run_id.clone(), cancel: cancel.clone() });
+                            queued = true;
+                        }
+                        done
                     }
                     None => {
-                        active.insert(
+                        slots.unqueue(&thread_id, &run_id);
+                        slots.active.insert(
                             thread_id.clone(),
                             Active {
                                 run_id: run_id.clone(),
@@ -297,11 +387,13 @@ impl Bridge {
                     }
                 }
             };
-            if spec.multitask != "interrupt" && spec.multitask != "enqueue" {
-                return Err(BridgeError::ThreadBusy(thread_id));
-            }
             let mut waiting = waiting;
-            let _ = waiting.wait_for(|done| *done).await;
+            // `interrupt_stream` by thread id (or this run's id) ends the wait;
+            // the loop then sees the cancellation.
+            tokio::select! {
+                _ = waiting.wait_for(|done| *done) => {}
+                _ = cancel.cancelled() => {}
+            }
         }
 
         // The history, and the new messages of this input.
@@ -354,22 +446,30 @@ impl Bridge {
             agent,
             user: spec.user_id,
         };
-        tokio::spawn(run.drive(source, agent_rx, cancel, tx, done_tx));
+        self.shared.runs.spawn(run.drive(source, agent_rx, cancel, tx, done_tx));
         Ok(Started { run_id, thread_id, channel, position, events: rx })
     }
 
     fn finish(&self, thread_id: &str, run_id: &str, done: &watch::Sender<bool>) {
-        let mut active = self.shared.active.lock().unwrap();
-        if active.get(thread_id).is_some_and(|a| a.run_id == run_id) {
-            active.remove(thread_id);
+        let mut slots = self.shared.slots.lock().unwrap();
+        if let Some(a) = slots.active.remove(thread_id) {
+            if a.run_id == run_id {
+                if slots.ended.len() == ENDED_KEPT {
+                    slots.ended.pop_front();
+                }
+                slots.ended.push_back((a.run_id, thread_id.to_owned(), a.user));
+            } else {
+                slots.active.insert(thread_id.to_owned(), a);
+            }
         }
-        drop(active);
+        drop(slots);
         let _ = done.send(true);
     }
 
-    /// Cancels the active run with this run id or on this thread, for
-    /// `caller`; idempotent. Only the user who started a run (or a service)
-    /// may stop it, and only the owner of a thread may stop its runs.
+    /// Cancels the run with this run id, or every run of this thread (the
+    /// active one and those waiting for it), for `caller`; idempotent. Only
+    /// the user who started a run (or a service) may stop it, and only the
+    /// owner of a thread may stop its runs.
     ///
     /// # Errors
     /// `PermissionDenied` when the run or the thread is another user's;
@@ -382,15 +482,47 @@ impl Bridge {
     ) -> Result<Stopped, BridgeError> {
         let allowed = |user: &str| caller.is_service() || caller.user_id == user;
         {
-            let active = self.shared.active.lock().unwrap();
-            let found = active.iter().find(|(t, a)| Some(a.run_id.as_str()) == run_id || Some(t.as_str()) == thread_id);
+            let slots = self.shared.slots.lock().unwrap();
+            // A waiting run is found by its id through its thread's active run:
+            // they belong to the same user.
+            let by_run =
+                |t: &String| slots.waiting.get(t).is_some_and(|w| w.iter().any(|w| Some(w.run_id.as_str()) == run_id));
+            let found = slots
+                .active
+                .iter()
+                .find(|(t, a)| Some(a.run_id.as_str()) == run_id || Some(t.as_str()) == thread_id || by_run(t));
             if let Some((thread, a)) = found {
                 if !allowed(&a.user) {
                     return Err(BridgeError::PermissionDenied("the run belongs to another user".into()));
                 }
-                let cancelled = !a.cancel.is_cancelled();
-                a.cancel.cancel();
-                return Ok(Stopped { run_id: a.run_id.clone(), thread_id: thread.clone(), cancelled });
+                let waiting = slots.waiting.get(thread).map(Vec::as_slice).unwrap_or_default();
+                let mut stopped = Stopped { run_id: a.run_id.clone(), thread_id: thread.clone(), cancelled: false };
+                let mut stop = |id: &str, token: &CancellationToken| {
+                    stopped.cancelled |= !token.is_cancelled();
+                    token.cancel();
+                    if run_id == Some(id) {
+                        stopped.run_id = id.to_owned();
+                    }
+                };
+                match run_id {
+                    Some(id) => {
+                        let token = waiting.iter().find(|w| w.run_id == id).map_or(&a.cancel, |w| &w.cancel);
+                        stop(id, token);
+                    }
+                    None => {
+                        stop(&a.run_id, &a.cancel);
+                        for w in waiting {
+                            stop(&w.run_id, &w.cancel);
+                        }
+                    }
+                }
+                return Ok(stopped);
+            }
+            if let Some((run, thread, user)) = slots.ended.iter().rev().find(|(r, ..)| Some(r.as_str()) == run_id) {
+                if !allowed(user) {
+                    return Err(BridgeError::PermissionDenied("the run belongs to another user".into()));
+                }
+                return Ok(Stopped { run_id: run.clone(), thread_id: thread.clone(), cancelled: false });
             }
         }
         // Nothing running: say so, unless the thread is someone else's.
@@ -428,7 +560,7 @@ impl Bridge {
                 }))
             }
             "get_status" => {
-                let runs = self.shared.active.lock().unwrap().len();
+                let runs = self.shared.slots.lock().unwrap().active.len();
                 let modules = self.shared.modules.lock().unwrap().clone();
                 let bus = self.bus_linked().await;
                 let agents: Vec<Value> = self
@@ -805,7 +937,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let (_done_tx, done_rx) = watch::channel(false);
         let alice = Active { run_id: "r1".into(), user: "alice".into(), cancel: cancel.clone(), done: done_rx };
-        b.shared.active.lock().unwrap().insert("t".into(), alice);
+        b.shared.slots.lock().unwrap().active.insert("t".into(), alice);
         for multitask in ["enqueue", "interrupt", ""] {
             let bob = tokio::time::timeout(std::time::Duration::from_secs(5), b.start(spec("bob", "t", multitask)))
                 .await
@@ -833,9 +965,13 @@ mod tests {
         let alice = Caller { user_id: "alice".into(), roles: vec![] };
         let stopped = b.cancel(None, Some("t"), &alice).unwrap();
         assert_eq!((stopped.run_id.as_str(), stopped.cancelled), (started.run_id.as_str(), true));
+        let run_id = started.run_id.clone();
         finish(started).await;
-        // Ended: nothing to cancel, but still not bob's to ask about.
+        // Ended: nothing to cancel, but still not bob's to ask about, by thread or by run.
         assert!(matches!(b.cancel(None, Some("t"), &bob), Err(BridgeError::PermissionDenied(_))));
+        assert!(matches!(b.cancel(Some(&run_id), None, &bob), Err(BridgeError::PermissionDenied(_))));
+        let ended = b.cancel(Some(&run_id), None, &alice).unwrap();
+        assert_eq!((ended.thread_id.as_str(), ended.cancelled), ("t", false));
         assert!(!b.cancel(None, Some("t"), &Caller::service()).unwrap().cancelled);
     }
 }

@@ -39,7 +39,7 @@ fn status(e: BridgeError) -> Status {
     let message = format!("{}: {e}", e.code());
     match e {
         BridgeError::UnknownAgent(_) => Status::not_found(message),
-        BridgeError::ThreadBusy(_) => Status::failed_precondition(message),
+        BridgeError::ThreadBusy(_) | BridgeError::Cancelled => Status::failed_precondition(message),
         BridgeError::PermissionDenied(_) => Status::permission_denied(message),
         BridgeError::InvalidInput(_) => Status::invalid_argument(message),
         BridgeError::UnknownMethod(_) => Status::unimplemented(message),

@@ -73,6 +73,15 @@ impl Context {
         false
     }
 
+    /// Refuses a new run while this node shuts down.
+    fn draining(&self, id: Option<&Value>) -> bool {
+        if self.node.draining.is_cancelled() {
+            self.push(protocol::error("unavailable", "this node is shutting down; try another", id));
+            return true;
+        }
+        false
+    }
+
     /// `chat_message`: a run with the thread's history and one new user message.
     pub fn chat(&self, msg: ChatMessage, id: Option<Value>) {
         let input = json!({
@@ -113,11 +122,11 @@ impl Context {
     }
 
     fn run(&self, req: pb::RunRequest, cancel_on_disconnect: bool, id: Option<Value>) {
-        if self.unavailable(id.as_ref()) {
+        if self.unavailable(id.as_ref()) || self.draining(id.as_ref()) {
             return;
         }
         let ctx = self.clone();
-        tokio::spawn(async move {
+        self.node.tasks.spawn(async move {
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
             let response = match bridge.run(req).await {
                 Ok(r) => r,
@@ -140,10 +149,22 @@ impl Context {
                 json!({ "thread_id": thread_id, "run_id": run_id, "channel": get("x-channel"), "position": position }),
             ));
             let mut events = response.into_inner();
+            let mut stopping = false;
             loop {
                 let next = tokio::select! {
                     // Dropping the stream cancels the run on the bridge.
                     _ = ctx.gone.cancelled(), if cancel_on_disconnect => return,
+                    // Shutdown: the run is stopped, and its repaired end still
+                    // reaches the client before the connection closes.
+                    _ = ctx.node.draining.cancelled(), if !stopping => {
+                        stopping = true;
+                        let target = Some(pb::cancel_request::Target::RunId(run_id.clone()));
+                        let cancel = pb::CancelRequest { target, user_id: ctx.user.clone() };
+                        if let Err(status) = bridge.cancel(cancel).await {
+                            tracing::warn!(%status, run_id, "cannot cancel a run at shutdown");
+                        }
+                        continue;
+                    }
                     next = events.message() => next,
                 };
                 match next {
@@ -176,7 +197,7 @@ impl Context {
             return;
         }
         let ctx = self.clone();
-        tokio::spawn(async move {
+        self.node.tasks.spawn(async move {
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
             let request = pb::CancelRequest { target: Some(target), user_id: ctx.user.clone() };
             let frame = match bridge.cancel(request).await {
@@ -203,7 +224,7 @@ impl Context {
             return;
         }
         let ctx = self.clone();
-        tokio::spawn(async move {
+        self.node.tasks.spawn(async move {
             let mut bridge = ctx.node.bridge.clone().expect("checked above");
             let status = method == "get_status";
             let req = pb::CallRequest {

@@ -20,6 +20,15 @@ pub struct Limits {
     pub outbound_queue_bytes: usize,
     /// Most events replayed to a recovering client.
     pub recovery_max: u64,
+    /// How long a connection may take to send its request headers, and then
+    /// its body; it is closed after that.
+    pub header_timeout: Duration,
+    /// How long a connection's socket may accept none of its queued frames
+    /// before the connection is closed and dropped.
+    pub write_timeout: Duration,
+    /// How long a subscribe waits for the bus link (at start, or during a
+    /// relink) before it is answered `unavailable`.
+    pub link_wait: Duration,
 }
 
 impl Default for Limits {
@@ -34,6 +43,9 @@ impl Default for Limits {
             protocol_errors_per_minute: 10,
             outbound_queue_bytes: 1024 * 1024,
             recovery_max: 1000,
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            link_wait: Duration::from_secs(5),
         }
     }
 }

@@ -10,6 +10,8 @@ pub struct Disconnect {
 
 impl Disconnect {
     pub const SHUTDOWN: Disconnect = Disconnect { code: 1001, reason: "going away" };
+    pub const PROTOCOL_VIOLATION: Disconnect = Disconnect { code: 1002, reason: "protocol error" };
+    pub const INVALID_UTF8: Disconnect = Disconnect { code: 1007, reason: "invalid UTF-8 in a text frame" };
     pub const MESSAGE_TOO_BIG: Disconnect = Disconnect { code: 1009, reason: "message too big" };
     pub const SERVER_ERROR: Disconnect = Disconnect { code: 4001, reason: "server error" };
     pub const SLOW: Disconnect = Disconnect { code: 4002, reason: "slow consumer" };

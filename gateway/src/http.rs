@@ -121,7 +121,7 @@ fn admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(switchboard_proto::auth::bearer)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match given {
         Some(g) if bool::from(g.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
@@ -131,6 +131,43 @@ fn admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
             "unauthorized",
             "admin key required as `Authorization: Bearer <key>` or `X-API-Key`",
         )),
+    }
+}
+
+/// The largest request body: axum's default limit, which `Bytes` applies
+/// while reading; a larger `Content-Length` is refused before reading.
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A request body, read within `limits.header_timeout` and refused with the
+/// JSON error of SPEC §4 when it is over the limit (413) or does not arrive (408).
+pub struct Body(Bytes);
+
+impl axum::extract::FromRequest<Arc<Node>> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, node: &Arc<Node>) -> Result<Self, ApiError> {
+        use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+        let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "limit_exceeded",
+                format!("body over the limit of {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        let wait = node.config.limits.header_timeout;
+        match tokio::time::timeout(wait, Bytes::from_request(req, node)).await {
+            Ok(Ok(bytes)) => Ok(Body(bytes)),
+            Ok(Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(e)))) => {
+                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "limit_exceeded", format!("body too large: {e}")))
+            }
+            Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request",
+                format!("the body did not arrive within {wait:?}"),
+            )),
+        }
     }
 }
 
@@ -230,7 +267,8 @@ fn upgrade(node: Arc<Node>, headers: HeaderMap, q: WsQuery, ws: WebSocketUpgrade
     if !node.ready() && node.shutdown.is_cancelled() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down").into_response();
     }
-    if node.hub.connection_count() >= node.config.limits.max_connections {
+    // This connection is one of the open ones.
+    if node.open_connections() > node.config.limits.max_connections {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "limit_exceeded",
@@ -287,7 +325,7 @@ async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect, me
 
 // === HTTP API ===
 
-async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, Body(body): Body) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
     let channel = string_field(&body, &["channel"])?
@@ -305,7 +343,7 @@ async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Byte
     }))
 }
 
-async fn broadcast_all(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+async fn broadcast_all(State(node): State<Arc<Node>>, headers: HeaderMap, Body(body): Body) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
     let (event, data) = event_body(&body, &["data", "message"])?;
@@ -323,7 +361,7 @@ async fn send_to_user(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     Path(user_id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult {
     admin(&node, &headers)?;
     let body = json_body(&body)?;
@@ -467,7 +505,12 @@ async fn info(State(node): State<Arc<Node>>) -> ApiResult {
 /// `RunAgentInput`; the answer streams the run's AG-UI events as Server-Sent
 /// Events, so a stock `@ag-ui/client` `HttpAgent` works unchanged. Closing the
 /// request cancels the run. Without `auth.anonymous`, a bearer token is required.
-async fn agui(State(node): State<Arc<Node>>, headers: HeaderMap, Path(agent): Path<String>, body: Bytes) -> ApiResult {
+async fn agui(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    Body(body): Body,
+) -> ApiResult {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
 
@@ -475,7 +518,7 @@ async fn agui(State(node): State<Arc<Node>>, headers: HeaderMap, Path(agent): Pa
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no agent bridge is configured"));
     };
     let token =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(switchboard_proto::auth::bearer);
     let user = match token.map(|t| auth::verify(&node.config.auth, t)) {
         Some(Ok(credentials)) => credentials.user_id,
         Some(Err(e)) => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.0)),

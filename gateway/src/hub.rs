@@ -88,6 +88,8 @@ pub struct Hub {
     inner: Mutex<Inner>,
     link: mpsc::Sender<LinkCommand>,
     link_up: AtomicBool,
+    /// The same as `link_up`, for those who wait for it.
+    link_watch: tokio::sync::watch::Sender<bool>,
     recovery_max: u64,
     max_subscriptions: usize,
     metrics: Arc<Metrics>,
@@ -107,6 +109,9 @@ pub struct Connection {
     pub queue: Arc<Outbound>,
     pub user_id: Option<String>,
     channels: HashSet<Arc<str>>,
+    /// Of `channels`, those with an `unsubscribe` waiting for its
+    /// `subscribed`: they do not count against `max_subscriptions`.
+    leaving: usize,
 }
 
 struct Channel {
@@ -134,12 +139,41 @@ struct Listener {
     /// Offset of the last event sent to this listener.
     last_offset: u64,
     phase: Phase,
+    /// Replies owed to frames that came before the subscribe of `phase`
+    /// (`subscribe`, `unsubscribe`, `subscribe` while the channel was not
+    /// confirmed yet), sent in order before its own `subscribed`.
+    earlier: Vec<Reply>,
+    /// An `unsubscribe` (its id) that came before `subscribed` was sent: it
+    /// is answered, and the listener removed, right after.
+    leave: Option<Option<Value>>,
+}
+
+/// A reply the hub owes a client frame.
+enum Reply {
+    Subscribed(Option<Value>),
+    Unsubscribed(Option<Value>),
+}
+
+/// What `Hub::unsubscribe` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsubscribed {
+    /// Done: the caller answers `unsubscribed`.
+    Now,
+    /// The subscribe is still waiting for the bus: its `subscribed` and then
+    /// `unsubscribed` will be sent by the hub, in that order.
+    AfterSubscribed,
+    NotSubscribed,
 }
 
 enum Phase {
     Waiting { id: Option<Value> },
     Recovering { id: Option<Value>, since: Since, buffer: Vec<(u64, Utf8Bytes)>, fetching: bool },
     Live,
+}
+
+/// The `unsubscribed` frame a client's `unsubscribe` is answered with.
+pub fn unsubscribed(channel: &str, id: Option<&Value>) -> Utf8Bytes {
+    Utf8Bytes::from(protocol::frame("unsubscribed", id, json!({ "channel": channel, "reason": "client" })))
 }
 
 fn subscribed(channel: &str, id: Option<&Value>, position: &Position, recovery: Option<(bool, u64)>) -> Utf8Bytes {
@@ -160,7 +194,15 @@ impl Hub {
         max_subscriptions: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Hub { inner: Mutex::default(), link, link_up: AtomicBool::new(false), recovery_max, max_subscriptions, metrics }
+        Hub {
+            inner: Mutex::default(),
+            link,
+            link_up: AtomicBool::new(false),
+            link_watch: tokio::sync::watch::Sender::new(false),
+            recovery_max,
+            max_subscriptions,
+            metrics,
+        }
     }
 
     pub fn recovery_max(&self) -> u64 {
@@ -169,6 +211,12 @@ impl Hub {
 
     pub fn link_is_up(&self) -> bool {
         self.link_up.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` for the bus link to be up; returns whether it is.
+    pub async fn wait_for_link(&self, limit: std::time::Duration) -> bool {
+        let mut up = self.link_watch.subscribe();
+        matches!(tokio::time::timeout(limit, up.wait_for(|up| *up)).await, Ok(Ok(_)))
     }
 
     /// Registers a connection; refuses it when its user already has `max_per_user`.
@@ -181,7 +229,7 @@ impl Hub {
             }
             *n += 1;
         }
-        inner.connections.insert(id, Connection { queue, user_id, channels: HashSet::new() });
+        inner.connections.insert(id, Connection { queue, user_id, channels: HashSet::new(), leaving: 0 });
         self.metrics.connections.set(inner.connections.len() as i64);
         true
     }
@@ -256,9 +304,19 @@ impl Hub {
         let inner = &mut *inner;
         let connection = inner.connections.get_mut(&conn).ok_or(SubscribeError::UnknownConnection)?;
         if connection.channels.contains(channel) {
-            return Err(SubscribeError::AlreadySubscribed);
+            let listener = inner.channels.get_mut(channel).and_then(|ch| ch.listeners.get_mut(&conn));
+            return match listener {
+                // Subscribe, unsubscribe, subscribe, all before the bus
+                // confirmed: the listener stays, and owes the first two replies.
+                Some(l) if l.leave.is_some() => {
+                    l.resubscribe(since, id);
+                    connection.leaving -= 1;
+                    Ok(None)
+                }
+                _ => Err(SubscribeError::AlreadySubscribed),
+            };
         }
-        if connection.channels.len() >= self.max_subscriptions {
+        if connection.channels.len() - connection.leaving >= self.max_subscriptions {
             return Err(SubscribeError::LimitExceeded);
         }
         if !self.link_is_up() {
@@ -289,7 +347,7 @@ impl Hub {
             Some(since) => Phase::Recovering { id, since, buffer: Vec::new(), fetching: false },
             None => Phase::Waiting { id },
         };
-        let mut listener = Listener { queue, last_offset: 0, phase };
+        let mut listener = Listener { queue, last_offset: 0, phase, earlier: Vec::new(), leave: None };
         let job = if ch.link == LinkState::Active {
             activate(&name, ch.position.as_ref(), conn, &mut listener)
         } else {
@@ -301,15 +359,46 @@ impl Hub {
         Ok(job)
     }
 
-    /// Unsubscribes a connection; returns false when it was not subscribed.
-    pub fn unsubscribe(&self, conn: Uuid, channel: &str) -> bool {
+    /// Unsubscribes a connection. A subscribe that has not been answered
+    /// yet is answered first, so that every frame gets its reply in order.
+    pub fn unsubscribe(&self, conn: Uuid, channel: &str, id: Option<Value>) -> Unsubscribed {
         let mut inner = self.inner.lock().unwrap();
-        let removed = inner.connections.get_mut(&conn).is_some_and(|c| c.channels.remove(channel));
-        if removed {
-            self.detach(&mut inner, channel, conn);
-            self.update_gauges(&inner);
+        let inner = &mut *inner;
+        if !inner.connections.get(&conn).is_some_and(|c| c.channels.contains(channel)) {
+            return Unsubscribed::NotSubscribed;
         }
-        removed
+        let listener = inner.channels.get_mut(channel).and_then(|ch| ch.listeners.get_mut(&conn));
+        match listener {
+            Some(l) if l.leave.is_some() => return Unsubscribed::NotSubscribed,
+            Some(l) if !matches!(l.phase, Phase::Live) => {
+                l.leave = Some(id);
+                if let Some(c) = inner.connections.get_mut(&conn) {
+                    c.leaving += 1;
+                }
+                return Unsubscribed::AfterSubscribed;
+            }
+            _ => {}
+        }
+        self.leave(inner, channel, conn);
+        Unsubscribed::Now
+    }
+
+    /// Removes a listener from its channel and its connection.
+    fn leave(&self, inner: &mut Inner, channel: &str, conn: Uuid) {
+        if let Some(c) = inner.connections.get_mut(&conn) {
+            c.channels.remove(channel);
+        }
+        self.detach(inner, channel, conn);
+        self.update_gauges(inner);
+    }
+
+    /// Removes a listener whose `unsubscribe` waited for its `subscribed`,
+    /// now that both are answered.
+    fn leave_answered(&self, inner: &mut Inner, channel: &str, conn: Uuid) {
+        if let Some(c) = inner.connections.get_mut(&conn) {
+            c.leaving -= 1;
+        }
+        self.leave(inner, channel, conn);
     }
 
     fn detach(&self, inner: &mut Inner, channel: &str, conn: Uuid) {
@@ -367,8 +456,15 @@ impl Hub {
             ch.position = Some(position);
         }
         let mut jobs = Vec::new();
+        let mut leaving = Vec::new();
         for (conn, listener) in ch.listeners.iter_mut() {
             jobs.extend(activate(&name, ch.position.as_ref(), *conn, listener));
+            if listener.answer_leave(&name) {
+                leaving.push(*conn);
+            }
+        }
+        for conn in leaving {
+            self.leave_answered(inner, &name, conn);
         }
         jobs
     }
@@ -465,6 +561,7 @@ impl Hub {
         let buffer = std::mem::take(buffer);
         let Some(current) = current else { return };
         let Some(fetched) = fetched else {
+            listener.answer_earlier(&job.channel, &current);
             listener.queue.push(Utf8Bytes::from(protocol::error(
                 "unavailable",
                 "the event bus is unavailable",
@@ -472,6 +569,9 @@ impl Hub {
             )));
             listener.phase = Phase::Live;
             listener.last_offset = current.offset;
+            if listener.answer_leave(&job.channel) {
+                self.leave_answered(&mut inner, &job.channel, job.connection);
+            }
             return;
         };
         let gap = fetched.position.offset.saturating_sub(since.offset);
@@ -499,18 +599,23 @@ impl Hub {
         }
         let position = Position { offset: last.max(current.offset), epoch: current.epoch.clone() };
         let missed = out.len() as u64;
+        listener.answer_earlier(&job.channel, &position);
         listener.queue.push(subscribed(&job.channel, id.as_ref(), &position, Some((complete, missed))));
         for text in out {
             listener.queue.push(text);
         }
         listener.last_offset = last.max(current.offset);
         listener.phase = Phase::Live;
+        if listener.answer_leave(&job.channel) {
+            self.leave_answered(&mut inner, &job.channel, job.connection);
+        }
     }
 
     /// The bus link was lost: new subscribes are refused until it is back.
     pub fn link_down(&self) {
         let _inner = self.inner.lock().unwrap();
         self.link_up.store(false, Ordering::Release);
+        self.link_watch.send_replace(false);
     }
 
     /// The bus link is back: returns the joins to send (with positions, so
@@ -528,6 +633,7 @@ impl Hub {
             joins.push(LinkCommand::Join { channel: name.clone(), since });
         }
         self.link_up.store(true, Ordering::Release);
+        self.link_watch.send_replace(true);
         self.update_gauges(&inner);
         joins
     }
@@ -567,6 +673,8 @@ fn activate(
     let position = position?;
     match &mut listener.phase {
         Phase::Waiting { id } => {
+            let id = id.take();
+            listener.answer_earlier(channel, position);
             listener.queue.push(subscribed(channel, id.as_ref(), position, None));
             listener.last_offset = position.offset;
             listener.phase = Phase::Live;
@@ -577,5 +685,62 @@ fn activate(
             Some(RecoveryJob { connection: conn, channel: channel.clone(), since: since.clone() })
         }
         _ => None,
+    }
+}
+
+// === impl Listener ===
+
+impl Listener {
+    /// A subscribe after an `unsubscribe` that is still waiting: the earlier
+    /// subscribe and unsubscribe will be answered first, then this one. Its
+    /// `since` applies unless a recovery is already being fetched.
+    fn resubscribe(&mut self, since: Option<Since>, id: Option<Value>) {
+        let leave = self.leave.take().flatten();
+        let earlier_id = match &mut self.phase {
+            Phase::Waiting { id: first } => {
+                let first = first.take();
+                if let Some(since) = since {
+                    self.phase = Phase::Recovering { id, since, buffer: Vec::new(), fetching: false };
+                } else {
+                    self.phase = Phase::Waiting { id };
+                }
+                first
+            }
+            Phase::Recovering { id: first, since: old, fetching, .. } => {
+                if let (Some(since), false) = (since, *fetching) {
+                    *old = since;
+                }
+                std::mem::replace(first, id)
+            }
+            Phase::Live => None,
+        };
+        self.earlier.push(Reply::Subscribed(earlier_id));
+        self.earlier.push(Reply::Unsubscribed(leave));
+    }
+
+    /// Sends the replies owed to earlier frames, before this subscribe's own.
+    fn answer_earlier(&mut self, channel: &str, position: &Position) {
+        for reply in self.earlier.drain(..) {
+            let frame = match reply {
+                Reply::Subscribed(id) => subscribed(channel, id.as_ref(), position, None),
+                Reply::Unsubscribed(id) => unsubscribed(channel, id.as_ref()),
+            };
+            self.queue.push(frame);
+        }
+    }
+
+    /// Answers an `unsubscribe` that waited for `subscribed`; returns whether
+    /// the listener must now be removed.
+    fn answer_leave(&mut self, channel: &str) -> bool {
+        if !matches!(self.phase, Phase::Live) {
+            return false;
+        }
+        match self.leave.take() {
+            Some(id) => {
+                self.queue.push(unsubscribed(channel, id.as_ref()));
+                true
+            }
+            None => false,
+        }
     }
 }

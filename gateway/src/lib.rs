@@ -18,14 +18,12 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
 
-use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -40,6 +38,7 @@ pub mod link;
 pub mod metrics;
 pub mod protocol;
 pub mod queue;
+pub mod server;
 mod session;
 
 pub use config::{Access, Config, Limits, Namespace};
@@ -52,10 +51,19 @@ pub struct Node {
     /// The agent bridge, when configured.
     pub bridge: Option<link::BridgeClient>,
     pub metrics: Arc<metrics::Metrics>,
-    /// Cancelled when shutdown begins: sessions say goodbye and close.
+    /// Cancelled when shutdown begins: runs started here are cancelled (and
+    /// their last events still delivered), and no new run starts.
+    pub draining: CancellationToken,
+    /// Cancelled once runs are done or the first half of the grace period
+    /// is over: sessions say goodbye and close.
     pub shutdown: CancellationToken,
+    /// Tracks every task a session starts (runs, calls, publishes,
+    /// recoveries), so that shutdown can wait for them.
+    pub tasks: TaskTracker,
     /// Tracks every session task, which axum's graceful shutdown does not.
     pub sessions: TaskTracker,
+    /// Connections accepted and still in their HTTP phase.
+    pub pending: Arc<server::Pending>,
     shutting_down: AtomicBool,
 }
 
@@ -63,6 +71,12 @@ impl Node {
     /// Whether this node should get traffic: linked to the bus and not shutting down.
     pub fn ready(&self) -> bool {
         self.hub.link_is_up() && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Connections that count against `max_connections`: sessions, and
+    /// connections that have not finished their request yet.
+    pub fn open_connections(&self) -> usize {
+        self.hub.connection_count() + self.pending.count()
     }
 }
 
@@ -93,8 +107,11 @@ pub async fn serve(
         bus: bus.clone(),
         bridge,
         metrics: metrics.clone(),
+        draining: CancellationToken::new(),
         shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
         sessions: TaskTracker::new(),
+        pending: Arc::default(),
         shutting_down: AtomicBool::new(false),
     });
     let link_stop = CancellationToken::new();
@@ -104,30 +121,33 @@ pub async fn serve(
     }
 
     let app = http::router(node.clone());
-    let stopping = node.clone();
-    // Frames are small and written as they come: Nagle's algorithm would hold
-    // each one back until the client acknowledged the previous one.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(cause = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.shutting_down.store(true, Ordering::Release);
-            stopping.shutdown.cancel();
-        })
-        .await;
-    // axum does not wait for upgraded connections: the tracker does.
+    let accepting = CancellationToken::new();
+    let server = tokio::spawn(server::run(listener, app, node.clone(), accepting.clone()));
+    shutdown.await;
+
+    // Shutdown (SPEC §11), within `grace`: readiness goes false and nothing
+    // new is accepted; runs started here are cancelled and their repaired
+    // ends delivered; then every connection gets `disconnect` and `1001`
+    // after what is queued for it.
+    let deadline = tokio::time::Instant::now() + grace;
     node.shutting_down.store(true, Ordering::Release);
+    accepting.cancel();
+    node.draining.cancel();
+    node.tasks.close();
+    if tokio::time::timeout_at(deadline - grace / 2, node.tasks.wait()).await.is_err() {
+        tracing::warn!(remaining = node.tasks.len(), "runs and calls still going at half the grace period");
+    }
     node.shutdown.cancel();
     node.sessions.close();
-    if tokio::time::timeout(grace, node.sessions.wait()).await.is_err() {
+    // The server does not wait for upgraded connections: the tracker does.
+    if tokio::time::timeout_at(deadline, node.sessions.wait()).await.is_err() {
         tracing::warn!(remaining = node.sessions.len(), "shutdown grace period ran out");
+    }
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!("HTTP requests still in flight when the grace period ran out"),
     }
     link_stop.cancel();
     let _ = link.await;
-    result?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::{collections::VecDeque, sync::Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::disconnect::Disconnect;
 
@@ -17,6 +18,9 @@ pub struct Outbound {
     state: Mutex<State>,
     /// Wakes the writer task after a push or a close.
     notify: Notify,
+    /// Cancelled when the connection starts closing, for whoever must let it
+    /// go at once (the session leaves the hub then).
+    closed: CancellationToken,
     max_bytes: usize,
 }
 
@@ -37,6 +41,7 @@ impl Outbound {
         Outbound {
             state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None }),
             notify: Notify::new(),
+            closed: CancellationToken::new(),
             max_bytes,
         }
     }
@@ -53,6 +58,7 @@ impl Outbound {
             st.frames.clear();
             st.bytes = 0;
             drop(st);
+            self.closed.cancel();
             self.notify.notify_one();
             return false;
         }
@@ -74,7 +80,13 @@ impl Outbound {
             }
         }
         drop(st);
+        self.closed.cancel();
         self.notify.notify_one();
+    }
+
+    /// Completes once the connection is closing.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     pub fn closing(&self) -> Option<Disconnect> {

@@ -1,7 +1,7 @@
 //! One connection: its protocol state machine (SPEC §3), heartbeat, limits,
 //! and the writer task that drains its outbound queue into the socket.
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{collections::VecDeque, future::Future, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use crate::{
     auth::{self, Credentials},
     config::Access,
     disconnect::Disconnect,
-    hub::{BROADCAST_CHANNEL, SubscribeError},
+    hub::{self, BROADCAST_CHANNEL, RecoveryJob, SubscribeError, Unsubscribed},
     link,
     metrics::CodeLabel,
     protocol::{self, ClientFrame, Request, Since},
@@ -77,7 +77,8 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
     let limits = node.config.limits.clone();
     let queue = Arc::new(Outbound::new(limits.outbound_queue_bytes));
     let (sink, mut stream) = socket.split();
-    let mut writer = tokio::spawn(write_loop(sink, queue.clone(), node.config.heartbeat_interval));
+    let mut writer =
+        tokio::spawn(write_loop(sink, queue.clone(), node.config.heartbeat_interval, limits.write_timeout));
     let mut session = Session {
         node: node.clone(),
         id,
@@ -124,13 +125,17 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
 
     let window = node.config.heartbeat_interval + node.config.heartbeat_timeout;
     let mut last_seen = Instant::now();
-    let mut writer_done = false;
+    let mut writer_done = None;
     let mut client_gone = false;
-    while !writer_done {
+    while writer_done.is_none() {
         let open = queue.closing().is_none();
         tokio::select! {
             _ = node.shutdown.cancelled(), if open => queue.close(Disconnect::SHUTDOWN),
-            _ = &mut writer => writer_done = true,
+            // Whatever closes it, a closing connection gets no more events
+            // and leaves the stats and its channels now, not when its socket
+            // has taken the rest (it may never).
+            _ = queue.closed(), if open => node.hub.remove_connection(id),
+            end = &mut writer => writer_done = Some(end.unwrap_or(WriterEnd::Broken)),
             _ = tokio::time::sleep_until(last_seen + window), if open => queue.close(Disconnect::NO_PONG),
             _ = sleep_until(session.authorize_by), if open => queue.close(Disconnect::UNAUTHORIZED),
             _ = sleep_until(session.expires.map(|t| t + node.config.auth.expiry_grace)), if open => {
@@ -145,8 +150,8 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
                 }
                 Some(Err(err)) => {
                     client_gone = true;
-                    if too_big(err) {
-                        queue.close(Disconnect::MESSAGE_TOO_BIG);
+                    if let Some(reason) = read_error(err) {
+                        queue.close(reason);
                     }
                 }
                 None => client_gone = true,
@@ -161,12 +166,16 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
     session.gone.cancel();
     let code = queue.closing().map_or(1000, |d| d.code);
     node.metrics.disconnects.get_or_create(&CodeLabel { code }).inc();
-    if !writer_done
-        && (client_gone && queue.closing().is_none() || tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err())
-    {
-        writer.abort();
+    if writer_done.is_none() {
+        if client_gone && queue.closing().is_none() {
+            writer.abort();
+        } else {
+            // The writer has its own deadline per write, so this ends.
+            writer_done = Some(writer.await.unwrap_or(WriterEnd::Broken));
+        }
     }
-    if !client_gone {
+    // A socket that took nothing is dropped now: no closing handshake.
+    if !client_gone && writer_done == Some(WriterEnd::Closed) {
         // The closing handshake: read until the client's close, so that it
         // reads everything we sent before the socket goes away.
         let _ = tokio::time::timeout(CLOSE_FLUSH, async {
@@ -196,30 +205,52 @@ fn instant_of(exp: Option<u64>) -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
 }
 
-/// Whether a read error is the message-size limit.
-fn too_big(err: axum::Error) -> bool {
-    let inner = err.into_inner();
-    matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
+/// The close a read error calls for (SPEC §9), when the socket can still
+/// take one: a frame over the limit, invalid UTF-8 in a text frame, or a
+/// WebSocket protocol violation. Other errors are a connection that broke.
+fn read_error(err: axum::Error) -> Option<Disconnect> {
+    match err.into_inner().downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => Some(Disconnect::MESSAGE_TOO_BIG),
+        tungstenite::Error::Utf8(_) => Some(Disconnect::INVALID_UTF8),
+        tungstenite::Error::Protocol(_) => Some(Disconnect::PROTOCOL_VIOLATION),
+        _ => None,
+    }
+}
+
+/// How the writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// It sent the `disconnect` and close frames.
+    Closed,
+    /// The socket broke, or took nothing for `write_timeout`.
+    Broken,
 }
 
 /// Drains the queue into the socket, sends heartbeats, and sends the
-/// `disconnect` frame and the close frame when the queue is closed.
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>, interval: Duration) {
+/// `disconnect` frame and the close frame when the queue is closed. Every
+/// write has `write_timeout` to complete: a socket that takes nothing for
+/// that long is given up (SPEC §9), and dropping it closes the TCP connection.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    queue: Arc<Outbound>,
+    interval: Duration,
+    write_timeout: Duration,
+) -> WriterEnd {
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     loop {
         tokio::select! {
             _ = queue.notified() => {}
             _ = ping.tick() => {
                 queue.push(Utf8Bytes::from(protocol::frame("ping", None, json!({}))));
-                if sink.feed(Message::Ping(Bytes::new())).await.is_err() {
-                    return;
+                if !within(write_timeout, sink.feed(Message::Ping(Bytes::new()))).await {
+                    return WriterEnd::Broken;
                 }
             }
         }
         let drained = queue.drain();
         for frame in drained.frames {
-            if sink.feed(Message::Text(frame)).await.is_err() {
-                return;
+            if !within(write_timeout, sink.feed(Message::Text(frame))).await {
+                return WriterEnd::Broken;
             }
         }
         if let Some(d) = drained.close {
@@ -228,15 +259,20 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound
                 None,
                 json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() }),
             );
-            let _ = sink.feed(Message::Text(bye.into())).await;
             let close = CloseFrame { code: d.code, reason: Utf8Bytes::from(d.reason) };
-            let _ = sink.send(Message::Close(Some(close))).await;
-            return;
+            let sent = within(write_timeout, sink.feed(Message::Text(bye.into()))).await
+                && within(write_timeout, sink.send(Message::Close(Some(close)))).await;
+            return if sent { WriterEnd::Closed } else { WriterEnd::Broken };
         }
-        if sink.flush().await.is_err() {
-            return;
+        if !within(write_timeout, sink.flush()).await {
+            return WriterEnd::Broken;
         }
     }
+}
+
+/// Whether a write completed, without error, within `limit`.
+async fn within(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
 // === impl Session ===
@@ -311,24 +347,25 @@ impl Session {
         }
         match frame.request {
             Request::Subscribe { channel, since } => self.subscribe(channel, since, id),
-            Request::Unsubscribe { channel } => {
-                if self.node.hub.unsubscribe(self.id, &channel) {
-                    self.push(protocol::frame(
-                        "unsubscribed",
-                        id.as_ref(),
-                        json!({ "channel": channel, "reason": "client" }),
-                    ));
-                } else {
+            Request::Unsubscribe { channel } => match self.node.hub.unsubscribe(self.id, &channel, id.clone()) {
+                Unsubscribed::Now => {
+                    self.queue.push(hub::unsubscribed(&channel, id.as_ref()));
+                }
+                Unsubscribed::AfterSubscribed => {}
+                Unsubscribed::NotSubscribed => {
                     self.error("not_subscribed", &format!("not subscribed to {channel:?}"), id.as_ref());
                 }
-            }
+            },
             Request::Publish { channel, event, data } => self.publish(channel, event, data, id),
             Request::Ping => self.push(protocol::frame("pong", id.as_ref(), json!({}))),
             Request::Pong => {}
             Request::Authorize { token } => self.authorize(&token, id),
             Request::Refresh { token } => self.refresh(&token, id),
             Request::Rpc { method, params } => {
-                if self.allowed(&self.node.config.rpc_access(&method)) {
+                // `execute_command` runs a worker's method: both rules apply.
+                let command = (method == "execute_command").then(|| params["command"].as_str()).flatten();
+                let permitted = |m: &str| self.allowed(&self.node.config.rpc_access(m));
+                if permitted(&method) && command.is_none_or(permitted) {
                     self.agent().rpc(method, params, id);
                 } else {
                     let error =
@@ -491,26 +528,22 @@ impl Session {
     }
 
     /// Subscribes without the permission check: for server-side subscriptions.
+    /// While the bus link is down (at start, or during a relink), the
+    /// subscribe waits for it up to `limits.link_wait` before `unavailable`.
     fn subscribe_unchecked(&mut self, channel: String, since: Option<Since>, id: Option<Value>) {
-        match self.node.hub.subscribe(self.id, &channel, since, id.clone()) {
-            Ok(Some(job)) => {
-                tokio::spawn(link::recover(self.node.hub.clone(), self.node.bus.clone(), job));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let message = match e {
-                    SubscribeError::AlreadySubscribed => {
-                        format!("already subscribed to {channel:?}")
-                    }
-                    SubscribeError::LimitExceeded => {
-                        format!("at most {} subscriptions per connection", self.node.config.limits.max_subscriptions)
-                    }
-                    SubscribeError::Unavailable => "the event bus is unavailable; try later".to_owned(),
-                    SubscribeError::UnknownConnection => "connection is closing".to_owned(),
+        let attempt = self.node.hub.subscribe(self.id, &channel, since.clone(), id.clone());
+        if attempt == Err(SubscribeError::Unavailable) && !self.node.hub.link_is_up() {
+            let (node, conn, queue) = (self.node.clone(), self.id, self.queue.clone());
+            self.node.tasks.spawn(async move {
+                let result = match node.hub.wait_for_link(node.config.limits.link_wait).await {
+                    true => node.hub.subscribe(conn, &channel, since, id.clone()),
+                    false => Err(SubscribeError::Unavailable),
                 };
-                self.error(e.code(), &message, id.as_ref());
-            }
+                subscribed_or_error(&node, &queue, &channel, result, id.as_ref());
+            });
+            return;
         }
+        subscribed_or_error(&self.node, &self.queue, &channel, attempt, id.as_ref());
     }
 
     fn publish(&mut self, channel: String, event: String, data: Value, id: Option<Value>) {
@@ -526,7 +559,7 @@ impl Session {
             data: Bytes::from(data.to_string()),
             ..Default::default()
         };
-        tokio::spawn(async move {
+        self.node.tasks.spawn(async move {
             let started = Instant::now();
             let frame = match node.bus.clone().publish(request).await {
                 Ok(resp) => {
@@ -545,6 +578,33 @@ impl Session {
             node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             queue.push(Utf8Bytes::from(frame));
         });
+    }
+}
+
+/// Starts the recovery a subscribe asked for, or answers its error.
+fn subscribed_or_error(
+    node: &Arc<Node>,
+    queue: &Outbound,
+    channel: &str,
+    result: Result<Option<RecoveryJob>, SubscribeError>,
+    id: Option<&Value>,
+) {
+    match result {
+        Ok(Some(job)) => {
+            node.tasks.spawn(link::recover(node.hub.clone(), node.bus.clone(), job));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let message = match e {
+                SubscribeError::AlreadySubscribed => format!("already subscribed to {channel:?}"),
+                SubscribeError::LimitExceeded => {
+                    format!("at most {} subscriptions per connection", node.config.limits.max_subscriptions)
+                }
+                SubscribeError::Unavailable => "the event bus is unavailable; try later".to_owned(),
+                SubscribeError::UnknownConnection => "connection is closing".to_owned(),
+            };
+            queue.push(Utf8Bytes::from(protocol::error(e.code(), &message, id)));
+        }
     }
 }
 

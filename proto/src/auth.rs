@@ -10,6 +10,13 @@ use tonic::{
     service::Interceptor,
 };
 
+/// The credentials of an `Authorization: Bearer <credentials>` value; the
+/// scheme is case-insensitive (RFC 7235).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim_start())
+}
+
 /// Server side: refuses calls without the key, when one is configured; the
 /// key is compared in constant time.
 #[derive(Clone)]
@@ -24,12 +31,7 @@ impl KeyCheck {
 impl Interceptor for KeyCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(key) = &self.0 else { return Ok(req) };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(key)) {
             Ok(req)
         } else {
@@ -39,6 +41,16 @@ impl Interceptor for KeyCheck {
 }
 
 /// Client side: adds the key to every call, when one is configured.
+#[cfg(test)]
+#[test]
+fn bearer_schemes_are_case_insensitive() {
+    assert_eq!(bearer("Bearer k"), Some("k"));
+    assert_eq!(bearer("bearer k"), Some("k"));
+    assert_eq!(bearer("BEARER  k"), Some("k"));
+    assert_eq!(bearer("Basic k"), None);
+    assert_eq!(bearer("Bearer"), None);
+}
+
 #[derive(Clone, Default)]
 pub struct BearerKey(Option<MetadataValue<Ascii>>);
 

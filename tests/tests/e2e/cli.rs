@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
+use serde_json::{Value, json};
 use switchboard_tests::*;
 
 /// Runs the binary to completion and returns its exit code and stderr.
@@ -36,6 +36,12 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
         // A variable of the settings' form with an unknown key names itself (SPEC §8).
         (&["up"], &[("SWITCHBOARD_GATEWAY__LISTN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAY__LISTN"),
+        (
+            &["token", "--sub", "a", "--secret", "a-secret-of-at-least-32-characters-0"],
+            &[("SWITCHBOARD_GATEWAY__LISTN", "x")],
+            "SWITCHBOARD_GATEWAY__LISTN",
+        ),
+        (&["publish", "c", "e", "{}"], &[("SWITCHBOARD_GATEWAY__LISTN", "x")], "SWITCHBOARD_GATEWAY__LISTN"),
         (&["up"], &[("SWITCHBOARD_GATEWAYS__LISTEN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAYS__LISTEN"),
         (&["up"], &[("SWITCHBOARD_RPC__GET_STATUS", "everyone")], "rpc.get_status"),
         (&["up", "--config", file], &[], "lisen"),
@@ -383,4 +389,74 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
 
     let ws = Ws::connect(&format!("{ws_url}?token={token}")).await.unwrap();
     assert_eq!(ws.connected["user_id"], "grace");
+}
+
+#[tokio::test]
+async fn sigterm_during_runs_ends_them_and_exits_within_the_grace_period() {
+    let data = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_AGENTS__ECHO__DELAY_MS", "500"), ("SWITCHBOARD_GATEWAY__SHUTDOWN_GRACE", "3s")];
+    let mut up = Process::start_with(
+        &[
+            "up",
+            "--backend",
+            "memory",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--eventbus-listen",
+            "127.0.0.1:0",
+            "--agent-bridge-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &env,
+    );
+    let ws_url = up.ws.clone().unwrap();
+    let mut ws = loop {
+        // The bus link comes up a moment after the gateway listens; a chat waits for nothing.
+        if let Ok(ws) = Ws::connect(&ws_url).await {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let words = vec!["word"; 200].join(" ");
+    ws.send(json!({ "type": "chat_message", "content": words, "id": "long" })).await;
+    let run = ws.expect("run").await;
+    for i in 0..2 {
+        ws.send(json!({ "type": "chat_message", "content": "next", "thread_id": run["thread_id"], "multitask": "enqueue", "id": i }))
+            .await;
+    }
+    loop {
+        let f = ws.recv().await.unwrap();
+        if f["event"]["type"] == "TEXT_MESSAGE_CONTENT" {
+            break;
+        }
+    }
+
+    let asked = std::time::Instant::now();
+    let pid = up.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (closed, frames) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(1001));
+    let kinds: Vec<String> = frames
+        .iter()
+        .map(|f| match f["type"].as_str().unwrap() {
+            "agent_event" => f["event"]["type"].as_str().unwrap().to_owned(),
+            other => other.to_owned(),
+        })
+        .filter(|k| k != "TEXT_MESSAGE_CONTENT")
+        .collect();
+    let end = frames.iter().find(|f| f["event"]["type"] == "RUN_ERROR").expect("the run ended before the close");
+    assert_eq!(end["event"]["code"], "cancelled");
+    assert_eq!(kinds[kinds.len() - 3..], ["TEXT_MESSAGE_END", "RUN_ERROR", "disconnect"], "{kinds:?}");
+    let refused: Vec<&Value> = frames.iter().filter(|f| f["type"] == "error").map(|f| &f["id"]).collect();
+    assert_eq!(refused.len(), 2, "both waiting runs were refused: {frames:?}");
+    let code = loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(asked.elapsed() < Duration::from_secs(4), "still running {:?} after SIGTERM", asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: real services in-process on port 0, real WebSocket and
 //! gRPC clients. One test binary, one module per area.
 
+mod abuse;
 mod agents;
 mod auth;
 mod bad_input;

@@ -219,6 +219,10 @@ async fn only_the_user_who_started_a_run_can_stop_it() {
     alice.send(json!({ "type": "interrupt_stream", "run_id": second["run_id"], "id": 8 })).await;
     let answer = until(&mut alice, "interrupted").await;
     assert_eq!((&answer["id"], &answer["cancelled"]), (&json!(8), &json!(false)));
+    assert_eq!(answer["thread_id"], second["thread_id"]);
+    // An ended run is still not bob's to stop.
+    bob.send(json!({ "type": "interrupt_stream", "run_id": second["run_id"], "id": 9 })).await;
+    assert_eq!(until(&mut bob, "error").await["code"], "permission_denied");
 
     // gRPC `Cancel` acts for the user it names; a service (no user) for anyone.
     let mut grpc = apb::agent_bridge_client::AgentBridgeClient::connect(s.bridge.url()).await.unwrap();
@@ -305,6 +309,11 @@ async fn rpc_settings_override_the_defaults_and_workers_learn_the_caller() {
     let mut worker = crate::workers::TestWorker::attach(&s.bridge.url(), "calc", &[], &["add"], 1).await;
     let mut bob = connect(&s.gateway, "/ws", "bob", &[]).await;
     bob.send(json!({ "type": "rpc", "method": "add", "params": { "a": 1, "b": 2 }, "id": 1 })).await;
+    assert_eq!(bob.expect("rpc_response").await["error"]["code"], "permission_denied");
+    // Nor through `execute_command`, which names the same method.
+    let frame =
+        json!({ "type": "rpc", "method": "execute_command", "params": { "command": "add", "args": {} }, "id": 2 });
+    bob.send(frame).await;
     assert_eq!(bob.expect("rpc_response").await["error"]["code"], "permission_denied");
 
     let mut carol = connect(&s.gateway, "/ws", "carol", &["math", "ops"]).await;
