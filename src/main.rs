@@ -447,6 +447,10 @@ impl Plan {
                 },
             );
         }
+        for channel in &s.gateway.default_channels {
+            switchboard_proto::channel::validate(channel)
+                .map_err(|e| format!("gateway.default_channels: {channel:?}: {e}"))?;
+        }
         let mut rpc = HashMap::new();
         for (method, setting) in &s.rpc {
             // `none` is accepted too: a method nobody may call from a browser.
@@ -530,6 +534,7 @@ impl Plan {
             },
             namespaces: gw_namespaces,
             rpc,
+            default_channels: s.gateway.default_channels.clone(),
             allowed_origins: s.gateway.allowed_origins.clone(),
             auth,
         };

@@ -52,6 +52,7 @@ pub struct Gateway {
     pub heartbeat_timeout: Dur,
     pub shutdown_grace: Dur,
     pub allowed_origins: Vec<String>,
+    pub default_channels: Vec<String>,
 }
 
 impl Default for Gateway {
@@ -65,6 +66,7 @@ impl Default for Gateway {
             heartbeat_timeout: secs(10),
             shutdown_grace: secs(10),
             allowed_origins: switchboard_gateway::config::localhost_origins(),
+            default_channels: Vec::new(),
         }
     }
 }

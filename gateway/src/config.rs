@@ -95,6 +95,9 @@ pub struct Config {
     /// Who may call each RPC method (`rpc.<method>`); others get
     /// `Config::rpc_access`'s default.
     pub rpc: HashMap<String, Access>,
+    /// Channels every connection is subscribed to on open, once it may
+    /// (SPEC §3.5); those its namespace refuses it are skipped.
+    pub default_channels: Vec<String>,
     /// Origins allowed to open WebSockets and call the API: exact origins,
     /// `scheme://host:*` for any port, or `*` for any origin. Requests without
     /// an `Origin` header (non-browser clients) are not affected.
@@ -139,6 +142,7 @@ impl Default for Config {
             limits: Limits::default(),
             namespaces: HashMap::new(),
             rpc: HashMap::new(),
+            default_channels: Vec::new(),
             allowed_origins: localhost_origins(),
             auth: crate::auth::AuthConfig::none(),
         }

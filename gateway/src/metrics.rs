@@ -26,6 +26,11 @@ pub struct Metrics {
     pub broadcast_duration: Histogram,
     pub publish_duration: Histogram,
     pub bus_lag: Gauge<f64, AtomicU64>,
+    /// Connections that have not finished their HTTP request yet.
+    pub pending_connections: Gauge,
+    /// Tasks alive in this process's runtime, read when rendered: a leak
+    /// shows as growth under a steady load.
+    pub runtime_tasks: Gauge,
 }
 
 fn latency_buckets() -> Histogram {
@@ -46,6 +51,8 @@ impl Metrics {
             broadcast_duration: latency_buckets(),
             publish_duration: latency_buckets(),
             bus_lag: Gauge::default(),
+            pending_connections: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("switchboard_connections", "Open WebSocket connections", m.connections.clone());
@@ -74,6 +81,12 @@ impl Metrics {
             "Age of the newest event received from the bus",
             m.bus_lag.clone(),
         );
+        registry.register(
+            "switchboard_pending_connections",
+            "Connections still sending their HTTP request (they count against max_connections)",
+            m.pending_connections.clone(),
+        );
+        registry.register("switchboard_runtime_tasks", "Tasks alive in the process's runtime", m.runtime_tasks.clone());
         Metrics { registry, ..m }
     }
 

@@ -125,6 +125,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     };
     let kind = match obj.remove("type") {
         Some(Value::String(s)) => s,
+        // Frames of existing clients (SPEC §3.5): `{method, params}` is an `rpc`.
+        None if matches!(obj.get("method"), Some(Value::String(_))) => "rpc".to_owned(),
         None => return Err(invalid(id, "field `type` is missing")),
         Some(_) => return Err(invalid(id, "field `type` must be a string")),
     };
@@ -139,7 +141,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             event: fields.opt_string("event")?.unwrap_or_else(|| "message".to_owned()),
             data: fields.obj.remove("data").unwrap_or(Value::Null),
         },
-        "ping" => Request::Ping,
+        // `heartbeat` is what some existing clients send for `ping`.
+        "ping" | "heartbeat" => Request::Ping,
         "pong" => Request::Pong,
         "rpc" => Request::Rpc {
             method: fields.string("method")?,
@@ -155,6 +158,16 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             tools: fields.obj.remove("tools"),
             context: fields.obj.remove("context"),
         }),
+        // The `module_control` method, sent as a frame of its own (SPEC §3.5).
+        "module_control" => {
+            let mut params = Map::new();
+            for name in ["module", "enabled"] {
+                if let Some(v) = fields.obj.remove(name) {
+                    params.insert(name.to_owned(), v);
+                }
+            }
+            Request::Rpc { method: kind, params: Value::Object(params) }
+        }
         "run_agent" => Request::RunAgent {
             agent: fields.opt_string("agent")?,
             multitask: fields.opt_string("multitask")?,
@@ -303,6 +316,20 @@ fn push_json_str(out: &mut String, s: &str) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn frames_of_existing_clients_are_aliases() {
+        let f = parse(r#"{"method":"get_status","params":{"a":1},"id":3}"#).unwrap();
+        assert_eq!(
+            (f.id, f.request),
+            (Some(json!(3)), Request::Rpc { method: "get_status".into(), params: json!({"a":1}) })
+        );
+        let f = parse(r#"{"type":"module_control","module":"vision","enabled":false,"other":1}"#).unwrap();
+        let params = json!({ "module": "vision", "enabled": false });
+        assert_eq!(f.request, Request::Rpc { method: "module_control".into(), params });
+        assert_eq!(parse(r#"{"type":"heartbeat","ts":1}"#).unwrap().request, Request::Ping);
+        assert_eq!(parse(r#"{"method":7}"#).unwrap_err().code(), "invalid_frame");
+    }
 
     #[test]
     fn parses_every_channel_frame() {

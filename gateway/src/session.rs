@@ -440,10 +440,18 @@ impl Session {
         self.subscribe_pending();
     }
 
-    /// Subscribes the path form's channel, with the checks of a `subscribe` frame.
+    /// Subscribes what a connection gets on open once it may: the path
+    /// form's channel, with the checks (and errors) of a `subscribe` frame,
+    /// and `gateway.default_channels`, skipping those it may not read.
     fn subscribe_pending(&mut self) {
         if let Some((channel, since)) = self.pending.take() {
             self.subscribe(channel, since, None);
+        }
+        for channel in self.node.config.default_channels.clone() {
+            let rule = self.node.config.namespace(&channel).subscribe;
+            if self.may(&channel, &rule).is_ok() {
+                self.subscribe_unchecked(channel, None, None);
+            }
         }
     }
 
@@ -506,17 +514,25 @@ impl Session {
         }
     }
 
-    /// Checks the channel name and the namespace's rule for `access`.
+    /// Checks the channel name and the namespace's rule for `access`;
+    /// answers the error when refused.
     fn check_channel(&self, channel: &str, access: &Access, id: Option<&Value>) -> bool {
-        if let Err(e) = switchboard_proto::channel::validate(channel) {
-            self.error("invalid_channel", &e.to_string(), id);
-            return false;
+        match self.may(channel, access) {
+            Ok(()) => true,
+            Err((code, message)) => {
+                self.error(code, &message, id);
+                false
+            }
         }
+    }
+
+    /// Whether this connection may use `channel` under `access`, or why not.
+    fn may(&self, channel: &str, access: &Access) -> Result<(), (&'static str, String)> {
+        switchboard_proto::channel::validate(channel).map_err(|e| ("invalid_channel", e.to_string()))?;
         if channel == BROADCAST_CHANNEL || !readable_by(channel, self.user_id()) || !self.allowed(access) {
-            self.error("permission_denied", &format!("not allowed on channel {channel:?}"), id);
-            return false;
+            return Err(("permission_denied", format!("not allowed on channel {channel:?}")));
         }
-        true
+        Ok(())
     }
 
     fn subscribe(&mut self, channel: String, since: Option<Since>, id: Option<Value>) {
