@@ -464,6 +464,7 @@ impl Plan {
             fsync_interval: s.eventbus.fsync_interval.0,
             max_event_bytes: l.max_event_bytes,
             recovery_max: l.recovery_max,
+            max_stream_channels: l.max_stream_channels,
             history,
             namespaces: bus_namespaces,
             // A generated (dev) key guards only the HTTP admin API, so that

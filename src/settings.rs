@@ -233,6 +233,7 @@ pub struct Limits {
     pub header_timeout: Dur,
     pub write_timeout: Dur,
     pub link_wait: Dur,
+    pub max_stream_channels: usize,
 }
 
 impl Default for Limits {
@@ -254,6 +255,7 @@ impl Default for Limits {
             header_timeout: Dur(g.header_timeout),
             write_timeout: Dur(g.write_timeout),
             link_wait: Dur(g.link_wait),
+            max_stream_channels: 100_000,
         }
     }
 }

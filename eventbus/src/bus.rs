@@ -64,6 +64,9 @@ pub(crate) struct ChannelState {
     /// Offset of the oldest stored event (`top + 1` when none is).
     pub(crate) first: u64,
     pub(crate) subscribers: HashMap<u64, Subscriber>,
+    /// Commit groups of the writer that include this channel and have not
+    /// updated `top` yet: while any does, the channel is not forgotten.
+    pub(crate) writing: u32,
 }
 
 /// A new event, checked, before it has a position.
@@ -79,10 +82,22 @@ pub struct NewEvent {
 /// What a subscription stream receives.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Joined { channel: Arc<str>, position: Position, recovered: bool, missed: u64 },
-    JoinFailed { channel: String, error: String },
+    Joined {
+        channel: Arc<str>,
+        position: Position,
+        recovered: bool,
+        missed: u64,
+    },
+    /// `code` is `invalid_argument` or `limit_exceeded`.
+    JoinFailed {
+        channel: String,
+        code: &'static str,
+        error: String,
+    },
     Events(Arc<[Event]>),
-    Left { channel: Arc<str> },
+    Left {
+        channel: Arc<str>,
+    },
 }
 
 /// The sending half of one subscription stream, registered in each channel it joined.
@@ -109,7 +124,8 @@ pub struct Subscription {
     bus: Bus,
     id: u64,
     subscriber: Subscriber,
-    channels: Vec<Arc<Channel>>,
+    /// By name: a stream may hold `max_stream_channels` of them.
+    channels: HashMap<Arc<str>, Arc<Channel>>,
 }
 
 /// Deepest nesting of arrays and objects accepted in event data: every
@@ -184,27 +200,52 @@ impl Bus {
         &self.shared.config
     }
 
-    /// Returns the channel, creating its in-memory state when it is new.
-    pub(crate) fn channel(&self, name: &str) -> Arc<Channel> {
+    /// Runs `f` on a channel's state, creating the channel when it is new.
+    ///
+    /// The state is locked before the channel map is released, so a channel
+    /// cannot be forgotten (`forget_if_idle`) between being looked up and
+    /// being joined or written to: locks are always taken map, then state.
+    pub(crate) fn with_channel<R>(&self, name: &str, f: impl FnOnce(&Arc<Channel>, &mut ChannelState) -> R) -> R {
         let mut channels = self.shared.channels.lock().unwrap();
-        if let Some(ch) = channels.get(name) {
-            return ch.clone();
+        let ch = match channels.get(name) {
+            Some(ch) => ch.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(name);
+                let state = ChannelState { top: 0, first: 1, subscribers: HashMap::new(), writing: 0 };
+                let ch = Arc::new(Channel { name: name.clone(), state: Mutex::new(state) });
+                channels.insert(name, ch.clone());
+                ch
+            }
+        };
+        let mut st = ch.state.lock().unwrap();
+        drop(channels);
+        f(&ch, &mut st)
+    }
+
+    /// Forgets a channel that never stored an event once nobody listens or
+    /// writes to it (SPEC §9): joins of names that see no traffic must not
+    /// grow the bus. A channel that stored events keeps its position, since
+    /// offsets never restart within an epoch.
+    pub(crate) fn forget_if_idle(&self, ch: &Arc<Channel>) {
+        let mut channels = self.shared.channels.lock().unwrap();
+        if !channels.get(&ch.name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            return;
         }
-        let name: Arc<str> = Arc::from(name);
-        let ch = Arc::new(Channel {
-            name: name.clone(),
-            state: Mutex::new(ChannelState { top: 0, first: 1, subscribers: HashMap::new() }),
-        });
-        channels.insert(name, ch.clone());
-        ch
+        let idle = {
+            let st = ch.state.lock().unwrap();
+            st.top == 0 && st.writing == 0 && st.subscribers.is_empty()
+        };
+        if idle {
+            channels.remove(&ch.name);
+        }
     }
 
     /// Restores a channel's position from storage at startup.
     pub(crate) fn restore(&self, name: Arc<str>, top: u64, first: u64) {
-        let ch = self.channel(&name);
-        let mut st = ch.state.lock().unwrap();
-        st.top = top;
-        st.first = first;
+        self.with_channel(&name, |_, st| {
+            st.top = top;
+            st.first = first;
+        });
     }
 
     pub(crate) fn all_channels(&self) -> Vec<Arc<Channel>> {
@@ -223,8 +264,10 @@ impl Bus {
         if size > limit {
             return Err(BusError::TooLarge { size, limit });
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(&event.data)
-            .map_err(|e| BusError::InvalidJson(e.to_string()))?;
+        // UTF-8 first: serde_json skips over the bytes of strings it ignores.
+        let text = std::str::from_utf8(&event.data)
+            .map_err(|e| BusError::InvalidJson(format!("data is not valid UTF-8: {e}")))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
         if nested_deeper_than(&event.data, MAX_NESTING) {
             return Err(BusError::InvalidJson(format!("data is nested deeper than {MAX_NESTING} levels")));
         }
@@ -279,7 +322,7 @@ impl Bus {
         let lagged = CancellationToken::new();
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber { tx, lagged: lagged.clone() };
-        (Subscription { bus: self.clone(), id, subscriber, channels: Vec::new() }, rx, lagged)
+        (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new() }, rx, lagged)
     }
 
     /// Returns stored events after `since` (or from the oldest), and the channel's position.
@@ -349,12 +392,13 @@ impl Subscription {
     /// whole gap is stored (SPEC §6), and reports `recovered: false` otherwise.
     pub fn join(&mut self, channel: &str, since: Option<Position>) {
         if let Err(e) = switchboard_proto::channel::validate(channel) {
-            self.subscriber.deliver(Delivery::JoinFailed { channel: channel.to_owned(), error: e.to_string() });
+            let failed =
+                Delivery::JoinFailed { channel: channel.to_owned(), code: "invalid_argument", error: e.to_string() };
+            self.subscriber.deliver(failed);
             return;
         }
-        if self.channels.iter().any(|c| &*c.name == channel) {
+        if let Some(ch) = self.channels.get(channel) {
             // Joining twice restarts nothing; answer with the current position.
-            let ch = self.bus.channel(channel);
             let st = ch.state.lock().unwrap();
             let position = Position { offset: st.top, epoch: self.bus.shared.epoch.clone() };
             self.subscriber.deliver(Delivery::Joined {
@@ -365,59 +409,88 @@ impl Subscription {
             });
             return;
         }
-        let ch = self.bus.channel(channel);
-        let shared = &self.bus.shared;
-        let mut st = ch.state.lock().unwrap();
-        let position = Position { offset: st.top, epoch: shared.epoch.clone() };
-        let mut replay = Vec::new();
-        let mut recovered = false;
-        if let Some(since) = since {
-            let gap = st.top.saturating_sub(since.offset);
-            recovered = *since.epoch == *shared.epoch
-                && since.offset <= st.top
-                && since.offset + 1 >= st.first
-                && gap <= shared.config.recovery_max;
-            if recovered && gap > 0 {
-                match shared.store.read(channel, since.offset, gap as usize) {
-                    Ok(events) if events.len() as u64 == gap => replay = events,
-                    Ok(_) => recovered = false,
-                    Err(e) => {
-                        tracing::error!(cause = %e, channel, "history read failed");
-                        recovered = false;
-                    }
-                }
-            }
+        let max = self.bus.shared.config.max_stream_channels;
+        if self.channels.len() >= max {
+            let error = format!("at most {max} channels on one Subscribe stream (limits.max_stream_channels)");
+            self.subscriber.deliver(Delivery::JoinFailed {
+                channel: channel.to_owned(),
+                code: "limit_exceeded",
+                error,
+            });
+            return;
         }
-        let missed = replay.len() as u64;
-        let ok = self.subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
-            && (replay.is_empty() || self.subscriber.deliver(Delivery::Events(replay.into())));
-        if ok {
-            st.subscribers.insert(self.id, self.subscriber.clone());
-            shared.subscriptions.fetch_add(1, Ordering::Relaxed);
-            drop(st);
-            self.channels.push(ch);
+        let (id, subscriber) = (self.id, self.subscriber.clone());
+        let bus = self.bus.clone();
+        let (ch, joined) =
+            bus.with_channel(channel, |ch, st| (ch.clone(), join_locked(&bus, ch, st, id, &subscriber, since)));
+        if joined {
+            self.channels.insert(ch.name.clone(), ch);
+        } else {
+            bus.forget_if_idle(&ch);
         }
     }
 
     /// Removes a channel and confirms with `Left`.
     pub fn leave(&mut self, channel: &str) {
-        if let Some(i) = self.channels.iter().position(|c| &*c.name == channel) {
-            let ch = self.channels.swap_remove(i);
+        if let Some(ch) = self.channels.remove(channel) {
             self.detach(&ch);
         }
         self.subscriber.deliver(Delivery::Left { channel: Arc::from(channel) });
     }
 
-    fn detach(&self, ch: &Channel) {
+    fn detach(&self, ch: &Arc<Channel>) {
         if ch.state.lock().unwrap().subscribers.remove(&self.id).is_some() {
             self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
+        self.bus.forget_if_idle(ch);
     }
+}
+
+/// Replays what a joining subscriber missed and registers it, under the
+/// channel's lock; returns whether it joined (its stream may be lagging).
+fn join_locked(
+    bus: &Bus,
+    ch: &Channel,
+    st: &mut ChannelState,
+    id: u64,
+    subscriber: &Subscriber,
+    since: Option<Position>,
+) -> bool {
+    let channel: &str = &ch.name;
+    let shared = &bus.shared;
+    let position = Position { offset: st.top, epoch: shared.epoch.clone() };
+    let mut replay = Vec::new();
+    let mut recovered = false;
+    if let Some(since) = since {
+        let gap = st.top.saturating_sub(since.offset);
+        recovered = *since.epoch == *shared.epoch
+            && since.offset <= st.top
+            && since.offset + 1 >= st.first
+            && gap <= shared.config.recovery_max;
+        if recovered && gap > 0 {
+            match shared.store.read(channel, since.offset, gap as usize) {
+                Ok(events) if events.len() as u64 == gap => replay = events,
+                Ok(_) => recovered = false,
+                Err(e) => {
+                    tracing::error!(cause = %e, channel, "history read failed");
+                    recovered = false;
+                }
+            }
+        }
+    }
+    let missed = replay.len() as u64;
+    let ok = subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
+        && (replay.is_empty() || subscriber.deliver(Delivery::Events(replay.into())));
+    if ok {
+        st.subscribers.insert(id, subscriber.clone());
+        shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        for ch in std::mem::take(&mut self.channels) {
+        for ch in std::mem::take(&mut self.channels).into_values() {
             self.detach(&ch);
         }
     }

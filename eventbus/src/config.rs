@@ -56,6 +56,8 @@ pub struct Config {
     pub max_event_bytes: usize,
     /// Most events replayed by a recovering subscription.
     pub recovery_max: u64,
+    /// Most channels one `Subscribe` stream may hold.
+    pub max_stream_channels: usize,
     /// Bounds of channels whose namespace is not in `namespaces`.
     pub history: HistoryPolicy,
     /// Bounds per namespace (`task` for `task:42`).
@@ -75,6 +77,7 @@ impl Default for Config {
             fsync_interval: Duration::from_millis(2),
             max_event_bytes: 1024 * 1024,
             recovery_max: 1000,
+            max_stream_channels: 100_000,
             history: HistoryPolicy::default(),
             namespaces: HashMap::new(),
             api_key: None,

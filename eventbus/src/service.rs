@@ -88,12 +88,12 @@ fn delivery(d: Delivery) -> pb::SubscribeResponse {
             missed,
             error: None,
         }),
-        Delivery::JoinFailed { channel, error } => R::Joined(pb::Joined {
+        Delivery::JoinFailed { channel, code, error } => R::Joined(pb::Joined {
             channel,
             position: None,
             recovered: false,
             missed: 0,
-            error: Some(pb::Error { code: "invalid_argument".into(), message: error }),
+            error: Some(pb::Error { code: code.into(), message: error }),
         }),
         Delivery::Events(events) => R::Events(pb::EventBatch { events: events.iter().map(event).collect() }),
         Delivery::Left { channel } => R::Left(pb::Left { channel: channel.to_string() }),
@@ -188,6 +188,14 @@ impl pb::event_bus_server::EventBus for EventBusService {
                         let _ = tx.send(Err(Status::resource_exhausted("subscriber lagged; resubscribe from your positions"))).await;
                         return;
                     }
+                    // Deliveries before requests: a stream that pipelines
+                    // thousands of joins must not fill its own queue with
+                    // their answers before the first is sent.
+                    Some(d) = deliveries.recv() => {
+                        if tx.send(Ok(delivery(d))).await.is_err() {
+                            return;
+                        }
+                    }
                     item = inbound.next() => {
                         use pb::subscribe_request::Request as R;
                         match item {
@@ -203,11 +211,6 @@ impl pb::event_bus_server::EventBus for EventBusService {
                                 return;
                             }
                             Some(Err(_)) | None => return,
-                        }
-                    }
-                    Some(d) = deliveries.recv() => {
-                        if tx.send(Ok(delivery(d))).await.is_err() {
-                            return;
                         }
                     }
                 }

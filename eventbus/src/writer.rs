@@ -182,11 +182,12 @@ impl Writer {
             let name: Arc<str> = match index.get_key_value(event.channel.as_str()) {
                 Some((name, _)) => name.clone(),
                 None => {
-                    let channel = self.bus.channel(&event.channel);
-                    let (top, first) = {
-                        let st = channel.state.lock().unwrap();
-                        (st.top, st.first)
-                    };
+                    // Pinned (`writing`) until this group has updated it, so
+                    // that it is not forgotten with a position in flight.
+                    let (channel, top, first) = self.bus.with_channel(&event.channel, |ch, st| {
+                        st.writing += 1;
+                        (ch.clone(), st.top, st.first)
+                    });
                     let name = channel.name.clone();
                     index.insert(name.clone(), pending.len());
                     pending.push(Pending { channel, top, first, events: Vec::new() });
@@ -234,7 +235,12 @@ impl Writer {
             replies.push((reply, Ok(published)));
         }
 
-        let mut touched: Vec<Pending> = pending.into_iter().filter(|p| !p.events.is_empty()).collect();
+        let (mut touched, untouched): (Vec<Pending>, Vec<Pending>) =
+            pending.into_iter().partition(|p| !p.events.is_empty());
+        // Channels that only had duplicates are done; the others once updated.
+        for p in &untouched {
+            unpin(&self.bus, &p.channel);
+        }
         if !touched.is_empty() {
             // The events move into the batch and back out after the commit: never copied.
             let mut batch = Batch { idempotency: records, ..Batch::default() };
@@ -251,6 +257,9 @@ impl Writer {
                 for key in new_keys {
                     self.idempotency.remove(&key);
                 }
+                for p in &touched {
+                    unpin(&self.bus, &p.channel);
+                }
                 let msg = e.to_string();
                 for (reply, _) in replies {
                     let _ = reply.send(Err(BusError::Store(crate::error::StoreError::Io(msg.clone()))));
@@ -264,6 +273,7 @@ impl Writer {
                 let mut st = p.channel.state.lock().unwrap();
                 st.top = meta.top;
                 st.first = meta.first;
+                st.writing -= 1;
                 st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
             }
         }
@@ -326,4 +336,10 @@ mod tests {
         let after_step_back = ids.next(1_789_999_999_000);
         assert!(after_step_back > all[999], "{after_step_back} after {}", all[999]);
     }
+}
+
+/// Releases a channel a commit group pinned without updating it.
+fn unpin(bus: &Bus, channel: &Arc<Channel>) {
+    channel.state.lock().unwrap().writing -= 1;
+    bus.forget_if_idle(channel);
 }

@@ -313,3 +313,132 @@ async fn embedded_store_keeps_trimmed_histories_of_channels_committed_together()
         (199..=200).map(|k| (k, json!({ "i": 3 * (k - 1) as usize + 1 }).to_string().into_bytes())).collect();
     assert_eq!(replay, want);
 }
+
+#[tokio::test]
+async fn data_that_is_not_utf8_is_refused_and_nothing_is_stored() {
+    let bus = BusServer::memory().await;
+    let mut client = bus_client(&bus.url()).await;
+    let bad = |data: &[u8]| pb::PublishRequest {
+        channel: "missions".into(),
+        event: "created".into(),
+        data: data.to_vec().into(),
+        ..Default::default()
+    };
+    // Inside a string (serde_json would skip it) and outside of one.
+    for data in [&b"{\"s\":\"\xff\xfe\"}"[..], &b"[1,\xc3]"[..]] {
+        let status = client.publish(bad(data)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("UTF-8"), "{}", status.message());
+    }
+    let mut responses =
+        client.publish_stream(futures::stream::iter([bad(b"{\"s\":\"\xff\"}")])).await.unwrap().into_inner();
+    let r = responses.message().await.unwrap().unwrap();
+    assert_eq!(r.error.unwrap().code, "invalid_argument");
+    let h = client.history(pb::HistoryRequest { channel: "missions".into(), ..Default::default() }).await.unwrap();
+    let h = h.into_inner();
+    assert!(h.events.is_empty());
+    assert_eq!(h.position.unwrap().offset, 0);
+}
+
+fn join(channel: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Join(pb::Join { channel: channel.into(), since: None })),
+    }
+}
+
+fn leave(channel: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Leave(pb::Leave { channel: channel.into() })) }
+}
+
+/// A request stream that stays open until the sender is dropped.
+fn held(
+    requests: impl IntoIterator<Item = pb::SubscribeRequest>,
+) -> (tokio::sync::mpsc::UnboundedSender<pb::SubscribeRequest>, impl futures::Stream<Item = pb::SubscribeRequest>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for r in requests {
+        tx.send(r).unwrap();
+    }
+    (tx, tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+}
+
+async fn known_channels(client: &mut BusClient) -> u64 {
+    client.info(pb::InfoRequest {}).await.unwrap().into_inner().channels
+}
+
+#[tokio::test]
+async fn channels_without_events_are_forgotten_when_their_last_subscriber_leaves() {
+    let bus = BusServer::memory().await;
+    let mut client = bus_client(&bus.url()).await;
+    publish(&mut client, "kept", "e", json!(1)).await;
+    assert_eq!(known_channels(&mut client).await, 1);
+
+    const N: usize = 10_000;
+    let requests = (0..N)
+        .flat_map(|i| [join(&format!("fresh:{i}")), leave(&format!("fresh:{i}"))])
+        .chain([join("kept")])
+        .collect::<Vec<_>>();
+    let (held_open, requests) = held(requests);
+    let mut stream = client.subscribe(requests).await.unwrap().into_inner();
+    use pb::subscribe_response::Response as R;
+    let (mut joined, mut left) = (0, 0);
+    loop {
+        match next(&mut stream).await {
+            R::Joined(j) if j.channel == "kept" => {
+                assert_eq!(j.position.unwrap().offset, 1);
+                break;
+            }
+            R::Joined(j) => {
+                assert!(j.error.is_none(), "{j:?}");
+                joined += 1;
+            }
+            R::Left(_) => left += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((joined, left), (N, N));
+    // Only the channel that stored an event is still known.
+    assert_eq!(known_channels(&mut client).await, 1);
+    let listed = client.channels(pb::ChannelsRequest { prefix: String::new() }).await.unwrap().into_inner().channels;
+    assert_eq!(listed.iter().map(|c| (c.channel.as_str(), c.subscribers)).collect::<Vec<_>>(), [("kept", 1)]);
+
+    // A channel that was forgotten starts again at its first event.
+    let (watcher_open, requests) = held([join("fresh:7")]);
+    let mut watcher = client.subscribe(requests).await.unwrap().into_inner();
+    let R::Joined(j) = next(&mut watcher).await else { panic!("expected joined") };
+    assert_eq!(j.position.unwrap().offset, 0);
+    assert_eq!(publish(&mut client, "fresh:7", "e", json!("first")).await.offset, 1);
+    let R::Events(batch) = next(&mut watcher).await else { panic!("expected the event") };
+    assert_eq!(batch.events[0].offset, 1);
+    drop((held_open, stream, watcher_open, watcher));
+    // Ending the streams leaves what they held; channels with events stay.
+    tokio::time::timeout(WAIT, async {
+        while client.info(pb::InfoRequest {}).await.unwrap().into_inner().subscriptions > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the bus noticed the streams ended");
+    assert_eq!(known_channels(&mut client).await, 2);
+}
+
+#[tokio::test]
+async fn a_subscribe_stream_holds_at_most_max_stream_channels() {
+    let bus = BusServer::start(eventbus::Config { max_stream_channels: 3, ..eventbus::Config::memory() }).await;
+    let mut client = bus_client(&bus.url()).await;
+    let requests = ["a", "b", "c", "d", "a", "c"].map(join).into_iter().chain([leave("a"), join("d")]);
+    // Kept open so that what the stream holds is still held at the end.
+    let (_open, requests) = held(requests);
+    let mut stream = client.subscribe(requests).await.unwrap().into_inner();
+    use pb::subscribe_response::Response as R;
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        match next(&mut stream).await {
+            R::Joined(j) => answers.push(format!("{}:{}", j.channel, j.error.map_or("ok".into(), |e| e.code))),
+            R::Left(l) => answers.push(format!("left {}", l.channel)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A channel already held is answered; a fourth is refused until one is left.
+    assert_eq!(answers, ["a:ok", "b:ok", "c:ok", "d:limit_exceeded", "a:ok", "c:ok", "left a", "d:ok"]);
+    assert_eq!(known_channels(&mut client).await, 3);
+}
