@@ -43,7 +43,8 @@ pub struct PublishArgs {
     /// Payload bytes per event.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Channels the publishers spread over.
+    /// Channels the publishers spread over: publisher p sends its k-th event
+    /// to channel (p + k × publishers) mod channels.
     #[arg(long, default_value_t = 1)]
     channels: usize,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -164,7 +165,8 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
         let data = data.clone();
         let stop = stop.clone();
         let count = count.clone();
-        let channel = format!("bench:{}", p % args.channels.max(1));
+        let (publishers, channels) = (args.publishers, args.channels.max(1));
+        let channel = move |k: usize| format!("bench:{}", (p + k * publishers) % channels);
         let stream = args.stream;
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
@@ -175,9 +177,12 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
                 let (times_tx, mut times_rx) = tokio::sync::mpsc::channel::<Instant>(128);
                 let feeder_stop = stop.clone();
                 let feeder = tokio::spawn(async move {
-                    while !feeder_stop.load(Ordering::Relaxed) {
+                    for k in 0.. {
+                        if feeder_stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         let req = pb::PublishRequest {
-                            channel: channel.clone(),
+                            channel: channel(k),
                             event: "bench".into(),
                             data: data.clone().into(),
                             ..Default::default()
@@ -206,10 +211,13 @@ async fn publish(args: PublishArgs) -> Result<(), String> {
                 feeder.abort();
                 return (h, errors);
             }
-            while !stop.load(Ordering::Relaxed) {
+            for k in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let t = Instant::now();
                 let req = pb::PublishRequest {
-                    channel: channel.clone(),
+                    channel: channel(k),
                     event: "bench".into(),
                     data: data.clone().into(),
                     ..Default::default()

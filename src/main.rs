@@ -462,6 +462,7 @@ impl Plan {
             data_dir: s.eventbus.data_dir.clone(),
             fsync,
             fsync_interval: s.eventbus.fsync_interval.0,
+            cache_bytes: usize::try_from(s.eventbus.cache_bytes.0).unwrap_or(usize::MAX),
             max_event_bytes: l.max_event_bytes,
             recovery_max: l.recovery_max,
             max_stream_channels: l.max_stream_channels,

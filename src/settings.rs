@@ -23,6 +23,37 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A size in bytes, written as a number or `64MiB`, `512KiB`, `1GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let s = match Raw::deserialize(d)? {
+            Raw::Number(n) => return Ok(Size(n)),
+            Raw::Text(s) => s,
+        };
+        let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = match &s[digits.len()..] {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => 0,
+        };
+        match digits.trim().parse::<u64>() {
+            Ok(n) if unit > 0 => Ok(Size(n.saturating_mul(unit))),
+            _ => Err(serde::de::Error::custom(format!("{s:?} is not a size like 67108864, 512KiB, 64MiB or 1GiB"))),
+        }
+    }
+}
+
 fn secs(n: u64) -> Dur {
     Dur(Duration::from_secs(n))
 }
@@ -83,6 +114,7 @@ pub struct Eventbus {
     pub nats_url: Option<String>,
     pub fsync: String,
     pub fsync_interval: Dur,
+    pub cache_bytes: Size,
 }
 
 impl Default for Eventbus {
@@ -96,6 +128,7 @@ impl Default for Eventbus {
             nats_url: None,
             fsync: "always".into(),
             fsync_interval: Dur(Duration::from_millis(2)),
+            cache_bytes: Size(64 << 20),
         }
     }
 }

@@ -11,6 +11,9 @@ const MESSAGES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("me
 
 /// File name of the thread store inside the data directory.
 pub const FILE_NAME: &str = "threads.redb";
+/// redb's page cache for the threads file (its default, 1 GiB, is far more
+/// than message histories read once per run need).
+const CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ThreadError {
@@ -41,7 +44,7 @@ impl Threads {
     pub fn open(dir: &Path) -> Result<Self, ThreadError> {
         let path = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| ThreadError::Open { path: path.clone(), cause: e.to_string() })?;
-        let db = Database::create(dir.join(FILE_NAME)).map_err(|e| match e {
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(dir.join(FILE_NAME)).map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => ThreadError::Locked { path: path.clone() },
             other => ThreadError::Open { path: path.clone(), cause: other.to_string() },
         })?;

@@ -35,7 +35,7 @@ fn batch(first: u64, n: u64) -> Batch {
 
 fn stores() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
-    let embedded = EmbeddedStore::open(dir.path(), Fsync::Never).unwrap();
+    let embedded = EmbeddedStore::open(dir.path(), Fsync::Never, 64 << 20).unwrap();
     vec![("memory", Box::new(MemoryStore::new()), None), ("embedded", Box::new(embedded), Some(dir))]
 }
 

@@ -52,6 +52,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub fsync: Fsync,
     pub fsync_interval: Duration,
+    /// The embedded store's page cache, in bytes.
+    pub cache_bytes: usize,
     /// Largest event (name, data and meta), in bytes.
     pub max_event_bytes: usize,
     /// Most events replayed by a recovering subscription.
@@ -75,6 +77,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             fsync: Fsync::Always,
             fsync_interval: Duration::from_millis(2),
+            cache_bytes: 64 << 20,
             max_event_bytes: 1024 * 1024,
             recovery_max: 1000,
             max_stream_channels: 100_000,

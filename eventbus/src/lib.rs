@@ -60,7 +60,9 @@ pub struct Position {
 pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
     let store: Arc<dyn store::Store> = match config.backend {
         Backend::Memory => Arc::new(store::memory::MemoryStore::new()),
-        Backend::Embedded => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync)?),
+        Backend::Embedded => {
+            Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync, config.cache_bytes)?)
+        }
     };
     let channels = store.channels()?;
     let (bus, rx) = Bus::new(config, store);

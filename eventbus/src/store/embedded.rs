@@ -202,11 +202,13 @@ impl EmbeddedStore {
     /// # Errors
     /// `StoreError::Locked` when another process has it open, `StoreError::Open`
     /// when the directory or file cannot be created or read.
-    pub fn open(dir: &Path, fsync: Fsync) -> Result<Self, StoreError> {
+    /// `cache_bytes` bounds redb's page cache (its default is 1 GiB, which a
+    /// busy log fills over hours).
+    pub fn open(dir: &Path, fsync: Fsync, cache_bytes: usize) -> Result<Self, StoreError> {
         let open_err = |cause: String| StoreError::Open { path: dir.display().to_string(), cause };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
+        let db = Database::builder().set_cache_size(cache_bytes).create(&path).map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: dir.display().to_string() },
             other => open_err(other.to_string()),
         })?;
@@ -463,6 +465,8 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
+    const CACHE_BYTES: usize = 16 << 20;
+
     fn event(channel: &str, offset: u64, meta: Vec<(String, String)>) -> Event {
         Event {
             id: format!("id-{offset}"),
@@ -494,10 +498,10 @@ mod tests {
             (1..=150).map(|o| event("mission:7", o, if o == 70 { meta.clone() } else { vec![] })).collect();
         written.extend((1..=2).map(|o| event("task:1", o, vec![])));
         {
-            let store = EmbeddedStore::open(dir.path(), Fsync::Always).unwrap();
+            let store = EmbeddedStore::open(dir.path(), Fsync::Always, CACHE_BYTES).unwrap();
             commit(&store, &written, &[("mission:7", 150, 1), ("task:1", 2, 1)]);
         }
-        let store = EmbeddedStore::open(dir.path(), Fsync::Always).unwrap();
+        let store = EmbeddedStore::open(dir.path(), Fsync::Always, CACHE_BYTES).unwrap();
         let expected = stamped(&store, &written);
         assert_eq!(store.read("mission:7", 0, 1000).unwrap(), expected[..150]);
         assert_eq!(store.read("mission:7", 63, 3).unwrap(), expected[63..66]);
@@ -509,7 +513,7 @@ mod tests {
     #[test]
     fn trimmed_events_are_never_read_and_whole_chunks_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), Fsync::Never).unwrap();
+        let store = EmbeddedStore::open(dir.path(), Fsync::Never, CACHE_BYTES).unwrap();
         let written: Vec<Event> = (1..=100).map(|o| event("c", o, vec![])).collect();
         commit(&store, &written[..70], &[("c", 70, 1)]);
         commit(&store, &written[70..], &[("c", 100, 66)]);
@@ -537,7 +541,7 @@ mod tests {
     #[test]
     fn expiry_moves_first_past_old_events_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), Fsync::Never).unwrap();
+        let store = EmbeddedStore::open(dir.path(), Fsync::Never, CACHE_BYTES).unwrap();
         let written: Vec<Event> = (1..=100).map(|o| event("c", o, vec![])).collect();
         commit(&store, &written, &[("c", 100, 1)]);
         // Offsets 1..=79 are older than the cutoff.
@@ -569,7 +573,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let store = EmbeddedStore::open(dir.path(), Fsync::Always).unwrap();
+        let store = EmbeddedStore::open(dir.path(), Fsync::Always, CACHE_BYTES).unwrap();
         assert_eq!(&*store.epoch(), "00000000000000aa");
         let read = store.read("c", 0, 10).unwrap();
         let summary: Vec<_> = read.iter().map(|e| (e.id.as_str(), e.offset, e.timestamp_ms, &e.data[..])).collect();
@@ -583,7 +587,7 @@ mod tests {
     #[test]
     fn truncated_chunks_are_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), Fsync::Never).unwrap();
+        let store = EmbeddedStore::open(dir.path(), Fsync::Never, CACHE_BYTES).unwrap();
         let mut value = 1u32.to_le_bytes().to_vec();
         let e = event("c", 1, vec![("key".to_owned(), "value".to_owned())]);
         push_record(&mut value, 1, &e.id, &e.name, [("key", "value")].into_iter(), &e.data);

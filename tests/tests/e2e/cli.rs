@@ -34,6 +34,7 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
+        (&["up"], &[("SWITCHBOARD_EVENTBUS__CACHE_BYTES", "64 parsecs")], "eventbus.cache_bytes"),
         // A variable of the settings' form with an unknown key names itself (SPEC §8).
         (&["up"], &[("SWITCHBOARD_GATEWAY__LISTN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAY__LISTN"),
         (
@@ -129,6 +130,7 @@ async fn up_publish_and_tail() {
     let metrics_env = [
         ("SWITCHBOARD_EVENTBUS__METRICS_LISTEN", "127.0.0.1:0"),
         ("SWITCHBOARD_AGENT_BRIDGE__METRICS_LISTEN", "127.0.0.1:0"),
+        ("SWITCHBOARD_EVENTBUS__CACHE_BYTES", "32MiB"),
         // Not of the `SWITCHBOARD_<SECTION>__<KEY>` form: a deployment's own
         // variables are not settings and must not stop the binary (SPEC §8).
         ("SWITCHBOARD_BIN", "/usr/local/bin/switchboard"),
