@@ -43,7 +43,12 @@ impl Store for MemoryStore {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut channels = self.channels.write().unwrap();
         for event in &batch.events {
-            channels.entry(event.channel.clone()).or_default().push_back(event.clone());
+            // `data` arrives as a slice of the buffer its gRPC request was
+            // decoded from (8 KiB or more, whatever the event's size): kept
+            // as it is, a history of small events held that many times its
+            // size (a soak grew by 180 MB on 21 channels of 1,000 events).
+            let owned = Event { data: bytes::Bytes::copy_from_slice(&event.data), ..event.clone() };
+            channels.entry(event.channel.clone()).or_default().push_back(owned);
         }
         for meta in &batch.metas {
             if let Some(log) = channels.get_mut(&meta.channel) {
