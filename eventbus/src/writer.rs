@@ -313,6 +313,12 @@ impl Writer {
     }
 }
 
+/// Releases a channel a commit group pinned without updating it.
+fn unpin(bus: &Bus, channel: &Arc<Channel>) {
+    channel.state.lock().unwrap().writing -= 1;
+    bus.forget_if_idle(channel);
+}
+
 #[cfg(test)]
 mod tests {
     use super::Ids;
@@ -336,10 +342,4 @@ mod tests {
         let after_step_back = ids.next(1_789_999_999_000);
         assert!(after_step_back > all[999], "{after_step_back} after {}", all[999]);
     }
-}
-
-/// Releases a channel a commit group pinned without updating it.
-fn unpin(bus: &Bus, channel: &Arc<Channel>) {
-    channel.state.lock().unwrap().writing -= 1;
-    bus.forget_if_idle(channel);
 }
