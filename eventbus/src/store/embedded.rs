@@ -197,13 +197,12 @@ impl<'a> ChunkWriter<'a> {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the log in `dir`.
+    /// Opens (or creates) the log in `dir`; `cache_bytes` bounds redb's page
+    /// cache (its own default is 1 GiB, which a busy log fills over hours).
     ///
     /// # Errors
     /// `StoreError::Locked` when another process has it open, `StoreError::Open`
     /// when the directory or file cannot be created or read.
-    /// `cache_bytes` bounds redb's page cache (its default is 1 GiB, which a
-    /// busy log fills over hours).
     pub fn open(dir: &Path, fsync: Fsync, cache_bytes: usize) -> Result<Self, StoreError> {
         let open_err = |cause: String| StoreError::Open { path: dir.display().to_string(), cause };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;

@@ -45,8 +45,8 @@ impl Store for MemoryStore {
         for event in &batch.events {
             // `data` arrives as a slice of the buffer its gRPC request was
             // decoded from (8 KiB or more, whatever the event's size): kept
-            // as it is, a history of small events held that many times its
-            // size (a soak grew by 180 MB on 21 channels of 1,000 events).
+            // as it is, 21 channels of 1,000 1 KiB events held 184 MB
+            // instead of 21 (measured with `switchboard bench publish`).
             let owned = Event { data: bytes::Bytes::copy_from_slice(&event.data), ..event.clone() };
             channels.entry(event.channel.clone()).or_default().push_back(owned);
         }
