@@ -26,7 +26,7 @@ then 100,000 channels given an event each (`switchboard bench publish`), then
 the same rate again: the ratio is the figure.
 
 Loopback only, bounded in time and count; it stops only the processes it
-started. Usage: .ci/soak.py [--duration 600] [--out DIR] [--bin PATH]
+started. Usage: .ci/soak.py [--duration 600] [--out DIR] [--bin PATH] [--cache-bytes 8MiB]
 Needs `websockets` (pip install websockets).
 """
 
@@ -517,6 +517,9 @@ def main():
     p.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
     p.add_argument("--out", default=None, help="directory for soak.csv, soak.svg, summary.md")
     p.add_argument("--bin", default=None, help="the switchboard binary (default target/release/switchboard)")
+    p.add_argument("--cache-bytes", default="8MiB",
+                   help="eventbus.cache_bytes (default 8MiB: small, so that the bounded page cache fills "
+                        "in the first minutes and growth past it shows)")
     args = p.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binary = args.bin or os.path.join(root, "target", "release", "switchboard")
@@ -530,6 +533,7 @@ def main():
             "SWITCHBOARD_AUTH__ADMIN_KEY": KEY,
             "SWITCHBOARD_LIMITS__HEADER_TIMEOUT": "2s",
             "SWITCHBOARD_LIMITS__WRITE_TIMEOUT": "3s",
+            "SWITCHBOARD_EVENTBUS__CACHE_BYTES": args.cache_bytes,
         })
         try:
             baseline, samples, after = asyncio.run(soak(server, args.duration, counts))

@@ -267,6 +267,26 @@ fn token_claims(
     claims
 }
 
+/// Lowers `max_connections` to what the open-file limit allows, keeping
+/// some descriptors for everything else (stores, links, listeners): past it,
+/// `accept` fails and the node stops answering even `/health`.
+fn within_open_files(max_connections: usize) -> usize {
+    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return max_connections;
+    };
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    let allowed = soft.saturating_sub((soft / 8).max(64)).max(1);
+    if allowed < max_connections {
+        tracing::warn!(
+            max_connections = allowed,
+            open_files = soft,
+            "limits.max_connections lowered to fit the open-file limit"
+        );
+        return allowed;
+    }
+    max_connections
+}
+
 fn random_key() -> String {
     let bytes: [u8; 24] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -523,7 +543,7 @@ impl Plan {
             limits: switchboard_gateway::Limits {
                 max_message_bytes: l.max_message_bytes,
                 max_subscriptions: l.max_subscriptions,
-                max_connections: l.max_connections,
+                max_connections: within_open_files(l.max_connections),
                 max_connections_per_user: l.max_connections_per_user,
                 rate_per_second: l.rate_per_second,
                 rate_burst: l.rate_burst,

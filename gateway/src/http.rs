@@ -267,8 +267,8 @@ fn upgrade(node: Arc<Node>, headers: HeaderMap, q: WsQuery, ws: WebSocketUpgrade
     if !node.ready() && node.shutdown.is_cancelled() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down").into_response();
     }
-    // This connection is one of the open ones.
-    if node.open_connections() > node.config.limits.max_connections {
+    // Pending connections make room when needed (see `server`); sessions do not.
+    if node.hub.connection_count() >= node.config.limits.max_connections {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "limit_exceeded",

@@ -6,14 +6,15 @@
 //! that sends half a request and waits held a file descriptor forever. Here
 //! hyper closes a connection whose headers are not complete within
 //! `limits.header_timeout`; connections still in their HTTP phase are
-//! counted (`Pending`), and one accepted past the limit is answered 503 at
-//! once without reading anything.
+//! counted (`Pending`). When the limit is reached, the oldest connection
+//! still in its HTTP phase is closed to make room: a client that completes
+//! its request in time is served while thousands of sockets sit half-sent.
+//! Only when sessions alone fill the node is a connection answered 503 at
+//! once, without reading anything.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -23,33 +24,56 @@ use hyper_util::{
     server::{conn::auto::Builder, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Node;
 
 /// Connections accepted whose HTTP phase has not ended (not yet upgraded to
-/// a WebSocket, nor closed).
+/// a WebSocket, nor closed), oldest first, each with the sender that closes it.
 #[derive(Debug, Default)]
-pub struct Pending(AtomicUsize);
+pub struct Pending {
+    inner: Mutex<PendingInner>,
+}
+
+#[derive(Debug, Default)]
+struct PendingInner {
+    next: u64,
+    open: BTreeMap<u64, oneshot::Sender<()>>,
+}
 
 impl Pending {
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.inner.lock().expect("pending lock").open.len()
     }
 
-    fn enter(self: &Arc<Self>) -> PendingGuard {
-        self.0.fetch_add(1, Ordering::AcqRel);
-        PendingGuard(self.clone())
+    /// Registers a connection; the receiver fires when it is evicted.
+    fn enter(self: &Arc<Self>) -> (PendingGuard, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock().expect("pending lock");
+        let id = inner.next;
+        inner.next += 1;
+        inner.open.insert(id, tx);
+        (PendingGuard { pending: self.clone(), id }, rx)
+    }
+
+    /// Closes the oldest pending connection; false when there is none. It
+    /// stops counting at once, before its task has run.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.inner.lock().expect("pending lock").open.pop_first();
+        oldest.map(|(_, close)| close.send(())).is_some()
     }
 }
 
 /// One pending connection; dropped when its HTTP phase ends.
-struct PendingGuard(Arc<Pending>);
+struct PendingGuard {
+    pending: Arc<Pending>,
+    id: u64,
+}
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::AcqRel);
+        self.pending.inner.lock().expect("pending lock").open.remove(&self.id);
     }
 }
 
@@ -78,9 +102,8 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
                 }
             },
         };
-        if node.open_connections() >= max {
-            // Best effort, without waiting: the socket's buffer takes this.
-            let _ = tcp.try_write(FULL);
+        if node.open_connections() >= max && !node.pending.evict_oldest() {
+            tokio::spawn(refuse(tcp));
             continue;
         }
         // Frames are small and written as they come: Nagle's algorithm would
@@ -88,16 +111,35 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(cause = %e, "cannot set TCP_NODELAY");
         }
-        let guard = node.pending.enter();
+        let (guard, evicted) = node.pending.enter();
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(cause = %e, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::trace!(cause = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes its socket.
+                Ok(()) = evicted => tracing::debug!("pending connection closed to make room"),
             }
             drop(guard);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Answers 503 and closes. The request is read and discarded for a moment
+/// first: closing a socket with unread data resets it, and the client would
+/// see the reset instead of the answer.
+async fn refuse(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Best effort, without waiting: the socket's buffer takes this.
+    let _ = tcp.try_write(FULL);
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }

@@ -94,20 +94,30 @@ async fn connections_waiting_for_their_request_count_against_the_limit() {
     let bus = BusServer::memory().await;
     let gw = GatewayServer::start_with(&bus.url(), |c| {
         c.limits.max_connections = 5;
-        c.limits.header_timeout = Duration::from_secs(1);
+        c.limits.header_timeout = Duration::from_secs(30);
     })
     .await;
     let mut sockets = Vec::new();
     for _ in 0..5 {
         sockets.push(slowloris(&gw).await);
     }
-    let (status, body) = http(gw.addr, "GET", "/health", None, None).await.unwrap();
-    assert_eq!((status, &body["error"]["code"]), (503, &json!("limit_exceeded")), "{body}");
-    for tcp in &mut sockets {
+    // At the limit, the oldest half-sent request makes room for a new one,
+    // long before its header timeout.
+    let (status, _) = http(gw.addr, "GET", "/health", None, None).await.unwrap();
+    assert_eq!(status, 200);
+    until_eof(&mut sockets[0], Duration::from_secs(5)).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
+        ws.subscribe("missions").await;
+        clients.push(ws);
+    }
+    for tcp in &mut sockets[1..] {
         until_eof(tcp, Duration::from_secs(5)).await;
     }
-    let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
-    ws.subscribe("missions").await;
+    // Sessions are never evicted: with five open, a sixth connection is refused.
+    let (status, body) = http(gw.addr, "GET", "/health", None, None).await.unwrap();
+    assert_eq!((status, &body["error"]["code"]), (503, &json!("limit_exceeded")), "{body}");
 }
 
 /// A WebSocket client with a 4 KiB receive buffer that reads nothing after subscribing.

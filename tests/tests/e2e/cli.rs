@@ -75,7 +75,18 @@ impl Process {
     /// Starts `switchboard ARGS` with extra environment and waits for the
     /// addresses it prints.
     fn start_with(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(switchboard_bin())
+        Self::spawn(Command::new(switchboard_bin()), args, env)
+    }
+
+    /// Starts `switchboard ARGS` with at most `files` open files (soft and hard).
+    fn start_with_open_files(args: &[&str], env: &[(&str, &str)], files: u32) -> Process {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={files}:{files}")).arg("--").arg(switchboard_bin());
+        Self::spawn(command, args, env)
+    }
+
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -391,6 +402,44 @@ async fn tokens_from_switchboard_token_are_accepted_by_a_production_gateway() {
 
     let ws = Ws::connect(&format!("{ws_url}?token={token}")).await.unwrap();
     assert_eq!(ws.connected["user_id"], "grace");
+}
+
+/// With a low open-file limit, more half-sent requests than the process
+/// may hold files: the connection limit is lowered to fit, the oldest
+/// half-sent requests make room, and `/health` and new clients are served
+/// long before the header timeout.
+#[tokio::test]
+async fn half_sent_requests_past_the_open_file_limit_do_not_lock_clients_out() {
+    use tokio::io::AsyncWriteExt;
+    let data = tempfile::tempdir().unwrap();
+    let up = Process::start_with_open_files(
+        &[
+            "up",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--eventbus-listen",
+            "127.0.0.1:0",
+            "--agent-bridge-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &[("SWITCHBOARD_LIMITS__HEADER_TIMEOUT", "60s")],
+        160,
+    );
+    let ws_url = up.ws.clone().unwrap();
+    let addr: std::net::SocketAddr =
+        ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
+    let mut sockets = Vec::new();
+    for _ in 0..300 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        sockets.push(tcp);
+    }
+    let health = tokio::time::timeout(WAIT, http(addr, "GET", "/health", None, None)).await;
+    assert_eq!(health.expect("/health answers").unwrap().0, 200);
+    let mut ws = tokio::time::timeout(WAIT, Ws::connect(&ws_url)).await.expect("a client connects").unwrap();
+    ws.subscribe("missions").await;
 }
 
 #[tokio::test]
