@@ -343,7 +343,11 @@ impl Plan {
         let backend = match s.eventbus.backend.as_str() {
             "embedded" => switchboard_eventbus::Backend::Embedded,
             "memory" => switchboard_eventbus::Backend::Memory,
-            "redis" | "nats" => {
+            "redis" => match &s.eventbus.redis_url {
+                Some(url) => switchboard_eventbus::Backend::Redis { url: url.clone() },
+                None => return Err("eventbus.redis_url: required by the redis backend (redis://HOST:PORT)".into()),
+            },
+            "nats" => {
                 return Err(format!(
                     "eventbus.backend: the {} backend is not available in this build yet",
                     s.eventbus.backend
@@ -531,7 +535,10 @@ impl Plan {
         };
         let gateway = switchboard_gateway::Config {
             node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
-            eventbus_url: s.gateway.eventbus_url.clone().unwrap_or_else(|| format!("http://{eventbus_listen}")),
+            eventbus_urls: match &s.gateway.eventbus_url {
+                Some(urls) => urls.0.clone(),
+                None => vec![format!("http://{eventbus_listen}")],
+            },
             agent_bridge_url: Some(
                 s.gateway.agent_bridge_url.clone().unwrap_or_else(|| format!("http://{bridge_listen}")),
             ),
@@ -611,12 +618,12 @@ impl Plan {
         if let Some(listener) = bus_listener {
             let bus_addr = listener.local_addr().ok();
             if let (true, Some(a)) = (self.local_bus, bus_addr) {
-                self.gateway.eventbus_url = format!("http://{a}");
+                self.gateway.eventbus_urls = vec![format!("http://{a}")];
             }
             if let (true, Some(a)) = (self.local_bridge_bus, bus_addr) {
                 self.bridge.eventbus_url = Some(format!("http://{a}"));
             }
-            let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()) {
+            let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()).await {
                 Ok(opened) => opened,
                 Err(e) => {
                     eprintln!("error: cannot open the event bus store: {e}");
@@ -627,7 +634,7 @@ impl Plan {
                 "eventbus  grpc://{}  (backend {}, epoch {})",
                 bus_addr.map(|a| a.to_string()).unwrap_or_default(),
                 bus.backend(),
-                bus.epoch()
+                bus.epoch().unwrap_or("per channel")
             );
             if let Some(addr) = self.bus_metrics_listen {
                 match bind(addr, "eventbus.metrics_listen").await {

@@ -54,6 +54,30 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// One URL or several: a TOML list, or a string of comma-separated URLs
+/// (as an environment variable is written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Urls(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Urls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls: Vec<String> = match Raw::deserialize(d)? {
+            Raw::One(s) => s.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+            Raw::Many(v) => v,
+        };
+        if urls.is_empty() {
+            return Err(serde::de::Error::custom("no URL given"));
+        }
+        Ok(Urls(urls))
+    }
+}
+
 fn secs(n: u64) -> Dur {
     Dur(Duration::from_secs(n))
 }
@@ -76,7 +100,7 @@ pub struct Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct Gateway {
     pub listen: String,
-    pub eventbus_url: Option<String>,
+    pub eventbus_url: Option<Urls>,
     pub agent_bridge_url: Option<String>,
     pub node: Option<String>,
     pub heartbeat_interval: Dur,

@@ -1,12 +1,21 @@
 //! The core of the event bus: channels, their subscribers, and the paths in
 //! (publish, join) and out (history, channel lists).
 //!
-//! `Bus` is a cheap `Clone` handle around `Arc<Shared>`. Publishes go through
-//! one writer thread (see `writer.rs`), which numbers events, commits them to
-//! the store in groups and then hands them to live subscribers. Joins take the
-//! channel's lock, replay what was missed from the store and register the
-//! subscriber under that same lock, so that a subscriber sees every event
-//! exactly once, in offset order, across replay and live delivery.
+//! `Bus` is a cheap `Clone` handle around `Arc<Shared>`, over one of two
+//! engines (`Engine`): where events are numbered, kept, and heard.
+//!
+//! - **Local** (`memory`, `embedded`): one writer thread (see `writer.rs`)
+//!   numbers events, commits them to the store in groups and then hands them
+//!   to live subscribers. Joins take the channel's lock, replay what was
+//!   missed from the store and register the subscriber under that same lock,
+//!   so that a subscriber sees every event exactly once, in offset order,
+//!   across replay and live delivery.
+//! - **Redis** (see `redis.rs`): Redis numbers and keeps events; every bus
+//!   node hears them on Pub/Sub and feeds them in through `on_live`. A
+//!   channel's feed is synced (subscribed, then its position read) before
+//!   anyone joins it, and a join that must replay reads history while the
+//!   live events that arrive meanwhile are buffered for it; the two are
+//!   merged by offset and must be contiguous, or the join is not recovered.
 
 use std::{
     collections::HashMap,
@@ -15,6 +24,8 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
 };
+
+use futures::future::{BoxFuture, FutureExt};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -40,15 +51,23 @@ pub struct Bus {
 
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) engine: Engine,
+    /// The epoch of a local store; a shared backend keeps one per channel.
     pub(crate) epoch: Arc<str>,
     /// Every known channel. A std lock: it is held only to look up or insert.
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
-    writer: mpsc::Sender<WriteRequest>,
     pub(crate) published_total: AtomicU64,
     pub(crate) metrics: crate::metrics::Metrics,
     subscriptions: AtomicU64,
     next_subscriber: AtomicU64,
+}
+
+/// Where events are numbered, kept and heard.
+pub(crate) enum Engine {
+    /// This process numbers events (the writer thread) and keeps them.
+    Local { store: Arc<dyn Store>, writer: mpsc::Sender<WriteRequest> },
+    /// Redis numbers and keeps them; every node hears them on Pub/Sub.
+    Redis(crate::redis::Redis),
 }
 
 pub(crate) struct Channel {
@@ -59,14 +78,38 @@ pub(crate) struct Channel {
 }
 
 pub(crate) struct ChannelState {
-    /// Offset of the newest committed event.
+    /// Offset of the newest committed event (delivered, for a shared backend).
     pub(crate) top: u64,
     /// Offset of the oldest stored event (`top + 1` when none is).
     pub(crate) first: u64,
+    pub(crate) epoch: Arc<str>,
     pub(crate) subscribers: HashMap<u64, Subscriber>,
     /// Commit groups of the writer that include this channel and have not
     /// updated `top` yet: while any does, the channel is not forgotten.
     pub(crate) writing: u32,
+    /// Whether `top` follows the live feed (always, for a local engine).
+    pub(crate) feed: Feed,
+    /// Subscribers waiting for the feed to sync or for their replay.
+    pub(crate) joining: HashMap<u64, Joining>,
+    /// Counts syncs started: only the latest one's result is taken.
+    pub(crate) sync_generation: u64,
+}
+
+/// The live feed of a channel on a shared backend.
+#[derive(Debug)]
+pub(crate) enum Feed {
+    /// `top` is the last event heard, and every later one will be heard.
+    Live,
+    /// Being (re)synced: events heard meanwhile wait here, in order.
+    Syncing { heard: Vec<Event> },
+}
+
+/// A subscriber not yet registered in `subscribers`.
+pub(crate) struct Joining {
+    subscriber: Subscriber,
+    since: Option<Position>,
+    /// While its replay is read: the live events heard meanwhile.
+    replaying: Option<Vec<Event>>,
 }
 
 /// A new event, checked, before it has a position.
@@ -169,27 +212,34 @@ fn nested_deeper_than(data: &[u8], max: usize) -> bool {
 // === impl Bus ===
 
 impl Bus {
-    pub(crate) fn new(config: Config, store: Arc<dyn Store>) -> (Bus, mpsc::Receiver<WriteRequest>) {
+    /// A bus over a local store; the receiver is the writer's.
+    pub(crate) fn local(config: Config, store: Arc<dyn Store>) -> (Bus, mpsc::Receiver<WriteRequest>) {
         let (writer, rx) = mpsc::channel(8192);
         let epoch = store.epoch();
-        let bus = Bus {
+        (Bus::with_engine(config, Engine::Local { store, writer }, epoch), rx)
+    }
+
+    pub(crate) fn with_engine(config: Config, engine: Engine, epoch: Arc<str>) -> Bus {
+        Bus {
             shared: Arc::new(Shared {
                 config,
-                store,
+                engine,
                 epoch,
                 channels: Mutex::default(),
-                writer,
                 published_total: AtomicU64::new(0),
                 metrics: crate::metrics::Metrics::new(),
                 subscriptions: AtomicU64::new(0),
                 next_subscriber: AtomicU64::new(1),
             }),
-        };
-        (bus, rx)
+        }
     }
 
-    pub fn epoch(&self) -> &str {
-        &self.shared.epoch
+    /// The epoch of the whole history, or `None` when each channel has its own.
+    pub fn epoch(&self) -> Option<&str> {
+        match self.shared.engine {
+            Engine::Local { .. } => Some(&self.shared.epoch),
+            Engine::Redis(_) => None,
+        }
     }
 
     pub fn backend(&self) -> &'static str {
@@ -211,9 +261,26 @@ impl Bus {
             Some(ch) => ch.clone(),
             None => {
                 let name: Arc<str> = Arc::from(name);
-                let state = ChannelState { top: 0, first: 1, subscribers: HashMap::new(), writing: 0 };
+                let feed = match self.shared.engine {
+                    Engine::Local { .. } => Feed::Live,
+                    Engine::Redis(_) => Feed::Syncing { heard: Vec::new() },
+                };
+                let state = ChannelState {
+                    top: 0,
+                    first: 1,
+                    epoch: self.shared.epoch.clone(),
+                    subscribers: HashMap::new(),
+                    writing: 0,
+                    feed,
+                    joining: HashMap::new(),
+                    sync_generation: 0,
+                };
                 let ch = Arc::new(Channel { name: name.clone(), state: Mutex::new(state) });
-                channels.insert(name, ch.clone());
+                channels.insert(name.clone(), ch.clone());
+                if let Engine::Redis(redis) = &self.shared.engine {
+                    // Heard from now on; its position is read once it is.
+                    redis.listen(name);
+                }
                 ch
             }
         };
@@ -224,20 +291,31 @@ impl Bus {
 
     /// Forgets a channel that never stored an event once nobody listens or
     /// writes to it (SPEC §9): joins of names that see no traffic must not
-    /// grow the bus. A channel that stored events keeps its position, since
-    /// offsets never restart within an epoch.
+    /// grow the bus. A channel that stored events locally keeps its
+    /// position, since offsets never restart within an epoch; with a shared
+    /// backend the position is the backend's, so every channel nobody
+    /// listens to is forgotten (and no longer heard).
     pub(crate) fn forget_if_idle(&self, ch: &Arc<Channel>) {
         let mut channels = self.shared.channels.lock().unwrap();
         if !channels.get(&ch.name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
             return;
         }
+        let shared_backend = matches!(self.shared.engine, Engine::Redis(_));
         let idle = {
             let st = ch.state.lock().unwrap();
-            st.top == 0 && st.writing == 0 && st.subscribers.is_empty()
+            (st.top == 0 || shared_backend) && st.writing == 0 && st.subscribers.is_empty() && st.joining.is_empty()
         };
         if idle {
             channels.remove(&ch.name);
+            if let Engine::Redis(redis) = &self.shared.engine {
+                redis.unlisten(ch.name.clone());
+            }
         }
+    }
+
+    /// Looks up a known channel.
+    pub(crate) fn channel(&self, name: &str) -> Option<Arc<Channel>> {
+        self.shared.channels.lock().unwrap().get(name).cloned()
     }
 
     /// Restores a channel's position from storage at startup.
@@ -282,6 +360,14 @@ impl Bus {
         self.submit(event).await?.await
     }
 
+    /// The local engine's writer and store.
+    pub(crate) fn local_parts(&self) -> Option<(&mpsc::Sender<WriteRequest>, &Arc<dyn Store>)> {
+        match &self.shared.engine {
+            Engine::Local { store, writer } => Some((writer, store)),
+            Engine::Redis(_) => None,
+        }
+    }
+
     /// Renders the bus's Prometheus metrics.
     pub fn render_metrics(&self) -> String {
         let (channels, subscriptions, published) = self.stats();
@@ -304,16 +390,17 @@ impl Bus {
         let started = std::time::Instant::now();
         let shared = self.shared.clone();
         let (reply, rx) = oneshot::channel();
-        self.shared.writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?;
+        match &self.shared.engine {
+            Engine::Local { writer, .. } => {
+                writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?
+            }
+            Engine::Redis(redis) => redis.publish(event, reply).await?,
+        }
         Ok(async move {
             let result = rx.await.map_err(|_| BusError::ShuttingDown)?;
             shared.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             result
         })
-    }
-
-    pub(crate) fn writer(&self) -> &mpsc::Sender<WriteRequest> {
-        &self.shared.writer
     }
 
     /// Opens a subscription stream whose deliveries arrive on the returned receiver.
@@ -326,7 +413,8 @@ impl Bus {
     }
 
     /// Returns stored events after `since` (or from the oldest), and the channel's position.
-    pub fn history(
+    /// Store reads run on the blocking pool, never on the runtime's workers.
+    pub async fn history(
         &self,
         channel: &str,
         since: Option<u64>,
@@ -334,18 +422,28 @@ impl Bus {
         reverse: bool,
     ) -> Result<(Vec<Event>, Position), BusError> {
         switchboard_proto::channel::validate(channel)?;
+        let store = match &self.shared.engine {
+            Engine::Local { store, .. } => store.clone(),
+            Engine::Redis(redis) => return redis.history(channel, since, limit, reverse).await,
+        };
         let (top, first) = self.position_of(channel);
         let after = since.unwrap_or(0).max(first.saturating_sub(1));
         // Events above `top` may be committed but not yet announced; they are left out
         // so that history never runs ahead of live delivery.
         let limit = limit.min(top.saturating_sub(after) as usize);
-        let events = if reverse {
-            let mut evs = self.shared.store.read(channel, top.saturating_sub(limit as u64).max(after), limit)?;
-            evs.reverse();
-            evs
-        } else {
-            self.shared.store.read(channel, after, limit)?
-        };
+        let name = channel.to_owned();
+        let events = tokio::task::spawn_blocking(move || {
+            if reverse {
+                let mut evs = store.read(&name, top.saturating_sub(limit as u64).max(after), limit)?;
+                evs.reverse();
+                Ok(evs)
+            } else {
+                store.read(&name, after, limit)
+            }
+        })
+        .await
+        .map_err(|_| BusError::ShuttingDown)?
+        .map_err(BusError::Store)?;
         Ok((events, Position { offset: top, epoch: self.shared.epoch.clone() }))
     }
 
@@ -360,20 +458,34 @@ impl Bus {
         }
     }
 
-    /// Lists channels whose name starts with `prefix`: name, position, subscribers.
-    pub fn channels(&self, prefix: &str) -> Vec<(Arc<str>, Position, u64)> {
-        let mut out: Vec<_> = self
-            .all_channels()
-            .into_iter()
-            .filter(|ch| ch.name.starts_with(prefix))
-            .map(|ch| {
-                let st = ch.state.lock().unwrap();
-                let pos = Position { offset: st.top, epoch: self.shared.epoch.clone() };
-                (ch.name.clone(), pos, st.subscribers.len() as u64)
-            })
-            .collect();
+    /// Lists channels whose name starts with `prefix`: name, position, and
+    /// subscribers (on this node).
+    pub async fn channels(&self, prefix: &str) -> Result<Vec<(Arc<str>, Position, u64)>, BusError> {
+        let subscribers =
+            |name: &str| self.channel(name).map_or(0, |ch| ch.state.lock().unwrap().subscribers.len() as u64);
+        let mut out: Vec<_> = match &self.shared.engine {
+            Engine::Local { .. } => self
+                .all_channels()
+                .into_iter()
+                .filter(|ch| ch.name.starts_with(prefix))
+                .map(|ch| {
+                    let st = ch.state.lock().unwrap();
+                    let pos = Position { offset: st.top, epoch: st.epoch.clone() };
+                    (ch.name.clone(), pos, st.subscribers.len() as u64)
+                })
+                .collect(),
+            Engine::Redis(redis) => redis
+                .channels(prefix)
+                .await?
+                .into_iter()
+                .map(|(name, pos)| {
+                    let n = subscribers(&name);
+                    (name, pos, n)
+                })
+                .collect(),
+        };
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        Ok(out)
     }
 
     pub fn stats(&self) -> (u64, u64, u64) {
@@ -400,7 +512,7 @@ impl Subscription {
         if let Some(ch) = self.channels.get(channel) {
             // Joining twice restarts nothing; answer with the current position.
             let st = ch.state.lock().unwrap();
-            let position = Position { offset: st.top, epoch: self.bus.shared.epoch.clone() };
+            let position = Position { offset: st.top, epoch: st.epoch.clone() };
             self.subscriber.deliver(Delivery::Joined {
                 channel: ch.name.clone(),
                 position,
@@ -421,12 +533,20 @@ impl Subscription {
         }
         let (id, subscriber) = (self.id, self.subscriber.clone());
         let bus = self.bus.clone();
-        let (ch, joined) =
-            bus.with_channel(channel, |ch, st| (ch.clone(), join_locked(&bus, ch, st, id, &subscriber, since)));
-        if joined {
-            self.channels.insert(ch.name.clone(), ch);
-        } else {
-            bus.forget_if_idle(&ch);
+        let (ch, replay) = bus.with_channel(channel, |ch, st| {
+            let replay = match st.feed {
+                Feed::Live => start_join(&bus, &ch.name, st, id, subscriber, since),
+                // Answered once the feed is synced.
+                Feed::Syncing { .. } => {
+                    st.joining.insert(id, Joining { subscriber, since, replaying: None });
+                    None
+                }
+            };
+            (ch.clone(), replay)
+        });
+        self.channels.insert(ch.name.clone(), ch.clone());
+        if let Some(replay) = replay {
+            bus.replay(ch, replay);
         }
     }
 
@@ -439,53 +559,270 @@ impl Subscription {
     }
 
     fn detach(&self, ch: &Arc<Channel>) {
-        if ch.state.lock().unwrap().subscribers.remove(&self.id).is_some() {
-            self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut st = ch.state.lock().unwrap();
+            st.joining.remove(&self.id);
+            if st.subscribers.remove(&self.id).is_some() {
+                self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         self.bus.forget_if_idle(ch);
     }
 }
 
-/// Replays what a joining subscriber missed and registers it, under the
-/// channel's lock; returns whether it joined (its stream may be lagging).
-fn join_locked(
+/// A replay to read for a joining subscriber: the events after `after` up to `to`.
+pub(crate) struct Replay {
+    id: u64,
+    after: u64,
+    to: u64,
+}
+
+/// Answers a join on a live channel at once, or starts its replay: with
+/// `since` in the channel's epoch and a gap of at most `recovery_max`, the
+/// subscriber waits in `joining`, collecting live events, while the gap is read.
+fn start_join(
     bus: &Bus,
-    ch: &Channel,
+    channel: &Arc<str>,
     st: &mut ChannelState,
     id: u64,
-    subscriber: &Subscriber,
+    subscriber: Subscriber,
     since: Option<Position>,
-) -> bool {
-    let channel: &str = &ch.name;
+) -> Option<Replay> {
     let shared = &bus.shared;
-    let position = Position { offset: st.top, epoch: shared.epoch.clone() };
-    let mut replay = Vec::new();
-    let mut recovered = false;
-    if let Some(since) = since {
-        let gap = st.top.saturating_sub(since.offset);
-        recovered = *since.epoch == *shared.epoch
+    let position = Position { offset: st.top, epoch: st.epoch.clone() };
+    let recoverable = since.as_ref().is_some_and(|since| {
+        *since.epoch == *st.epoch
             && since.offset <= st.top
             && since.offset + 1 >= st.first
-            && gap <= shared.config.recovery_max;
-        if recovered && gap > 0 {
-            match shared.store.read(channel, since.offset, gap as usize) {
-                Ok(events) if events.len() as u64 == gap => replay = events,
-                Ok(_) => recovered = false,
-                Err(e) => {
-                    tracing::error!(cause = %e, channel, "history read failed");
-                    recovered = false;
-                }
+            && st.top - since.offset <= shared.config.recovery_max
+    });
+    match since {
+        Some(since) if recoverable && since.offset < st.top => {
+            let replay = Replay { id, after: since.offset, to: st.top };
+            st.joining.insert(id, Joining { subscriber, since: Some(since), replaying: Some(Vec::new()) });
+            Some(replay)
+        }
+        _ => {
+            let joined = Delivery::Joined { channel: channel.clone(), position, recovered: recoverable, missed: 0 };
+            if subscriber.deliver(joined) {
+                st.subscribers.insert(id, subscriber);
+                shared.subscriptions.fetch_add(1, Ordering::Relaxed);
             }
+            None
         }
     }
-    let missed = replay.len() as u64;
-    let ok = subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
-        && (replay.is_empty() || subscriber.deliver(Delivery::Events(replay.into())));
-    if ok {
-        st.subscribers.insert(id, subscriber.clone());
-        shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Hands events to a channel's subscribers, and to the ones replaying,
+/// which get them after their replay.
+pub(crate) fn deliver_live(st: &mut ChannelState, events: Arc<[Event]>) {
+    st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
+    for joining in st.joining.values_mut() {
+        if let Some(heard) = &mut joining.replaying {
+            heard.extend(events.iter().cloned());
+        }
     }
-    ok
+}
+
+/// Whether `events` are exactly the offsets `after + 1 ..= to` of `epoch`, in order.
+fn contiguous(events: &[Event], epoch: &str, after: u64, to: u64) -> bool {
+    events.len() as u64 == to.saturating_sub(after)
+        && events.iter().zip(after + 1..).all(|(e, offset)| e.offset == offset && *e.epoch == *epoch)
+}
+
+// === the paths of replays and of shared backends' live feeds ===
+
+impl Bus {
+    /// Reads a joining subscriber's replay off the channel's lock, then answers it.
+    fn replay(&self, ch: Arc<Channel>, replay: Replay) {
+        let bus = self.clone();
+        let limit = (replay.to - replay.after) as usize;
+        let read: BoxFuture<'static, Result<Vec<Event>, BusError>> = match &self.shared.engine {
+            Engine::Local { store, .. } => {
+                let (store, name, after) = (store.clone(), ch.name.clone(), replay.after);
+                async move {
+                    tokio::task::spawn_blocking(move || store.read(&name, after, limit))
+                        .await
+                        .map_err(|_| BusError::ShuttingDown)?
+                        .map_err(BusError::Store)
+                }
+                .boxed()
+            }
+            Engine::Redis(redis) => redis.clone().range(ch.name.clone(), replay.after, replay.to).boxed(),
+        };
+        tokio::spawn(async move {
+            let events = read.await;
+            bus.on_replayed(&ch, replay, events);
+        });
+    }
+
+    /// Answers a joining subscriber whose replay was read: `Joined`, the
+    /// replay, then what was heard meanwhile; or, when the replay is not the
+    /// whole gap, `recovered: false` and nothing of it.
+    fn on_replayed(&self, ch: &Arc<Channel>, replay: Replay, events: Result<Vec<Event>, BusError>) {
+        let mut st = ch.state.lock().unwrap();
+        let Some(joining) = st.joining.remove(&replay.id) else {
+            return; // It left meanwhile.
+        };
+        let events = events.unwrap_or_else(|e| {
+            tracing::error!(cause = %e, channel = &*ch.name, "history read failed");
+            Vec::new()
+        });
+        let same_epoch = joining.since.as_ref().is_some_and(|s| *s.epoch == *st.epoch);
+        let recovered = same_epoch && contiguous(&events, &st.epoch, replay.after, replay.to);
+        let heard = joining.replaying.unwrap_or_default();
+        let subscriber = joining.subscriber;
+        let ok = if recovered {
+            let position = Position { offset: replay.to, epoch: st.epoch.clone() };
+            let missed = events.len() as u64;
+            subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed })
+                && subscriber.deliver(Delivery::Events(events.into()))
+                && (heard.is_empty() || subscriber.deliver(Delivery::Events(heard.into())))
+        } else {
+            let position = Position { offset: st.top, epoch: st.epoch.clone() };
+            subscriber.deliver(Delivery::Joined { channel: ch.name.clone(), position, recovered, missed: 0 })
+        };
+        if ok {
+            st.subscribers.insert(replay.id, subscriber);
+            self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events heard on a shared backend's live feed, in the order it
+    /// published them. A gap, or a new epoch, starts a resync.
+    pub(crate) fn on_live(&self, channel: &str, events: Vec<Event>) {
+        let Some(ch) = self.channel(channel) else {
+            return;
+        };
+        let mut st = ch.state.lock().unwrap();
+        if let Feed::Syncing { heard } = &mut st.feed {
+            heard.extend(events);
+            return;
+        }
+        if let Some(rest) = self.apply_live(&ch.name, &mut st, events) {
+            st.feed = Feed::Syncing { heard: rest };
+            drop(st);
+            self.resync(ch);
+        }
+    }
+
+    /// Delivers the events that continue the channel; returns the rest from
+    /// the first that does not, when one does not.
+    fn apply_live(&self, channel: &str, st: &mut ChannelState, events: Vec<Event>) -> Option<Vec<Event>> {
+        let mut next = Vec::new();
+        let mut events = events.into_iter();
+        let mut rest = None;
+        for e in events.by_ref() {
+            if *e.epoch == *st.epoch && e.offset <= st.top {
+                continue; // Heard twice (a resync read it too).
+            }
+            if *e.epoch == *st.epoch && e.offset == st.top + 1 {
+                st.top = e.offset;
+                next.push(e);
+                continue;
+            }
+            tracing::warn!(channel, offset = e.offset, top = st.top, "gap in the live feed; resyncing");
+            rest = Some(std::iter::once(e).collect::<Vec<_>>());
+            break;
+        }
+        if !next.is_empty() {
+            deliver_live(st, next.into());
+        }
+        rest.map(|mut rest| {
+            rest.extend(events);
+            rest
+        })
+    }
+
+    /// Marks every channel as syncing and syncs it again: after the live
+    /// feed was lost (a Redis reconnect), whatever was published meanwhile
+    /// is read from the stream.
+    pub(crate) fn resync_all(&self) {
+        for ch in self.all_channels() {
+            {
+                let mut st = ch.state.lock().unwrap();
+                if matches!(st.feed, Feed::Live) {
+                    st.feed = Feed::Syncing { heard: Vec::new() };
+                }
+            }
+            self.resync(ch);
+        }
+    }
+
+    fn resync(&self, ch: Arc<Channel>) {
+        if let Engine::Redis(redis) = &self.shared.engine {
+            redis.sync(self.clone(), ch);
+        }
+    }
+
+    /// Starts a sync: returns its generation and the channel's position
+    /// before it, if it had one.
+    pub(crate) fn sync_start(&self, ch: &Channel) -> (u64, Option<Position>) {
+        let mut st = ch.state.lock().unwrap();
+        st.sync_generation += 1;
+        let had = (!st.epoch.is_empty()).then(|| Position { offset: st.top, epoch: st.epoch.clone() });
+        (st.sync_generation, had)
+    }
+
+    /// A channel's feed is synced: its position is `position` and `fill`
+    /// holds the events after the position it had before, up to it. Live
+    /// subscribers either continue with `fill`, or, when it cannot be
+    /// continued (the backend lost events or was emptied: a new epoch), are
+    /// told with an unrecovered `Joined` at the new position (a gateway then
+    /// closes its clients with `4004`). Joins that waited are answered.
+    pub(crate) fn on_synced(&self, ch: &Arc<Channel>, generation: u64, position: Position, fill: Vec<Event>) {
+        let mut st = ch.state.lock().unwrap();
+        if generation != st.sync_generation || !matches!(st.feed, Feed::Syncing { .. }) {
+            return; // A later sync is under way, or this one came too late.
+        }
+        let Feed::Syncing { heard } = std::mem::replace(&mut st.feed, Feed::Live) else {
+            unreachable!("checked above");
+        };
+        if !st.epoch.is_empty() {
+            let continues = *position.epoch == *st.epoch && contiguous(&fill, &position.epoch, st.top, position.offset);
+            if continues {
+                if !fill.is_empty() {
+                    deliver_live(&mut st, fill.into());
+                }
+            } else {
+                tracing::warn!(
+                    channel = &*ch.name,
+                    "the backend lost events of this channel; subscribers must recover"
+                );
+                for joining in st.joining.values_mut() {
+                    // Their replay can no longer be merged: answered unrecovered.
+                    if joining.replaying.is_some() {
+                        joining.since = None;
+                    }
+                }
+                let lost = Delivery::Joined {
+                    channel: ch.name.clone(),
+                    position: position.clone(),
+                    recovered: false,
+                    missed: 0,
+                };
+                st.subscribers.retain(|_, s| s.deliver(lost.clone()));
+            }
+        }
+        st.top = position.offset;
+        st.epoch = position.epoch;
+        if let Some(rest) = self.apply_live(&ch.name, &mut st, heard) {
+            st.feed = Feed::Syncing { heard: rest };
+            drop(st);
+            self.resync(ch.clone());
+            return;
+        }
+        let waiting: Vec<u64> = st.joining.iter().filter(|(_, j)| j.replaying.is_none()).map(|(id, _)| *id).collect();
+        let mut replays = Vec::new();
+        for id in waiting {
+            let joining = st.joining.remove(&id).expect("listed");
+            replays.extend(start_join(self, &ch.name, &mut st, id, joining.subscriber, joining.since));
+        }
+        drop(st);
+        for replay in replays {
+            self.replay(ch.clone(), replay);
+        }
+    }
 }
 
 impl Drop for Subscription {

@@ -9,6 +9,8 @@ pub enum Backend {
     Memory,
     /// A durable log in `data_dir`, on redb.
     Embedded,
+    /// Shared by every bus node on the same Redis: streams, a Lua script, Pub/Sub.
+    Redis { url: String },
 }
 
 impl Backend {
@@ -16,6 +18,7 @@ impl Backend {
         match self {
             Backend::Memory => "memory",
             Backend::Embedded => "embedded",
+            Backend::Redis { .. } => "redis",
         }
     }
 }

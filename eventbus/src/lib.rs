@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //! - `bus`: the core: channels, subscribers, joins with recovery, history.
-//! - `writer`: the one thread that numbers, commits and announces events.
+//! - `writer`: the one thread that numbers, commits and announces events of
+//!   the local engine (`memory`, `embedded`).
 //! - `store`: the storage trait and its `memory` and `embedded` backends.
+//! - `redis`: the shared engine on Redis (streams, a Lua script, Pub/Sub).
 //! - `service`: the tonic service, the only module that sees proto types.
 //! - `config`, `error`.
 
@@ -20,6 +22,7 @@ pub mod bus;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod redis;
 mod service;
 pub mod store;
 mod writer;
@@ -52,43 +55,56 @@ pub struct Position {
     pub epoch: Arc<str>,
 }
 
-/// Opens the configured store and returns a running bus core, without
-/// binding anything. The writer thread runs until `stop` is awaited.
+/// Opens the configured store (or connects to the shared backend) and
+/// returns a running bus core, without binding anything. The writer thread
+/// or the backend's tasks run until `stop` is awaited.
 ///
 /// # Errors
-/// When the data directory cannot be opened, or another process holds it.
-pub fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
-    let store: Arc<dyn store::Store> = match config.backend {
+/// When the data directory cannot be opened, or another process holds it;
+/// when the shared backend cannot be reached.
+pub async fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
+    let store: Arc<dyn store::Store> = match &config.backend {
         Backend::Memory => Arc::new(store::memory::MemoryStore::new()),
         Backend::Embedded => {
             Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir, config.fsync, config.cache_bytes)?)
         }
+        Backend::Redis { url } => {
+            let url = url.clone();
+            let (bus, tasks) = redis::open(config, &url).await?;
+            return Ok((bus.clone(), BusHandle { bus, thread: None, tasks: Some(tasks) }));
+        }
     };
     let channels = store.channels()?;
-    let (bus, rx) = Bus::new(config, store);
+    let (bus, rx) = Bus::local(config, store.clone());
     for meta in channels {
         bus.restore(meta.channel, meta.top, meta.first);
     }
     let writer_bus = bus.clone();
     let thread = std::thread::Builder::new()
         .name("eventbus-writer".into())
-        .spawn(move || writer::run(writer_bus, rx))
+        .spawn(move || writer::run(writer_bus, store, rx))
         .map_err(|e| StoreError::Io(e.to_string()))?;
-    Ok((bus.clone(), BusHandle { bus, thread: Some(thread) }))
+    Ok((bus.clone(), BusHandle { bus, thread: Some(thread), tasks: None }))
 }
 
-/// Owns the writer thread of a bus opened with `open`.
+/// Owns the writer thread, or the shared backend's tasks, of a bus opened with `open`.
 pub struct BusHandle {
     bus: Bus,
     thread: Option<std::thread::JoinHandle<()>>,
+    tasks: Option<redis::Tasks>,
 }
 
 impl BusHandle {
-    /// Finishes queued writes, stops the writer and waits for it.
+    /// Finishes queued writes, stops the writer (or the backend's tasks) and waits for it.
     pub async fn stop(mut self) {
-        let _ = self.bus.writer().send(writer::WriteRequest::Stop).await;
+        if let Some((writer, _)) = self.bus.local_parts() {
+            let _ = writer.send(writer::WriteRequest::Stop).await;
+        }
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Some(tasks) = self.tasks.take() {
+            tasks.stop().await;
         }
     }
 }
@@ -102,7 +118,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (bus, handle) = open(config)?;
+    let (bus, handle) = open(config).await?;
     serve_bus(bus.clone(), listener, shutdown).await?;
     handle.stop().await;
     Ok(())
@@ -146,13 +162,18 @@ pub async fn serve_bus(
     result
 }
 
+/// Expires the local engine's events and idempotency keys (Redis expires its own).
 async fn expire_every_second(bus: Bus, token: CancellationToken) {
+    let Some((writer, _)) = bus.local_parts() else {
+        return;
+    };
+    let writer = writer.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tick.tick() => {
-                if bus.writer().send(writer::WriteRequest::Expire).await.is_err() {
+                if writer.send(writer::WriteRequest::Expire).await.is_err() {
                     return;
                 }
             }

@@ -226,7 +226,7 @@ impl pb::event_bus_server::EventBus for EventBusService {
             n => n.min(HISTORY_MAX),
         };
         let since = req.since.map(|s| s.offset);
-        let (events, pos) = self.bus.history(&req.channel, since, limit, req.reverse)?;
+        let (events, pos) = self.bus.history(&req.channel, since, limit, req.reverse).await?;
         Ok(Response::new(pb::HistoryResponse {
             events: events.iter().map(event).collect(),
             position: Some(position(&pos)),
@@ -238,6 +238,7 @@ impl pb::event_bus_server::EventBus for EventBusService {
         let channels = self
             .bus
             .channels(&prefix)
+            .await?
             .into_iter()
             .map(|(name, pos, subscribers)| pb::ChannelInfo {
                 channel: name.to_string(),

@@ -16,10 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Event, Position,
-    bus::{Bus, Channel, Delivery, NewEvent},
+    bus::{Bus, Channel, NewEvent, deliver_live},
     config::Fsync,
     error::BusError,
-    store::{Batch, ChannelMeta, IdempotencyRecord},
+    store::{Batch, ChannelMeta, IdempotencyRecord, Store},
 };
 
 /// Most requests committed together, and most payload bytes: a group is
@@ -64,8 +64,8 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Runs the writer until `Stop`; meant for a dedicated thread.
-pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut writer = Writer { bus, idempotency: HashMap::new(), ids: Ids::default() };
+pub(crate) fn run(bus: Bus, store: Arc<dyn Store>, mut rx: mpsc::Receiver<WriteRequest>) {
+    let mut writer = Writer { bus, store, idempotency: HashMap::new(), ids: Ids::default() };
     writer.load_idempotency();
     let fsync = writer.bus.config().fsync;
     let interval = writer.bus.config().fsync_interval;
@@ -93,6 +93,7 @@ pub(crate) fn run(bus: Bus, mut rx: mpsc::Receiver<WriteRequest>) {
 
 struct Writer {
     bus: Bus,
+    store: Arc<dyn Store>,
     /// `(channel, key)` → the first result and when the key expires (Unix ms).
     idempotency: HashMap<(Arc<str>, String), (Published, i64)>,
     ids: Ids,
@@ -141,7 +142,7 @@ struct Pending {
 
 impl Writer {
     fn load_idempotency(&mut self) {
-        match self.bus.shared.store.idempotency(now_ms()) {
+        match self.store.idempotency(now_ms()) {
             Ok(records) => {
                 for r in records {
                     let published = Published {
@@ -252,7 +253,7 @@ impl Writer {
                 counts.push(p.events.len());
                 batch.events.append(&mut p.events);
             }
-            if let Err(e) = self.bus.shared.store.commit(&batch) {
+            if let Err(e) = self.store.commit(&batch) {
                 tracing::error!(cause = %e, "commit failed");
                 for key in new_keys {
                     self.idempotency.remove(&key);
@@ -274,7 +275,7 @@ impl Writer {
                 st.top = meta.top;
                 st.first = meta.first;
                 st.writing -= 1;
-                st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
+                deliver_live(&mut st, events);
             }
         }
         for (reply, result) in replies {
@@ -299,7 +300,7 @@ impl Writer {
                 channels.insert(ch.name.clone(), ch);
             }
         }
-        match self.bus.shared.store.expire(&cutoffs, now) {
+        match self.store.expire(&cutoffs, now) {
             Ok(changed) => {
                 for (name, first) in changed {
                     if let Some(ch) = channels.get(&name) {

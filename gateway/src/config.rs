@@ -77,8 +77,9 @@ impl Default for Namespace {
 pub struct Config {
     /// Name of this node in frames and stats.
     pub node: String,
-    /// The event bus, such as `http://127.0.0.1:50051`.
-    pub eventbus_url: String,
+    /// Event bus nodes, such as `http://127.0.0.1:50051`: the link uses the
+    /// first that answers, and the next one when it is lost.
+    pub eventbus_urls: Vec<String>,
     /// The agent bridge; without one, agent frames answer `unavailable`.
     pub agent_bridge_url: Option<String>,
     /// Key for the admin HTTP API, also sent to the bus as a bearer token.
@@ -132,7 +133,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node: "gateway".to_owned(),
-            eventbus_url: "http://127.0.0.1:50051".to_owned(),
+            eventbus_urls: vec!["http://127.0.0.1:50051".to_owned()],
             agent_bridge_url: None,
             admin_key: None,
             anonymous: true,

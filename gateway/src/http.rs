@@ -217,7 +217,7 @@ async fn publish(node: &Node, channel: &str, event: String, data: &Value) -> Res
     let request =
         pb::PublishRequest { channel: channel.to_owned(), event, data: data.to_string().into(), ..Default::default() };
     let started = std::time::Instant::now();
-    let result = node.bus.clone().publish(request).await;
+    let result = node.bus.client().publish(request).await;
     node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
     result.map(|r| r.into_inner()).map_err(|s| ApiError::from_status(&s))
 }
@@ -413,7 +413,7 @@ async fn channel_info(State(node): State<Arc<Node>>, headers: HeaderMap, Path(ch
             // Not subscribed on this node: ask the bus where the channel stands.
             let request =
                 pb::HistoryRequest { channel: channel.clone(), limit: 1, reverse: true, ..Default::default() };
-            let resp = node.bus.clone().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
+            let resp = node.bus.client().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
             resp.position.map(|p| json!({ "offset": p.offset, "epoch": p.epoch })).unwrap_or(Value::Null)
         }
     };
@@ -449,7 +449,7 @@ async fn history(
         }
     };
     let request = pb::HistoryRequest { channel, since, limit: q.limit.unwrap_or(100), reverse: false };
-    let resp = node.bus.clone().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
+    let resp = node.bus.client().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
     let events: Vec<Value> = resp
         .events
         .iter()

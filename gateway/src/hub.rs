@@ -434,6 +434,14 @@ impl Hub {
             return Vec::new();
         };
         let ch = inner.channels.get_mut(&name).expect("present");
+        if ch.link == LinkState::Active && !recovered {
+            // Unasked: the bus lost events of this channel (a shared backend
+            // restarted empty, or failed over without them).
+            tracing::warn!(channel, "the bus lost events of this channel; closing its connections with 4004");
+            close_listeners(&inner.connections, ch);
+            ch.position = Some(position);
+            return Vec::new();
+        }
         let LinkState::Pending { resuming } = ch.link else {
             return Vec::new();
         };
@@ -441,12 +449,7 @@ impl Hub {
             // The bus lost what this node had not yet delivered: its listeners
             // must reconnect and recover on their own (SPEC §6).
             tracing::warn!(channel, "cannot resume channel after relink; closing its connections with 4004");
-            let listeners: Vec<Uuid> = ch.listeners.keys().copied().collect();
-            for conn in listeners {
-                if let Some(c) = inner.connections.get(&conn) {
-                    c.queue.close(Disconnect::INSUFFICIENT_STATE);
-                }
-            }
+            close_listeners(&inner.connections, ch);
             ch.position = Some(position);
             ch.link = LinkState::Active;
             return Vec::new();
@@ -490,9 +493,12 @@ impl Hub {
         self.update_gauges(&inner);
     }
 
-    /// Fans a batch of one channel's events out to its listeners.
+    /// Fans a batch of one channel's events out to its listeners. An event
+    /// that does not continue the channel (a gap, or a new epoch) means
+    /// events were lost on the way: its listeners are closed with `4004`.
     pub fn on_events(&self, channel: &str, frames: &[Frame]) {
         let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
         let Some(ch) = inner.channels.get_mut(channel) else {
             return;
         };
@@ -505,6 +511,18 @@ impl Hub {
                 break;
             };
             if frame.offset <= pos.offset && *frame.epoch == *pos.epoch {
+                continue;
+            }
+            if frame.offset != pos.offset + 1 || *frame.epoch != *pos.epoch {
+                tracing::warn!(
+                    channel,
+                    offset = frame.offset,
+                    last = pos.offset,
+                    "gap in the channel; closing its connections with 4004"
+                );
+                pos.offset = frame.offset;
+                pos.epoch = frame.epoch.to_string();
+                close_listeners(&inner.connections, ch);
                 continue;
             }
             pos.offset = frame.offset;
@@ -659,6 +677,16 @@ impl Hub {
     fn update_gauges(&self, inner: &Inner) {
         self.metrics.subscriptions.set(inner.subscriptions as i64);
         self.metrics.channels.set(inner.channels.len() as i64);
+    }
+}
+
+/// Closes every connection listening to `ch` with `4004`: it cannot be
+/// given what it missed, so it must reconnect and recover (SPEC §6).
+fn close_listeners(connections: &HashMap<Uuid, Connection>, ch: &Channel) {
+    for conn in ch.listeners.keys() {
+        if let Some(c) = connections.get(conn) {
+            c.queue.close(Disconnect::INSUFFICIENT_STATE);
+        }
     }
 }
 

@@ -47,7 +47,7 @@ pub use config::{Access, Config, Limits, Namespace};
 pub struct Node {
     pub config: Config,
     pub hub: Arc<hub::Hub>,
-    pub bus: link::BusClient,
+    pub bus: Arc<link::BusNodes>,
     /// The agent bridge, when configured.
     pub bridge: Option<link::BridgeClient>,
     pub metrics: Arc<metrics::Metrics>,
@@ -90,7 +90,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let bus = link::client(&config.eventbus_url, config.admin_key.as_deref())?;
+    let bus = Arc::new(link::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
     let bridge = match &config.agent_bridge_url {
         Some(url) => Some(link::bridge_client(url, config.admin_key.as_deref())?),
         None => None,

@@ -3,11 +3,18 @@
 //!
 //! The link joins a channel when the first local listener subscribes and
 //! leaves it when the last one goes. When the stream breaks it reconnects
-//! with backoff and rejoins every channel from the last position this node
-//! delivered, so listeners see no gap (or are closed with `4004` when the bus
-//! cannot serve it).
+//! with backoff, to the next bus node of `gateway.eventbus_url` when there
+//! are several (`BusNodes`), and rejoins every channel from the last
+//! position this node delivered, so listeners see no gap (or are closed
+//! with `4004` when the bus cannot serve it).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
@@ -50,6 +57,38 @@ pub fn endpoint(url: &str, key: Option<&str>, setting: &str) -> Result<(Channel,
 pub fn client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
     let (channel, key) = endpoint(url, key, "gateway.eventbus_url")?;
     Ok(pb::event_bus_client::EventBusClient::with_interceptor(channel, key).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// The bus nodes this gateway may link to, and the one it uses: publishes
+/// and history go to the node the link is on.
+pub struct BusNodes {
+    clients: Vec<BusClient>,
+    current: AtomicUsize,
+}
+
+impl BusNodes {
+    /// # Errors
+    /// When there is no URL, or one is malformed.
+    pub fn new(urls: &[String], key: Option<&str>) -> Result<BusNodes, String> {
+        if urls.is_empty() {
+            return Err("gateway.eventbus_url: no URL given".into());
+        }
+        let clients = urls.iter().map(|url| client(url, key)).collect::<Result<_, _>>()?;
+        Ok(BusNodes { clients, current: AtomicUsize::new(0) })
+    }
+
+    /// The client of the node in use.
+    pub fn client(&self) -> BusClient {
+        self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].clone()
+    }
+
+    /// Moves to the next node, after the one in use was lost or did not answer.
+    fn next(&self) {
+        if self.clients.len() > 1 {
+            let now = self.current.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(node = now % self.clients.len(), "trying the next event bus node");
+        }
+    }
 }
 
 pub type BridgeClient =
@@ -104,7 +143,7 @@ pub fn frame(e: &pb::Event) -> Frame {
 /// Runs the link until `shutdown`.
 pub async fn run(
     hub: Arc<Hub>,
-    client: BusClient,
+    nodes: Arc<BusNodes>,
     mut commands: mpsc::Receiver<LinkCommand>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -115,6 +154,7 @@ pub async fn run(
         // Commands queued while the link was down are covered by `relink`.
         while commands.try_recv().is_ok() {}
         let (tx, rx) = mpsc::channel(1024);
+        let client = nodes.client();
         let mut subscriber = client.clone();
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -124,6 +164,7 @@ pub async fn run(
             Ok(response) => response.into_inner(),
             Err(status) => {
                 tracing::debug!(%status, "event bus unreachable; retrying");
+                nodes.next();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -163,6 +204,7 @@ pub async fn run(
             }
         }
         hub.link_down();
+        nodes.next();
     }
 }
 

@@ -577,7 +577,7 @@ impl Session {
         };
         self.node.tasks.spawn(async move {
             let started = Instant::now();
-            let frame = match node.bus.clone().publish(request).await {
+            let frame = match node.bus.client().publish(request).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
                     protocol::frame(
@@ -607,7 +607,7 @@ fn subscribed_or_error(
 ) {
     match result {
         Ok(Some(job)) => {
-            node.tasks.spawn(link::recover(node.hub.clone(), node.bus.clone(), job));
+            node.tasks.spawn(link::recover(node.hub.clone(), node.bus.client(), job));
         }
         Ok(None) => {}
         Err(e) => {

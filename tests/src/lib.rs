@@ -27,7 +27,9 @@ pub use switchboard_proto::eventbus::v1 as pb;
 /// How long a test waits for something that should happen quickly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub type BusClient = pb::event_bus_client::EventBusClient<tonic::transport::Channel>;
+pub type BusClient = pb::event_bus_client::EventBusClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, switchboard_proto::auth::BearerKey>,
+>;
 
 /// An event bus served in-process.
 pub struct BusServer {
@@ -113,7 +115,7 @@ impl GatewayServer {
     /// A gateway on `bus_url` with test defaults, after `tweak`.
     pub async fn start_with(bus_url: &str, tweak: impl FnOnce(&mut gateway::Config)) -> Self {
         let mut config = gateway::Config {
-            eventbus_url: bus_url.to_owned(),
+            eventbus_urls: vec![bus_url.to_owned()],
             admin_key: Some(ADMIN_KEY.to_owned()),
             ..gateway::Config::default()
         };
@@ -196,7 +198,18 @@ impl Stack {
 }
 
 pub async fn bus_client(url: &str) -> BusClient {
-    BusClient::connect(url.to_owned()).await.expect("connect to bus")
+    bus_client_with_key(url, None).await
+}
+
+/// A bus client that sends `key` as its bearer token, when given.
+pub async fn bus_client_with_key(url: &str, key: Option<&str>) -> BusClient {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("bus url")
+        .connect()
+        .await
+        .expect("connect to bus");
+    let key = switchboard_proto::auth::BearerKey::new(key).expect("bearer key");
+    pb::event_bus_client::EventBusClient::with_interceptor(channel, key)
 }
 
 /// The `type` of each AG-UI event, in order.

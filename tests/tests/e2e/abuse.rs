@@ -303,7 +303,7 @@ async fn a_subscribe_before_the_bus_is_up_waits_for_it() {
     drop(spot);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = gateway::Config { eventbus_url: format!("http://{bus_addr}"), ..gateway::Config::default() };
+    let config = gateway::Config { eventbus_urls: vec![format!("http://{bus_addr}")], ..gateway::Config::default() };
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(gateway::serve(config, listener, stop.clone().cancelled_owned()));
     let mut ws = Ws::connect(&format!("ws://{addr}/ws")).await.unwrap();

@@ -59,12 +59,12 @@ fn invalid_configuration_exits_64_naming_the_setting() {
 }
 
 /// A `switchboard` process, killed when dropped.
-struct Process {
-    child: Child,
+pub(crate) struct Process {
+    pub(crate) child: Child,
     /// `http://ADDR/metrics` of the bus and the bridge, when asked for.
     metrics: Vec<String>,
-    grpc: String,
-    ws: Option<String>,
+    pub(crate) grpc: String,
+    pub(crate) ws: Option<String>,
 }
 
 impl Process {
@@ -74,7 +74,7 @@ impl Process {
 
     /// Starts `switchboard ARGS` with extra environment and waits for the
     /// addresses it prints.
-    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Process {
+    pub(crate) fn start_with(args: &[&str], env: &[(&str, &str)]) -> Process {
         Self::spawn(Command::new(switchboard_bin()), args, env)
     }
 
@@ -264,7 +264,10 @@ async fn acknowledged_events_survive_sigkill() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap().to_owned();
     let args = ["eventbus", "--dev", "--eventbus-listen", "127.0.0.1:0", "--data-dir", dir.as_str()];
-    let bus = Process::start(&args);
+    // Every acknowledged event is checked, so none may be trimmed: on a fast
+    // machine the publishers write more than the default 1,000 per channel.
+    let env = [("SWITCHBOARD_NAMESPACES__CRASH__HISTORY_SIZE", "10000000")];
+    let bus = Process::start_with(&args, &env);
     let url = bus.grpc.clone();
 
     // Eight publishers on two channels record every acknowledgement until the
@@ -301,7 +304,7 @@ async fn acknowledged_events_survive_sigkill() {
     }
     assert!(acked.len() > 50, "too few publishes before the kill: {}", acked.len());
 
-    let bus = Process::start(&args);
+    let bus = Process::start_with(&args, &env);
     let mut client = bus_client(&bus.grpc).await;
     for channel in ["crash:a", "crash:b"] {
         let mut stored = Vec::new();

@@ -8,6 +8,7 @@ mod bad_input;
 mod bus;
 mod channels;
 mod cli;
+mod cluster;
 mod existing_clients;
 mod frames_prop;
 mod http_api;

@@ -1,0 +1,613 @@
+//! The `redis` engine: every bus node on the same Redis shares channels,
+//! offsets, history and idempotency keys.
+//!
+//! Per channel `c`, three keys (one hash slot, `{c}`):
+//! - `sb:{c}:m`, a hash: `top` (the newest offset) and `epoch`;
+//! - `sb:{c}:s`, a stream whose entry ids are `<offset>-1`, one field `e`
+//!   holding the encoded event, trimmed to the history size (`MAXLEN`);
+//! - `sb:{c}:i:<key>`, a hash per idempotency key, for five minutes.
+//!
+//! One Lua script (`PUBLISH_LUA`) checks the idempotency key, increments the
+//! offset, appends to the stream, sets the TTLs and publishes the event with
+//! its offset and epoch on the Pub/Sub channel `sb:{c}:p`, atomically: the
+//! order of Pub/Sub messages is the order of offsets. Each node subscribes
+//! once per channel it has subscribers for (see `Bus::on_live`), and checks
+//! every message it hears against the offset before it: a gap (messages
+//! lost while its Pub/Sub connection was down, a failover that lost writes,
+//! a flushed Redis: a new epoch) starts a resync that reads the missing
+//! events from the stream, or tells subscribers that they cannot continue.
+//!
+//! The stream expires `history_ttl` after the last publish and each entry is
+//! served only within its TTL; the meta hash lives twice as long (at least
+//! two days), so offsets do not restart while clients may hold positions.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use redis::{AsyncCommands, ErrorKind, ServerErrorKind, aio::ConnectionManager};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Event, Position,
+    bus::{Bus, Channel, Engine, NewEvent},
+    config::Config,
+    error::{BusError, StoreError},
+    writer::{IDEMPOTENCY_WINDOW, Published, now_ms},
+};
+
+/// Checks the idempotency key, numbers, stores, expires and publishes one event.
+///
+/// KEYS: meta, stream[, idempotency]. ARGV: epoch for a new channel, event
+/// id, encoded event, history size, stream TTL, meta TTL, idempotency TTL
+/// (ms), Pub/Sub channel. Returns `{duplicate, offset, epoch, event id}`.
+const PUBLISH_LUA: &str = r"
+if #KEYS == 3 then
+  local seen = redis.call('HMGET', KEYS[3], 'offset', 'epoch', 'id')
+  if seen[1] then return {1, tonumber(seen[1]), seen[2], seen[3]} end
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+end
+local top = redis.call('HINCRBY', KEYS[1], 'top', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], top .. '-1', 'e', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+if #KEYS == 3 then
+  redis.call('HSET', KEYS[3], 'offset', top, 'epoch', epoch, 'id', ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
+redis.call('PUBLISH', ARGV[8], top .. ' ' .. epoch .. ' ' .. ARGV[3])
+return {0, top, epoch, ARGV[2]}
+";
+
+/// Returns a channel's `{top, epoch}`, giving a channel without one its epoch.
+///
+/// KEYS: meta, stream. ARGV: epoch for a new channel, meta TTL (ms).
+const POSITION_LUA: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'top')), epoch}
+";
+
+/// Most publishes sent to Redis in one pipeline.
+const MAX_PIPELINE: usize = 1024;
+
+/// Most channels `Channels` lists (it scans the keyspace).
+const MAX_LISTED: usize = 10_000;
+
+fn meta_key(channel: &str) -> String {
+    format!("sb:{{{channel}}}:m")
+}
+
+fn stream_key(channel: &str) -> String {
+    format!("sb:{{{channel}}}:s")
+}
+
+fn idempotency_key(channel: &str, key: &str) -> String {
+    format!("sb:{{{channel}}}:i:{key}")
+}
+
+fn pubsub_channel(channel: &str) -> String {
+    format!("sb:{{{channel}}}:p")
+}
+
+fn channel_of_pubsub(name: &str) -> Option<&str> {
+    name.strip_prefix("sb:{")?.strip_suffix("}:p")
+}
+
+/// An event as stored in a stream entry and carried on Pub/Sub (after its offset and epoch).
+#[derive(Serialize, Deserialize)]
+struct Wire<'a> {
+    i: std::borrow::Cow<'a, str>,
+    n: std::borrow::Cow<'a, str>,
+    t: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    m: Vec<(String, String)>,
+    #[serde(borrow)]
+    d: &'a RawValue,
+}
+
+fn encode(id: &str, event: &NewEvent, timestamp_ms: i64) -> Result<String, BusError> {
+    // `check` has parsed the data as JSON already.
+    let text = std::str::from_utf8(&event.data).map_err(|e| BusError::InvalidJson(e.to_string()))?;
+    let d: &RawValue = serde_json::from_str(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
+    let wire = Wire { i: id.into(), n: event.name.as_str().into(), t: timestamp_ms, m: event.meta.clone(), d };
+    serde_json::to_string(&wire).map_err(|e| BusError::InvalidArgument(e.to_string()))
+}
+
+fn decode(channel: &Arc<str>, offset: u64, epoch: &Arc<str>, text: &[u8]) -> Option<Event> {
+    let wire: Wire<'_> = serde_json::from_slice(text).ok()?;
+    Some(Event {
+        id: wire.i.into_owned(),
+        channel: channel.clone(),
+        name: wire.n.into_owned(),
+        data: bytes::Bytes::copy_from_slice(wire.d.get().as_bytes()),
+        offset,
+        epoch: epoch.clone(),
+        timestamp_ms: wire.t,
+        meta: wire.m,
+    })
+}
+
+/// Decodes a Pub/Sub message: `<offset> <epoch> <encoded event>`.
+fn decode_message(channel: &Arc<str>, payload: &[u8]) -> Option<Event> {
+    let mut parts = payload.splitn(3, |&b| b == b' ');
+    let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let epoch: Arc<str> = Arc::from(std::str::from_utf8(parts.next()?).ok()?);
+    decode(channel, offset, &epoch, parts.next()?)
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn redis_error(e: redis::RedisError) -> BusError {
+    BusError::Store(StoreError::Io(format!("redis: {e}")))
+}
+
+type Reply = oneshot::Sender<Result<Published, BusError>>;
+
+/// What the Pub/Sub task is asked to do, in the order the bus decided it.
+enum Control {
+    Listen(Arc<str>),
+    Unlisten(Arc<str>),
+}
+
+/// The engine's handle, held by the bus.
+#[derive(Clone)]
+pub(crate) struct Redis {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The bus's configuration, for history bounds.
+    config: Config,
+    conn: ConnectionManager,
+    publish: mpsc::Sender<(NewEvent, Reply)>,
+    control: mpsc::UnboundedSender<Control>,
+    position: redis::Script,
+}
+
+/// The engine's tasks, stopped by `BusHandle::stop`.
+pub(crate) struct Tasks {
+    stop: CancellationToken,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Tasks {
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        for handle in self.handles {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Connects to Redis at `url` and returns a bus on it.
+pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), StoreError> {
+    let unreachable = |e: &dyn std::fmt::Display| StoreError::Open { path: url.to_owned(), cause: e.to_string() };
+    let client = redis::Client::open(url).map_err(|e| unreachable(&e))?;
+    let manager = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2));
+    let conn = client.get_connection_manager_with_config(manager).await.map_err(|e| unreachable(&e))?;
+    let pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+        .await
+        .map_err(|e| unreachable(&e))?
+        .map_err(|e| unreachable(&e))?;
+    let (publish, publish_rx) = mpsc::channel(8192);
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let position = redis::Script::new(POSITION_LUA);
+    let inner = Inner { config: config.clone(), conn, publish, control, position };
+    let redis = Redis { inner: Arc::new(inner) };
+    let bus = Bus::with_engine(config, Engine::Redis(redis.clone()), Arc::from(""));
+    let stop = CancellationToken::new();
+    let handles = vec![
+        tokio::spawn(publisher(bus.clone(), redis.inner.conn.clone(), publish_rx, stop.clone())),
+        tokio::spawn(feed(bus.clone(), client, pubsub, control_rx, stop.clone())),
+    ];
+    Ok((bus, Tasks { stop, handles }))
+}
+
+impl Redis {
+    fn ttl(&self, channel: &str) -> Duration {
+        self.inner.config.history_of(channel).ttl
+    }
+
+    /// Queues an event for the publisher; `reply` gets its position.
+    pub(crate) async fn publish(&self, event: NewEvent, reply: Reply) -> Result<(), BusError> {
+        self.inner.publish.send((event, reply)).await.map_err(|_| BusError::ShuttingDown)
+    }
+
+    /// Starts hearing a channel; `Bus::on_synced` follows.
+    pub(crate) fn listen(&self, channel: Arc<str>) {
+        let _ = self.inner.control.send(Control::Listen(channel));
+    }
+
+    /// Stops hearing a channel nobody on this node listens to.
+    pub(crate) fn unlisten(&self, channel: Arc<str>) {
+        let _ = self.inner.control.send(Control::Unlisten(channel));
+    }
+
+    /// Reads a channel's position and, when it had `had` in the same epoch,
+    /// the events after it; then hands both to `Bus::on_synced`. Retried
+    /// with backoff while Redis cannot be reached, until the channel is
+    /// forgotten or synced by a later call.
+    pub(crate) fn sync(&self, bus: Bus, ch: Arc<Channel>) {
+        let redis = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                if !bus.channel(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, &ch)) {
+                    return;
+                }
+                let (generation, had) = bus.sync_start(&ch);
+                match redis.position_and_fill(&ch.name, had).await {
+                    Ok((position, fill)) => {
+                        bus.on_synced(&ch, generation, position, fill);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, channel = &*ch.name, "cannot sync channel; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn position_and_fill(
+        &self,
+        channel: &Arc<str>,
+        had: Option<Position>,
+    ) -> Result<(Position, Vec<Event>), BusError> {
+        let mut conn = self.inner.conn.clone();
+        let (top, epoch): (u64, String) = self
+            .inner
+            .position
+            .key(meta_key(channel))
+            .key(stream_key(channel))
+            .arg(new_epoch())
+            .arg(ms(meta_ttl(self.ttl(channel))))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let position = Position { offset: top, epoch: Arc::from(epoch) };
+        let fill = match had {
+            Some(had) if *had.epoch == *position.epoch && had.offset < top => {
+                self.read(channel, &position.epoch, had.offset, top).await?
+            }
+            _ => Vec::new(),
+        };
+        Ok((position, fill))
+    }
+
+    /// Reads the events after `after` up to `to` (what a join replays),
+    /// leaving out those past their TTL.
+    pub(crate) async fn range(self, channel: Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
+        let mut conn = self.inner.conn.clone();
+        let epoch: Option<String> = conn.hget(meta_key(&channel), "epoch").await.map_err(redis_error)?;
+        let Some(epoch) = epoch else {
+            return Ok(Vec::new());
+        };
+        self.read(&channel, &Arc::from(epoch), after, to).await
+    }
+
+    async fn read(&self, channel: &Arc<str>, epoch: &Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
+        let mut conn = self.inner.conn.clone();
+        let count = to.saturating_sub(after);
+        let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(stream_key(channel))
+            .arg(format!("{}-0", after + 1))
+            .arg(format!("{to}-1"))
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(self.decode_entries(channel, epoch, raw))
+    }
+
+    fn decode_entries(&self, channel: &Arc<str>, epoch: &Arc<str>, raw: Vec<(String, Vec<Vec<u8>>)>) -> Vec<Event> {
+        let oldest = now_ms().saturating_sub(i64::try_from(self.ttl(channel).as_millis()).unwrap_or(i64::MAX));
+        raw.into_iter()
+            .filter_map(|(id, fields)| {
+                let offset = id.split('-').next()?.parse().ok()?;
+                let text = fields.get(1)?;
+                decode(channel, offset, epoch, text)
+            })
+            .filter(|e| e.timestamp_ms >= oldest)
+            .collect()
+    }
+
+    /// Reads history for `Bus::history`.
+    pub(crate) async fn history(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<(Vec<Event>, Position), BusError> {
+        let mut conn = self.inner.conn.clone();
+        let after = since.unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("HMGET").arg(meta_key(channel)).arg("top").arg("epoch");
+        if reverse {
+            pipe.cmd("XREVRANGE").arg(stream_key(channel)).arg("+").arg(format!("{}-0", after + 1));
+        } else {
+            pipe.cmd("XRANGE").arg(stream_key(channel)).arg(format!("{}-0", after + 1)).arg("+");
+        }
+        pipe.arg("COUNT").arg(limit);
+        type Reply = ((Option<u64>, Option<String>), Vec<(String, Vec<Vec<u8>>)>);
+        let ((top, epoch), raw): Reply = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        let channel: Arc<str> = Arc::from(channel);
+        let epoch: Arc<str> = Arc::from(epoch.unwrap_or_default());
+        let events = if limit == 0 { Vec::new() } else { self.decode_entries(&channel, &epoch, raw) };
+        Ok((events, Position { offset: top.unwrap_or(0), epoch }))
+    }
+
+    /// Lists channels with a position in Redis (at most `MAX_LISTED`).
+    pub(crate) async fn channels(&self, prefix: &str) -> Result<Vec<(Arc<str>, Position)>, BusError> {
+        let mut conn = self.inner.conn.clone();
+        let mut names = Vec::new();
+        {
+            let pattern = format!("sb:{{{prefix}*");
+            let mut keys = conn.scan_match::<_, String>(pattern).await.map_err(redis_error)?;
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(redis_error)?;
+                if let Some(name) = key.strip_prefix("sb:{").and_then(|k| k.strip_suffix("}:m")) {
+                    names.push(name.to_owned());
+                    if names.len() >= MAX_LISTED {
+                        break;
+                    }
+                }
+            }
+        }
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("HMGET").arg(meta_key(name)).arg("top").arg("epoch");
+        }
+        let metas: Vec<(Option<u64>, Option<String>)> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(names
+            .into_iter()
+            .zip(metas)
+            .filter_map(|(name, (top, epoch))| {
+                Some((Arc::from(name), Position { offset: top?, epoch: Arc::from(epoch?) }))
+            })
+            .collect())
+    }
+}
+
+fn meta_ttl(history_ttl: Duration) -> Duration {
+    (history_ttl * 2).max(Duration::from_secs(2 * 24 * 3600))
+}
+
+/// Sends queued publishes to Redis, everything queued at once in one
+/// pipeline, in queue order (so in the order they were submitted).
+async fn publisher(
+    bus: Bus,
+    mut conn: ConnectionManager,
+    mut rx: mpsc::Receiver<(NewEvent, Reply)>,
+    stop: CancellationToken,
+) {
+    let script = redis::Script::new(PUBLISH_LUA);
+    let mut queued = Vec::with_capacity(MAX_PIPELINE);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut queued, MAX_PIPELINE) => n,
+            _ = stop.cancelled() => {
+                // What was submitted before the stop is still published.
+                while let Ok(request) = rx.try_recv() {
+                    queued.push(request);
+                }
+                if !queued.is_empty() {
+                    publish_all(&bus, &mut conn, &script, std::mem::take(&mut queued)).await;
+                }
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        publish_all(&bus, &mut conn, &script, std::mem::take(&mut queued)).await;
+    }
+}
+
+async fn publish_all(
+    bus: &Bus,
+    conn: &mut ConnectionManager,
+    script: &redis::Script,
+    requests: Vec<(NewEvent, Reply)>,
+) {
+    let config = bus.config();
+    let now = now_ms();
+    let mut calls = Vec::with_capacity(requests.len());
+    for (event, reply) in requests {
+        let id = uuid::Uuid::now_v7().to_string();
+        match encode(&id, &event, now) {
+            Ok(encoded) => calls.push((event, reply, id, encoded)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+    // Twice at most: a Redis that restarted has forgotten the script, and
+    // the calls it refused for that have not run.
+    for attempt in 0..2 {
+        if calls.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (event, _, id, encoded) in &calls {
+            let policy = config.history_of(&event.channel);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash());
+            let keys = if event.idempotency_key.is_some() { 3 } else { 2 };
+            cmd.arg(keys).arg(meta_key(&event.channel)).arg(stream_key(&event.channel));
+            if let Some(key) = &event.idempotency_key {
+                cmd.arg(idempotency_key(&event.channel, key));
+            }
+            cmd.arg(new_epoch())
+                .arg(id)
+                .arg(encoded)
+                .arg(policy.size.max(1))
+                .arg(ms(policy.ttl))
+                .arg(ms(meta_ttl(policy.ttl)))
+                .arg(ms(IDEMPOTENCY_WINDOW))
+                .arg(pubsub_channel(&event.channel));
+            pipe.add_command(cmd);
+        }
+        let results: Vec<redis::RedisResult<(u8, u64, String, String)>> = match pipe.query_async(conn).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::error!(cause = %e, "redis publish failed");
+                for (_, reply, _, _) in calls {
+                    let _ = reply.send(Err(redis_error(e.clone())));
+                }
+                return;
+            }
+        };
+        let mut retry = Vec::new();
+        let mut published = 0;
+        for ((event, reply, id, encoded), result) in calls.into_iter().zip(results) {
+            match result {
+                Ok((duplicate, offset, epoch, event_id)) => {
+                    published += u64::from(duplicate == 0);
+                    let position = Position { offset, epoch: Arc::from(epoch) };
+                    let _ = reply.send(Ok(Published { event_id, position, duplicate: duplicate == 1 }));
+                }
+                Err(e) if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    retry.push((event, reply, id, encoded));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(redis_error(e)));
+                }
+            }
+        }
+        bus.shared.published_total.fetch_add(published, std::sync::atomic::Ordering::Relaxed);
+        if !retry.is_empty()
+            && let Err(e) = script.prepare_invoke().load_async(conn).await
+        {
+            tracing::error!(cause = %e, "cannot load the publish script");
+        }
+        calls = retry;
+    }
+}
+
+/// Hears the live feed: subscribes and unsubscribes as the bus asks, hands
+/// every message to `Bus::on_live`, and after a lost connection reconnects,
+/// subscribes again to every channel and resyncs them all.
+async fn feed(
+    bus: Bus,
+    client: redis::Client,
+    pubsub: redis::aio::PubSub,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    stop: CancellationToken,
+) {
+    let Engine::Redis(redis) = &bus.shared.engine else {
+        return;
+    };
+    let mut listening: HashSet<Arc<str>> = HashSet::new();
+    let (mut sink, mut messages) = pubsub.split();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            command = control.recv() => match command {
+                Some(Control::Listen(channel)) => {
+                    listening.insert(channel.clone());
+                    // Heard from the confirmation on; a failure means the
+                    // connection is lost, and the reconnect resyncs.
+                    if sink.subscribe(pubsub_channel(&channel)).await.is_ok()
+                        && let Some(ch) = bus.channel(&channel)
+                    {
+                        redis.sync(bus.clone(), ch);
+                    }
+                }
+                Some(Control::Unlisten(channel)) => {
+                    // A channel listened to again since is listened to still.
+                    if bus.channel(&channel).is_none() {
+                        listening.remove(&channel);
+                        let _ = sink.unsubscribe(pubsub_channel(&channel)).await;
+                    }
+                }
+                None => return,
+            },
+            message = messages.next() => match message {
+                Some(message) => {
+                    let Some(name) = channel_of_pubsub(message.get_channel_name()) else { continue };
+                    let Some(ch) = bus.channel(name) else { continue };
+                    match decode_message(&ch.name, message.get_payload_bytes()) {
+                        Some(event) => bus.on_live(&ch.name, vec![event]),
+                        None => tracing::error!(channel = name, "undecodable event on the live feed"),
+                    }
+                }
+                None => {
+                    tracing::warn!("lost the Redis Pub/Sub connection; reconnecting");
+                    let Some((new_sink, new_messages)) = reconnect(&client, &listening, &stop).await else {
+                        return;
+                    };
+                    (sink, messages) = (new_sink, new_messages);
+                    bus.resync_all();
+                }
+            },
+        }
+    }
+}
+
+/// Opens a new Pub/Sub connection subscribed to `channels`, retrying with backoff.
+async fn reconnect(
+    client: &redis::Client,
+    channels: &HashSet<Arc<str>>,
+    stop: &CancellationToken,
+) -> Option<(redis::aio::PubSubSink, redis::aio::PubSubStream)> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let (mut sink, messages) = client.get_async_pubsub().await?.split();
+            let names: Vec<String> = channels.iter().map(|c| pubsub_channel(c)).collect();
+            for chunk in names.chunks(1000) {
+                sink.subscribe(chunk).await?;
+            }
+            redis::RedisResult::Ok((sink, messages))
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            result = tokio::time::timeout(Duration::from_secs(2), attempt) => match result {
+                Ok(Ok(connected)) => {
+                    tracing::info!(channels = channels.len(), "Redis Pub/Sub connection back");
+                    return Some(connected);
+                }
+                Ok(Err(e)) => tracing::warn!(cause = %e, "cannot reconnect to Redis Pub/Sub"),
+                Err(_) => tracing::warn!("cannot reconnect to Redis Pub/Sub: timed out"),
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

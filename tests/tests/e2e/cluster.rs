@@ -1,0 +1,246 @@
+//! Several bus nodes and gateways on a shared Redis (SPEC §10), through the
+//! real binary: events published on any node reach every gateway in order
+//! with gap-free offsets; history, recovery and idempotency across nodes; a
+//! gateway failing over when its bus node is killed; and a Redis that loses
+//! a channel or restarts under subscribed clients.
+//!
+//! They use the Redis at `SWITCHBOARD_TEST_REDIS_URL` (default
+//! `redis://127.0.0.1:6379`; `.ci/run` starts one when none runs), each on
+//! channels of its own, and start their own `redis-server` when they restart it.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use switchboard_tests::*;
+
+use crate::cli::Process;
+
+fn redis_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A channel name no other test or run uses.
+fn unique(namespace: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{namespace}:{:x}{:x}", nanos, std::process::id())
+}
+
+fn bus_node(redis: &str) -> Process {
+    Process::start_with(
+        &["eventbus", "--eventbus-listen", "127.0.0.1:0", "--backend", "redis"],
+        &[("SWITCHBOARD_EVENTBUS__REDIS_URL", redis), ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY)],
+    )
+}
+
+fn gateway_node(buses: &[&Process]) -> Process {
+    let urls: Vec<&str> = buses.iter().map(|b| b.grpc.as_str()).collect();
+    Process::start_with(
+        &["gateway", "--gateway-listen", "127.0.0.1:0"],
+        &[
+            ("SWITCHBOARD_GATEWAY__EVENTBUS_URL", &urls.join(",")),
+            ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY),
+            ("SWITCHBOARD_AUTH__HS256_SECRET", "a-secret-of-at-least-32-characters-0"),
+            ("SWITCHBOARD_AUTH__ANONYMOUS", "true"),
+        ],
+    )
+}
+
+async fn bus_of(bus: &Process) -> BusClient {
+    bus_client_with_key(&bus.grpc, Some(ADMIN_KEY)).await
+}
+
+async fn client_of(gateway: &Process) -> Ws {
+    Ws::connect(gateway.ws.as_deref().unwrap()).await.unwrap()
+}
+
+/// Reads `n` event frames and returns them; anything else fails.
+async fn events(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(ws.expect("event").await);
+    }
+    out
+}
+
+fn offsets(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["offset"].as_u64().unwrap()).collect()
+}
+
+async fn publish_keyed(bus: &mut BusClient, channel: &str, key: &str) -> pb::PublishResponse {
+    let request = pb::PublishRequest {
+        channel: channel.into(),
+        event: "keyed".into(),
+        data: b"{}".to_vec().into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    bus.publish(request).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn redis_nodes_share_channels_history_recovery_and_idempotency() {
+    let redis = redis_url();
+    let channel = unique("task");
+    let (mut a, b) = (bus_node(&redis), bus_node(&redis));
+    let g1 = gateway_node(&[&a, &b]);
+    let g2 = gateway_node(&[&b, &a]);
+    let (mut c1, mut c2) = (client_of(&g1).await, client_of(&g2).await);
+    c1.subscribe(&channel).await;
+    c2.subscribe(&channel).await;
+
+    // Published alternately through both nodes: one order, one epoch, no gap.
+    let (mut pa, mut pb) = (bus_of(&a).await, bus_of(&b).await);
+    for i in 0..40 {
+        let bus = if i % 2 == 0 { &mut pa } else { &mut pb };
+        let ack = publish(bus, &channel, "tick", json!({ "i": i })).await;
+        assert_eq!(ack.offset, i + 1, "{ack:?}");
+    }
+    let mut epoch = None;
+    for ws in [&mut c1, &mut c2] {
+        let got = events(ws, 40).await;
+        assert_eq!(offsets(&got), (1..=40).collect::<Vec<_>>());
+        assert!(got.iter().enumerate().all(|(i, e)| e["data"]["i"] == i as u64));
+        let epochs: std::collections::BTreeSet<_> =
+            got.iter().map(|e| e["epoch"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(epochs.len(), 1, "{epochs:?}");
+        epoch = epochs.into_iter().next();
+    }
+    let epoch = epoch.unwrap();
+
+    // History from either node.
+    for bus in [&mut pa, &mut pb] {
+        let request = pb::HistoryRequest { channel: channel.clone(), limit: 100, ..Default::default() };
+        let history = bus.history(request).await.unwrap().into_inner();
+        assert_eq!(history.events.iter().map(|e| e.offset).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+        assert_eq!(history.position.unwrap(), pb::StreamPosition { offset: 40, epoch: epoch.clone() });
+    }
+
+    // Recovery on the other gateway.
+    let mut c3 = client_of(&g2).await;
+    c3.send(json!({"type": "subscribe", "channel": channel, "since": {"offset": 25, "epoch": epoch}})).await;
+    let subscribed = c3.expect("subscribed").await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    assert_eq!(offsets(&events(&mut c3, 15).await), (26..=40).collect::<Vec<_>>());
+
+    // An idempotency key is known to every node.
+    let first = publish_keyed(&mut pa, &channel, "order-7").await;
+    let again = publish_keyed(&mut pb, &channel, "order-7").await;
+    assert_eq!((first.offset, first.duplicate), (41, false));
+    assert_eq!((again.offset, again.duplicate, again.event_id.as_str()), (41, true, first.event_id.as_str()));
+    for ws in [&mut c1, &mut c2, &mut c3] {
+        assert_eq!(offsets(&events(ws, 1).await), [41]);
+    }
+
+    // g1 is linked to `a`: killed, g1 fails over to `b` and its client sees no gap.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    for i in 0..5 {
+        publish(&mut pb, &channel, "after", json!({ "i": i })).await;
+    }
+    for ws in [&mut c1, &mut c2] {
+        assert_eq!(offsets(&events(ws, 5).await), (42..=46).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn a_channel_lost_by_redis_closes_its_subscribers_with_4004() {
+    let redis = redis_url();
+    let channel = unique("task");
+    let bus = bus_node(&redis);
+    let gateway = gateway_node(&[&bus]);
+    let mut ws = client_of(&gateway).await;
+    ws.subscribe(&channel).await;
+    let mut client = bus_of(&bus).await;
+    for i in 0..3 {
+        publish(&mut client, &channel, "tick", json!(i)).await;
+    }
+    let got = events(&mut ws, 3).await;
+    let epoch = got[0]["epoch"].as_str().unwrap().to_owned();
+
+    // As if Redis were flushed: the channel starts again, in a new epoch.
+    let deleted = Command::new("redis-cli")
+        .args(["-u", &redis, "DEL", &format!("sb:{{{channel}}}:m"), &format!("sb:{{{channel}}}:s")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&deleted.stdout).trim(), "2");
+    let ack = publish(&mut client, &channel, "tick", json!(3)).await;
+    assert_ne!(ack.epoch, epoch);
+    let (closed, _) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004));
+
+    // Coming back with its old position, it is told to reload its state.
+    let mut ws = client_of(&gateway).await;
+    ws.send(json!({"type": "subscribe", "channel": channel, "since": {"offset": 3, "epoch": epoch}})).await;
+    let subscribed = ws.expect("subscribed").await;
+    assert_eq!(subscribed["recovered"], false, "{subscribed}");
+}
+
+/// A `redis-server` of this test's own on `port`, keeping its data in `dir`.
+fn redis_server(port: u16, dir: &std::path::Path) -> Child {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test]
+async fn redis_restarts_under_subscribed_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut redis = redis_server(port, dir.path());
+    let channel = unique("task");
+    let bus = bus_node(&url);
+    let gateway = gateway_node(&[&bus]);
+    let mut ws = client_of(&gateway).await;
+    ws.subscribe(&channel).await;
+    let mut client = bus_of(&bus).await;
+    publish(&mut client, &channel, "tick", json!(1)).await;
+    assert_eq!(offsets(&events(&mut ws, 1).await), [1]);
+
+    // Restarted with its data: the client goes on, with no gap.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    redis = redis_server(port, dir.path());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ack = loop {
+        let request = pb::PublishRequest {
+            channel: channel.clone(),
+            event: "tick".into(),
+            data: b"2".to_vec().into(),
+            idempotency_key: "after-restart".into(),
+            ..Default::default()
+        };
+        match client.publish(request).await {
+            Ok(ack) => break ack.into_inner(),
+            Err(status) => assert!(tokio::time::Instant::now() < deadline, "publish after restart: {status}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ack.offset, 2);
+    assert_eq!(offsets(&events(&mut ws, 1).await), [2]);
+
+    // Restarted empty: the client is told it cannot go on.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
+    }
+    redis = redis_server(port, dir.path());
+    let (closed, _) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004));
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+}
