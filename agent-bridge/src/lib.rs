@@ -3,11 +3,13 @@
 //!
 //! # Layout
 //! - `runs`: the core: one run per thread, cancellation, deadlines, events
-//!   numbered and published to the thread's channel, commands.
+//!   numbered and published to the thread's channel, commands (its own
+//!   `# Layout` lists its parts).
 //! - `agui`: AG-UI ordering rules and the repair of a broken run.
 //! - `echo`: the built-in `echo` agent.
 //! - `threads`: durable thread storage (redb).
-//! - `service`: the tonic service; the only module that sees proto types.
+//! - `service`: the tonic service; with `runs::bus` (bus messages), the only
+//!   modules that build or read proto messages.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -34,6 +34,8 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["up"], &[("SWITCHBOARD_AUTH__EXPIRY_GRACE", "forever")], "auth.expiry_grace"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__BACKEND", "floppy")], "eventbus.backend"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__FSYNC", "sometimes")], "eventbus.fsync"),
+        (&["up", "--backend", "redis"], &[], "eventbus.redis_url"),
+        (&["up"], &[("SWITCHBOARD_GATEWAY__EVENTBUS_URL", ",")], "eventbus_url"),
         (&["up"], &[("SWITCHBOARD_EVENTBUS__CACHE_BYTES", "64 parsecs")], "eventbus.cache_bytes"),
         // A variable of the settings' form with an unknown key names itself (SPEC §8).
         (&["up"], &[("SWITCHBOARD_GATEWAY__LISTN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAY__LISTN"),

@@ -1,0 +1,241 @@
+//! Runs the services of a `Plan`: binds their listeners, serves them, and
+//! stops them in order (SPEC §11) within the grace period.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Role, plan::Plan};
+
+impl Plan {
+    pub(crate) async fn run(mut self) -> ExitCode {
+        let stop = CancellationToken::new();
+        let bus_stop = CancellationToken::new();
+        tokio::spawn(signal(stop.clone()));
+        let runs_bus = matches!(self.role, Role::Up | Role::Eventbus);
+        let runs_gateway = matches!(self.role, Role::Up | Role::Gateway);
+        let runs_bridge = matches!(self.role, Role::Up | Role::AgentBridge);
+        let mut bus_listener = None;
+        let mut gateway_listener = None;
+        let mut bridge_listener = None;
+        if runs_bus {
+            match bind(self.eventbus_listen, "eventbus.listen").await {
+                Ok(l) => bus_listener = Some(l),
+                Err(code) => return code,
+            }
+        }
+        if runs_gateway {
+            match bind(self.gateway_listen, "gateway.listen").await {
+                Ok(l) => gateway_listener = Some(l),
+                Err(code) => return code,
+            }
+        }
+        if runs_bridge {
+            match bind(self.bridge_listen, "agent_bridge.listen").await {
+                Ok(l) => bridge_listener = Some(l),
+                Err(code) => return code,
+            }
+        }
+        let mut bus_task = None;
+        if let Some(listener) = bus_listener {
+            let bus_addr = listener.local_addr().ok();
+            if let (true, Some(a)) = (self.local_bus, bus_addr) {
+                self.gateway.eventbus_urls = vec![format!("http://{a}")];
+            }
+            if let (true, Some(a)) = (self.local_bridge_bus, bus_addr) {
+                self.bridge.eventbus_url = Some(format!("http://{a}"));
+            }
+            let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    eprintln!("error: cannot open the event bus store: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!(
+                "eventbus  grpc://{}  (backend {}, epoch {})",
+                bus_addr.map(|a| a.to_string()).unwrap_or_default(),
+                bus.backend(),
+                bus.epoch().unwrap_or("per channel")
+            );
+            if let Some(addr) = self.bus_metrics_listen {
+                match bind(addr, "eventbus.metrics_listen").await {
+                    Ok(l) => {
+                        println!(
+                            "metrics   http://{}/metrics  (eventbus)",
+                            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                        );
+                        tokio::spawn(switchboard_eventbus::serve_metrics(
+                            bus.clone(),
+                            l,
+                            stop.clone().cancelled_owned(),
+                        ));
+                    }
+                    Err(code) => return code,
+                }
+            }
+            // The bus stops last: runs publish their last events to it.
+            let token = bus_stop.clone();
+            bus_task = Some(tokio::spawn(async move {
+                let r = switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
+                handle.stop().await;
+                r.map_err(|e| e.to_string())
+            }));
+        }
+        let mut bridge_task = None;
+        if let Some(listener) = bridge_listener {
+            let bridge_addr = listener.local_addr().ok();
+            if let (true, Some(a)) = (self.local_bridge, bridge_addr) {
+                self.gateway.agent_bridge_url = Some(format!("http://{a}"));
+            }
+            let bridge = match switchboard_agent_bridge::open(self.bridge.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: cannot open the agent bridge: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let agents: Vec<String> = bridge.agents().into_iter().map(|a| a.0).collect();
+            println!(
+                "bridge    grpc://{}  (agents: {})",
+                bridge_addr.map(|a| a.to_string()).unwrap_or_default(),
+                agents.join(", ")
+            );
+            if let Some(addr) = self.bridge_metrics_listen {
+                match bind(addr, "agent_bridge.metrics_listen").await {
+                    Ok(l) => {
+                        println!(
+                            "metrics   http://{}/metrics  (agent bridge)",
+                            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                        );
+                        tokio::spawn(switchboard_agent_bridge::serve_metrics(
+                            bridge.clone(),
+                            l,
+                            stop.clone().cancelled_owned(),
+                        ));
+                    }
+                    Err(code) => return code,
+                }
+            }
+            let token = stop.clone();
+            let key = self.bridge.api_key.clone();
+            bridge_task = Some(tokio::spawn(async move {
+                switchboard_agent_bridge::serve_bridge(bridge, key, listener, token.cancelled_owned())
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+        }
+        let mut gateway_task = None;
+        if let Some(listener) = gateway_listener {
+            if let Ok(a) = listener.local_addr() {
+                println!("gateway   ws://{a}/ws/connect");
+                println!("          http://{a}/api/ws/info");
+            }
+            let token = stop.clone();
+            let config = self.gateway.clone();
+            gateway_task = Some(tokio::spawn(async move {
+                switchboard_gateway::serve(config, listener, token.cancelled_owned()).await.map_err(|e| e.to_string())
+            }));
+        }
+        if let (true, Some(key)) = (self.admin_key_generated, &self.gateway.admin_key) {
+            println!("admin key {key}  (generated; set auth.admin_key to keep one)");
+        }
+        if let (true, Some(token)) = (runs_gateway, &self.dev_token) {
+            println!("token     {token}  (user \"dev\", 24 h; signed with a generated auth.hs256_secret)");
+        }
+        println!("mode      {}", if self.dev { "dev: anonymous connections allowed" } else { "production" });
+        // Shutdown, in order (SPEC §11): the gateway and the bridge stop runs
+        // and deliver their ends, the gateway's sessions say goodbye, and the
+        // bus, which they publish to, stops last. Each service bounds its own
+        // shutdown by the grace period; past it (and a second for the bus)
+        // what still runs is dropped, so the process always exits in time.
+        let grace = self.gateway.shutdown_grace;
+        let overdue = CancellationToken::new();
+        let bus_overdue = CancellationToken::new();
+        let (stopped, late, bus_late) = (stop.clone(), overdue.clone(), bus_overdue.clone());
+        tokio::spawn(async move {
+            stopped.cancelled().await;
+            tokio::time::sleep(grace + Duration::from_millis(500)).await;
+            late.cancel();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            bus_late.cancel();
+        });
+        let mut ok = true;
+        for task in [gateway_task, bridge_task].into_iter().flatten() {
+            ok &= finish(task, &stop, &overdue).await;
+        }
+        // The others are done (they end only once stopped, or by failing,
+        // which stops everything), or there were none: the bus stops with
+        // the signal.
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            bus_stop.cancel();
+        });
+        if let Some(task) = bus_task {
+            ok &= finish(task, &stop, &bus_overdue).await;
+        }
+        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    }
+}
+
+/// Waits for a service to end; one that fails stops the others, and one
+/// still running once `overdue` is cancelled is dropped. Returns false on failure.
+async fn finish(
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    stop: &CancellationToken,
+    overdue: &CancellationToken,
+) -> bool {
+    let abort = task.abort_handle();
+    let result = tokio::select! {
+        r = task => r,
+        _ = overdue.cancelled() => {
+            abort.abort();
+            eprintln!("warning: a service did not stop within the grace period");
+            return true;
+        }
+    };
+    match result {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            stop.cancel();
+            false
+        }
+        Err(e) => {
+            eprintln!("error: service task failed: {e}");
+            stop.cancel();
+            false
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("error: cannot listen on {addr} ({key}): {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    stop.cancel();
+}
