@@ -121,12 +121,30 @@ struct Wire<'a> {
     d: &'a RawValue,
 }
 
+/// Writes `Wire` around the event's data, which `Bus::check` has found to
+/// be JSON: spliced in, not parsed again.
 fn encode(id: &str, event: &NewEvent, timestamp_ms: i64) -> Result<String, BusError> {
-    // `check` has parsed the data as JSON already.
-    let text = std::str::from_utf8(&event.data).map_err(|e| BusError::InvalidJson(e.to_string()))?;
-    let d: &RawValue = serde_json::from_str(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
-    let wire = Wire { i: id.into(), n: event.name.as_str().into(), t: timestamp_ms, m: event.meta.clone(), d };
-    serde_json::to_string(&wire).map_err(|e| BusError::InvalidArgument(e.to_string()))
+    let data = std::str::from_utf8(&event.data).map_err(|e| BusError::InvalidJson(e.to_string()))?;
+    let mut out = String::with_capacity(data.len() + event.name.len() + 80);
+    out.push_str("{\"i\":");
+    out.push_str(&json(id));
+    out.push_str(",\"n\":");
+    out.push_str(&json(&event.name));
+    out.push_str(",\"t\":");
+    out.push_str(&timestamp_ms.to_string());
+    if !event.meta.is_empty() {
+        out.push_str(",\"m\":");
+        out.push_str(&json(&event.meta));
+    }
+    out.push_str(",\"d\":");
+    out.push_str(data);
+    out.push('}');
+    Ok(out)
+}
+
+/// The JSON text of strings and string pairs, which cannot fail.
+fn json<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("strings serialize")
 }
 
 fn decode(channel: &Arc<str>, offset: u64, epoch: &Arc<str>, text: &[u8]) -> Option<Event> {
@@ -181,8 +199,9 @@ struct Inner {
     /// The bus's configuration, for history bounds.
     config: Config,
     conn: ConnectionManager,
-    publish: mpsc::Sender<(NewEvent, Reply)>,
+    publish: mpsc::Sender<Call>,
     control: mpsc::UnboundedSender<Control>,
+    publish_script: redis::Script,
     position: redis::Script,
 }
 
@@ -216,7 +235,8 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     let (publish, publish_rx) = mpsc::channel(8192);
     let (control, control_rx) = mpsc::unbounded_channel();
     let position = redis::Script::new(POSITION_LUA);
-    let inner = Inner { config: config.clone(), conn, publish, control, position };
+    let publish_script = redis::Script::new(PUBLISH_LUA);
+    let inner = Inner { config: config.clone(), conn, publish, control, publish_script, position };
     let redis = Redis { inner: Arc::new(inner) };
     let bus = Bus::with_engine(config, Engine::Redis(redis.clone()), Arc::from(""));
     let stop = CancellationToken::new();
@@ -234,7 +254,8 @@ impl Redis {
 
     /// Queues an event for the publisher; `reply` gets its position.
     pub(crate) async fn publish(&self, event: NewEvent, reply: Reply) -> Result<(), BusError> {
-        self.inner.publish.send((event, reply)).await.map_err(|_| BusError::ShuttingDown)
+        let cmd = self.call(&event)?;
+        self.inner.publish.send(Call { cmd, reply }).await.map_err(|_| BusError::ShuttingDown)
     }
 
     /// Starts hearing a channel; `Bus::on_synced` follows.
@@ -404,26 +425,55 @@ fn meta_ttl(history_ttl: Duration) -> Duration {
     (history_ttl * 2).max(Duration::from_secs(2 * 24 * 3600))
 }
 
+/// A publish ready for Redis: its script call is built by the publishing
+/// task, so that the one publisher task only sends and answers.
+pub(crate) struct Call {
+    cmd: redis::Cmd,
+    reply: Reply,
+}
+
+impl Redis {
+    fn call(&self, event: &NewEvent) -> Result<redis::Cmd, BusError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let encoded = encode(&id, event, now_ms())?;
+        let policy = self.inner.config.history_of(&event.channel);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.inner.publish_script.get_hash());
+        let keys = if event.idempotency_key.is_some() { 3 } else { 2 };
+        cmd.arg(keys).arg(meta_key(&event.channel)).arg(stream_key(&event.channel));
+        if let Some(key) = &event.idempotency_key {
+            cmd.arg(idempotency_key(&event.channel, key));
+        }
+        cmd.arg(new_epoch())
+            .arg(id)
+            .arg(encoded)
+            .arg(policy.size.max(1))
+            .arg(ms(policy.ttl))
+            .arg(ms(meta_ttl(policy.ttl)))
+            .arg(ms(IDEMPOTENCY_WINDOW))
+            .arg(pubsub_channel(&event.channel));
+        Ok(cmd)
+    }
+}
+
 /// Sends queued publishes to Redis, everything queued at once in one
 /// pipeline, in queue order (so in the order they were submitted).
-async fn publisher(
-    bus: Bus,
-    mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<(NewEvent, Reply)>,
-    stop: CancellationToken,
-) {
-    let script = redis::Script::new(PUBLISH_LUA);
+async fn publisher(bus: Bus, mut conn: ConnectionManager, mut rx: mpsc::Receiver<Call>, stop: CancellationToken) {
+    let Engine::Redis(redis) = &bus.shared.engine else {
+        return;
+    };
+    let script = &redis.inner.publish_script;
     let mut queued = Vec::with_capacity(MAX_PIPELINE);
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut queued, MAX_PIPELINE) => n,
             _ = stop.cancelled() => {
                 // What was submitted before the stop is still published.
-                while let Ok(request) = rx.try_recv() {
-                    queued.push(request);
+                while let Ok(call) = rx.try_recv() {
+                    queued.push(call);
                 }
                 if !queued.is_empty() {
-                    publish_all(&bus, &mut conn, &script, std::mem::take(&mut queued)).await;
+                    publish_all(&bus, &mut conn, script, std::mem::take(&mut queued)).await;
                 }
                 return;
             }
@@ -431,28 +481,11 @@ async fn publisher(
         if n == 0 {
             return;
         }
-        publish_all(&bus, &mut conn, &script, std::mem::take(&mut queued)).await;
+        publish_all(&bus, &mut conn, script, std::mem::take(&mut queued)).await;
     }
 }
 
-async fn publish_all(
-    bus: &Bus,
-    conn: &mut ConnectionManager,
-    script: &redis::Script,
-    requests: Vec<(NewEvent, Reply)>,
-) {
-    let config = bus.config();
-    let now = now_ms();
-    let mut calls = Vec::with_capacity(requests.len());
-    for (event, reply) in requests {
-        let id = uuid::Uuid::now_v7().to_string();
-        match encode(&id, &event, now) {
-            Ok(encoded) => calls.push((event, reply, id, encoded)),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
+async fn publish_all(bus: &Bus, conn: &mut ConnectionManager, script: &redis::Script, mut calls: Vec<Call>) {
     // Twice at most: a Redis that restarted has forgotten the script, and
     // the calls it refused for that have not run.
     for attempt in 0..2 {
@@ -461,49 +494,31 @@ async fn publish_all(
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for (event, _, id, encoded) in &calls {
-            let policy = config.history_of(&event.channel);
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(script.get_hash());
-            let keys = if event.idempotency_key.is_some() { 3 } else { 2 };
-            cmd.arg(keys).arg(meta_key(&event.channel)).arg(stream_key(&event.channel));
-            if let Some(key) = &event.idempotency_key {
-                cmd.arg(idempotency_key(&event.channel, key));
-            }
-            cmd.arg(new_epoch())
-                .arg(id)
-                .arg(encoded)
-                .arg(policy.size.max(1))
-                .arg(ms(policy.ttl))
-                .arg(ms(meta_ttl(policy.ttl)))
-                .arg(ms(IDEMPOTENCY_WINDOW))
-                .arg(pubsub_channel(&event.channel));
-            pipe.add_command(cmd);
+        for call in &calls {
+            pipe.add_command(call.cmd.clone());
         }
         let results: Vec<redis::RedisResult<(u8, u64, String, String)>> = match pipe.query_async(conn).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::error!(cause = %e, "redis publish failed");
-                for (_, reply, _, _) in calls {
-                    let _ = reply.send(Err(redis_error(e.clone())));
+                for call in calls {
+                    let _ = call.reply.send(Err(redis_error(e.clone())));
                 }
                 return;
             }
         };
         let mut retry = Vec::new();
         let mut published = 0;
-        for ((event, reply, id, encoded), result) in calls.into_iter().zip(results) {
+        for (call, result) in calls.into_iter().zip(results) {
             match result {
                 Ok((duplicate, offset, epoch, event_id)) => {
                     published += u64::from(duplicate == 0);
                     let position = Position { offset, epoch: Arc::from(epoch) };
-                    let _ = reply.send(Ok(Published { event_id, position, duplicate: duplicate == 1 }));
+                    let _ = call.reply.send(Ok(Published { event_id, position, duplicate: duplicate == 1 }));
                 }
-                Err(e) if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    retry.push((event, reply, id, encoded));
-                }
+                Err(e) if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => retry.push(call),
                 Err(e) => {
-                    let _ = reply.send(Err(redis_error(e)));
+                    let _ = call.reply.send(Err(redis_error(e)));
                 }
             }
         }
