@@ -225,10 +225,15 @@ impl Bridge {
         let multitask = spec.multitask.clone();
         let Admitted { agent, input, thread_id, run_id } = self.admit(spec)?;
         let Claim { cancel, done } = self.claim(&thread_id, &run_id, &user, &multitask).await?;
-        // FIXME: a history that cannot be read leaves the thread taken, and
-        // runs waiting for it spinning; release it here as below.
-        let history = self.shared.threads.messages(&thread_id).map_err(|e| BridgeError::Internal(e.to_string()))?;
-        let input = match self.join_thread(input, history, &thread_id, &run_id, &user) {
+        // The thread is taken from here on: any refusal must give it back,
+        // or the runs waiting for it would wait forever.
+        let joined = self
+            .shared
+            .threads
+            .messages(&thread_id)
+            .map_err(|e| BridgeError::Internal(e.to_string()))
+            .and_then(|history| self.join_thread(input, history, &thread_id, &run_id, &user));
+        let input = match joined {
             Ok(input) => input,
             Err(e) => {
                 self.release(&thread_id, &run_id, &done);
