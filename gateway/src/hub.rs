@@ -772,3 +772,6 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
