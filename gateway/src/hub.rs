@@ -563,21 +563,26 @@ impl Hub {
 
     /// Completes a recovery with what history returned (or `None` when the
     /// bus could not be read).
+    ///
+    /// Only a listener that waits for a job (`fetching`) takes it, and every
+    /// check comes before the listener is touched: once its subscribe's id is
+    /// taken it must reach `Live`, or its `subscribed` would never be sent.
     pub fn finish_recovery(&self, job: &RecoveryJob, fetched: Option<Recovered>) {
         let mut inner = self.inner.lock().unwrap();
         let Some(ch) = inner.channels.get_mut(&job.channel) else {
             return;
         };
-        let current = ch.position.clone();
+        let Some(current) = ch.position.clone() else {
+            return;
+        };
         let Some(listener) = ch.listeners.get_mut(&job.connection) else {
             return;
         };
-        let Phase::Recovering { id, since, buffer, .. } = &mut listener.phase else {
+        let Phase::Recovering { id, since, buffer, fetching: true } = &mut listener.phase else {
             return;
         };
         let id = id.take();
         let buffer = std::mem::take(buffer);
-        let Some(current) = current else { return };
         let Some(fetched) = fetched else {
             listener.answer_earlier(&job.channel, &current);
             listener.queue.push(Utf8Bytes::from(protocol::error(

@@ -257,3 +257,31 @@ fn a_recovery_that_finds_the_bus_unavailable_answers_unavailable_and_goes_live()
     hub.on_events("a", &events(6..=6));
     assert_eq!(received(&queue), (lines(&["error 1 unavailable", "event 6"]), None));
 }
+
+#[test]
+fn a_recovery_job_that_is_not_the_listeners_own_leaves_it_to_be_answered() {
+    for relinked in [false, true] {
+        let (hub, _link) = hub();
+        let (conn, queue) = connect(&hub);
+        if relinked {
+            // The channel has a position, but the bus has not confirmed it again.
+            let (other, _) = connect(&hub);
+            hub.subscribe(other, "a", None, None).unwrap();
+            hub.on_joined("a", position(3, "e"), false);
+            hub.link_down();
+            hub.relink();
+        }
+        hub.subscribe(conn, "a", Some(since(3, "e")), Some(json!(1))).unwrap();
+        // A job the hub did not hand out to this listener must not take its
+        // subscribe's id, nor answer it before the bus confirms the channel.
+        let stale = RecoveryJob { connection: conn, channel: Arc::from("a"), since: since(3, "e") };
+        hub.finish_recovery(&stale, Some(Recovered { frames: vec![], position: position(3, "e") }));
+        assert_eq!(received(&queue), (vec![], None), "relinked: {relinked}");
+
+        let jobs = hub.on_joined("a", position(5, "e"), relinked);
+        assert_eq!(jobs, vec![stale], "relinked: {relinked}");
+        hub.finish_recovery(&jobs[0], Some(Recovered { frames: events(4..=5), position: position(5, "e") }));
+        let expected = ["subscribed 1 at 5 recovered=true missed=2", "event 4", "event 5"];
+        assert_eq!(received(&queue), (lines(&expected), None), "relinked: {relinked}");
+    }
+}
