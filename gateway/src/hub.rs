@@ -21,6 +21,7 @@ use std::{
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
+use switchboard_proto::error::ErrorCode;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -52,12 +53,12 @@ pub enum SubscribeError {
 }
 
 impl SubscribeError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SubscribeError::AlreadySubscribed => "already_subscribed",
-            SubscribeError::LimitExceeded => "limit_exceeded",
-            SubscribeError::Unavailable => "unavailable",
-            SubscribeError::UnknownConnection => "internal",
+            SubscribeError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+            SubscribeError::LimitExceeded => ErrorCode::LimitExceeded,
+            SubscribeError::Unavailable => ErrorCode::Unavailable,
+            SubscribeError::UnknownConnection => ErrorCode::Internal,
         }
     }
 }
@@ -586,7 +587,7 @@ impl Hub {
         let Some(fetched) = fetched else {
             listener.answer_earlier(&job.channel, &current);
             listener.queue.push(Utf8Bytes::from(protocol::error(
-                "unavailable",
+                ErrorCode::Unavailable.as_str(),
                 "the event bus is unavailable",
                 id.as_ref(),
             )));
