@@ -4,7 +4,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use switchboard_proto::auth::KeyCheck;
+use switchboard_proto::{auth::KeyCheck, error::ErrorCode};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
@@ -33,19 +33,13 @@ impl AgentBridgeService {
     }
 }
 
-/// Maps a bridge error to a status whose message starts with the error code,
-/// so that callers can tell `thread_busy` from `unknown_agent`.
+/// Maps a bridge error to a status that carries its code, so that callers
+/// can tell `thread_busy` from `unknown_agent`.
 fn status(e: BridgeError) -> Status {
-    let message = format!("{}: {e}", e.code());
-    match e {
-        BridgeError::UnknownAgent(_) => Status::not_found(message),
-        BridgeError::ThreadBusy(_) | BridgeError::Cancelled => Status::failed_precondition(message),
-        BridgeError::PermissionDenied(_) => Status::permission_denied(message),
-        BridgeError::InvalidInput(_) => Status::invalid_argument(message),
-        BridgeError::UnknownMethod(_) => Status::unimplemented(message),
-        BridgeError::Internal(_) => Status::internal(message),
-        BridgeError::Unavailable(_) => Status::unavailable(message),
-        BridgeError::Worker(..) => Status::aborted(message),
+    match e.error_code() {
+        Ok(code) => code.status(e.to_string()),
+        // A worker's own code means nothing to callers: the call failed.
+        Err(_) => Status::aborted(e.to_string()),
     }
 }
 
@@ -53,7 +47,7 @@ fn json_of(bytes: &[u8]) -> Result<serde_json::Value, Status> {
     if bytes.is_empty() {
         return Ok(serde_json::Value::Null);
     }
-    serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("invalid_frame: not JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| ErrorCode::InvalidFrame.status(format!("not JSON: {e}")))
 }
 
 pub fn with_key(
@@ -105,7 +99,7 @@ impl pb::agent_bridge_server::AgentBridge for AgentBridgeService {
         let stopped = match req.target {
             Some(Target::RunId(r)) => self.bridge.cancel(Some(&r), None, &caller),
             Some(Target::ThreadId(t)) => self.bridge.cancel(None, Some(&t), &caller),
-            None => return Err(Status::invalid_argument("invalid_frame: run_id or thread_id is required")),
+            None => return Err(ErrorCode::InvalidFrame.status("run_id or thread_id is required")),
         }
         .map_err(status)?;
         Ok(Response::new(pb::CancelResponse {

@@ -8,7 +8,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use switchboard_proto::agent::v1 as pb;
+use switchboard_proto::{agent::v1 as pb, error::ErrorCode};
 
 use crate::{
     Node,
@@ -20,29 +20,19 @@ use crate::{
 /// dev-mode convenience; their threads are shared among them.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// The error codes the bridge puts first in its status messages.
-const BRIDGE_CODES: &[&str] = &[
-    "unknown_agent",
-    "thread_busy",
-    "permission_denied",
-    "invalid_frame",
-    "unknown_method",
-    "unavailable",
-    "internal",
-];
-
-/// Maps a bridge status to an `error.code` and message.
-pub(crate) fn status_error(status: &tonic::Status) -> (String, String) {
-    if let Some((code, message)) = status.message().split_once(": ").filter(|(c, _)| BRIDGE_CODES.contains(c)) {
-        return (code.to_owned(), message.to_owned());
+/// Maps a bridge status to an `error.code` and message: the bridge's own
+/// message when it sent a code, which it writes for clients.
+pub(crate) fn status_error(status: &tonic::Status) -> (ErrorCode, String) {
+    if let Some(code) = ErrorCode::of_status(status) {
+        return (code, status.message().to_owned());
     }
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-            ("unavailable".into(), "the agent bridge is unavailable; try later".into())
+            (ErrorCode::Unavailable, "the agent bridge is unavailable; try later".into())
         }
         _ => {
             tracing::error!(%status, "agent bridge call failed");
-            ("internal".into(), "internal error".into())
+            (ErrorCode::Internal, "internal error".into())
         }
     }
 }
@@ -132,7 +122,7 @@ impl Context {
                 Ok(r) => r,
                 Err(status) => {
                     let (code, message) = status_error(&status);
-                    ctx.push(protocol::error(&code, &message, id.as_ref()));
+                    ctx.push(protocol::error(code.as_str(), &message, id.as_ref()));
                     return;
                 }
             };
@@ -172,7 +162,7 @@ impl Context {
                     Ok(None) => return,
                     Err(status) => {
                         let (code, message) = status_error(&status);
-                        ctx.push(protocol::error(&code, &message, id.as_ref()));
+                        ctx.push(protocol::error(code.as_str(), &message, id.as_ref()));
                         return;
                     }
                 }
@@ -211,7 +201,7 @@ impl Context {
                 }
                 Err(status) => {
                     let (code, message) = status_error(&status);
-                    protocol::error(&code, &message, id.as_ref())
+                    protocol::error(code.as_str(), &message, id.as_ref())
                 }
             };
             ctx.push(frame);
@@ -245,7 +235,7 @@ impl Context {
                 },
                 Err(status) => {
                     let (code, message) = status_error(&status);
-                    json!({ "error": { "code": code, "message": message } })
+                    json!({ "error": { "code": code.as_str(), "message": message } })
                 }
             };
             let mut body = body;

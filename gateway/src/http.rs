@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use switchboard_proto::eventbus::v1 as pb;
+use switchboard_proto::{error::ErrorCode, eventbus::v1 as pb};
 
 use crate::{
     Node,
@@ -88,13 +88,9 @@ impl ApiError {
 
     fn from_status(status: &tonic::Status) -> Self {
         let (code, message) = status_error(status);
-        let http = match code {
-            "invalid_frame" => StatusCode::BAD_REQUEST,
-            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let code = if code == "invalid_frame" { "invalid_request" } else { code };
-        ApiError::new(http, code, message)
+        // What a frame calls `invalid_frame` is a bad request body here.
+        let name = if code == ErrorCode::InvalidFrame { "invalid_request" } else { code.as_str() };
+        ApiError::new(code.http_status(), name, message)
     }
 }
 
@@ -540,15 +536,8 @@ async fn agui(
         Ok(resp) => resp.into_inner(),
         Err(status) => {
             let (code, message) = crate::agent::status_error(&status);
-            let http = match code.as_str() {
-                "unknown_agent" => StatusCode::NOT_FOUND,
-                "thread_busy" => StatusCode::CONFLICT,
-                "permission_denied" => StatusCode::FORBIDDEN,
-                "invalid_frame" => StatusCode::BAD_REQUEST,
-                "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            return Err(ApiError { status: http, code: "agent_error", message: format!("{code}: {message}") });
+            let message = format!("{}: {message}", code.as_str());
+            return Err(ApiError { status: code.http_status(), code: "agent_error", message });
         }
     };
     let stream = events.filter_map(|item| async move {

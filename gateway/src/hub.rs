@@ -21,6 +21,7 @@ use std::{
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
+use switchboard_proto::error::ErrorCode;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -52,12 +53,12 @@ pub enum SubscribeError {
 }
 
 impl SubscribeError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SubscribeError::AlreadySubscribed => "already_subscribed",
-            SubscribeError::LimitExceeded => "limit_exceeded",
-            SubscribeError::Unavailable => "unavailable",
-            SubscribeError::UnknownConnection => "internal",
+            SubscribeError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+            SubscribeError::LimitExceeded => ErrorCode::LimitExceeded,
+            SubscribeError::Unavailable => ErrorCode::Unavailable,
+            SubscribeError::UnknownConnection => ErrorCode::Internal,
         }
     }
 }
@@ -563,25 +564,30 @@ impl Hub {
 
     /// Completes a recovery with what history returned (or `None` when the
     /// bus could not be read).
+    ///
+    /// Only a listener that waits for a job (`fetching`) takes it, and every
+    /// check comes before the listener is touched: once its subscribe's id is
+    /// taken it must reach `Live`, or its `subscribed` would never be sent.
     pub fn finish_recovery(&self, job: &RecoveryJob, fetched: Option<Recovered>) {
         let mut inner = self.inner.lock().unwrap();
         let Some(ch) = inner.channels.get_mut(&job.channel) else {
             return;
         };
-        let current = ch.position.clone();
+        let Some(current) = ch.position.clone() else {
+            return;
+        };
         let Some(listener) = ch.listeners.get_mut(&job.connection) else {
             return;
         };
-        let Phase::Recovering { id, since, buffer, .. } = &mut listener.phase else {
+        let Phase::Recovering { id, since, buffer, fetching: true } = &mut listener.phase else {
             return;
         };
         let id = id.take();
         let buffer = std::mem::take(buffer);
-        let Some(current) = current else { return };
         let Some(fetched) = fetched else {
             listener.answer_earlier(&job.channel, &current);
             listener.queue.push(Utf8Bytes::from(protocol::error(
-                "unavailable",
+                ErrorCode::Unavailable.as_str(),
                 "the event bus is unavailable",
                 id.as_ref(),
             )));
@@ -772,3 +778,6 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use switchboard_proto::eventbus::v1 as pb;
+use switchboard_proto::{error::ErrorCode, eventbus::v1 as pb};
 
 use crate::{
     Node, agent,
@@ -588,7 +588,7 @@ impl Session {
                 }
                 Err(status) => {
                     let (code, message) = status_error(&status);
-                    protocol::error(code, &message, id.as_ref())
+                    protocol::error(code.as_str(), &message, id.as_ref())
                 }
             };
             node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
@@ -619,7 +619,7 @@ fn subscribed_or_error(
                 SubscribeError::Unavailable => "the event bus is unavailable; try later".to_owned(),
                 SubscribeError::UnknownConnection => "connection is closing".to_owned(),
             };
-            queue.push(Utf8Bytes::from(protocol::error(e.code(), &message, id)));
+            queue.push(Utf8Bytes::from(protocol::error(e.code().as_str(), &message, id)));
         }
     }
 }
@@ -631,15 +631,15 @@ fn readable_by(channel: &str, user: Option<&str>) -> bool {
 }
 
 /// Maps a bus status to an `error.code` and a message safe to show.
-pub fn status_error(status: &tonic::Status) -> (&'static str, String) {
+pub fn status_error(status: &tonic::Status) -> (ErrorCode, String) {
     match status.code() {
-        tonic::Code::InvalidArgument => ("invalid_frame", status.message().to_owned()),
+        tonic::Code::InvalidArgument => (ErrorCode::InvalidFrame, status.message().to_owned()),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-            ("unavailable", "the event bus is unavailable; try later".to_owned())
+            (ErrorCode::Unavailable, "the event bus is unavailable; try later".to_owned())
         }
         _ => {
             tracing::error!(%status, "bus call failed");
-            ("internal", "internal error".to_owned())
+            (ErrorCode::Internal, "internal error".to_owned())
         }
     }
 }

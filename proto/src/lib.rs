@@ -1,12 +1,14 @@
 //! Generated gRPC types and services of Switchboard.
 //!
 //! Only this crate runs code generation. The types stop at each service's
-//! edge: domain code converts them with `From`/`TryFrom`.
+//! edge: domain code converts them with `From`/`TryFrom`. Alongside them,
+//! what both ends of a call must agree on: API keys, channel names, error codes.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod channel;
+pub mod error;
 pub mod metrics;
 
 /// `switchboard.eventbus.v1`: the event bus.

@@ -15,6 +15,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use switchboard_proto::error::ErrorCode;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -67,17 +68,25 @@ impl BridgeError {
         BridgeError::PermissionDenied(format!("thread {thread_id} belongs to another user"))
     }
 
-    pub fn code(&self) -> &str {
-        match self {
-            BridgeError::Unavailable(_) => "unavailable",
-            BridgeError::Worker(code, _) => code,
-            BridgeError::UnknownAgent(_) => "unknown_agent",
+    /// The error's code of SPEC §3.4, or a worker's own code outside it.
+    pub fn error_code(&self) -> Result<ErrorCode, &str> {
+        Ok(match self {
+            BridgeError::Worker(code, _) => return ErrorCode::from_name(code).ok_or(code),
+            BridgeError::Unavailable(_) => ErrorCode::Unavailable,
+            BridgeError::UnknownAgent(_) => ErrorCode::UnknownAgent,
             // The thread was busy, and the run waiting for it was stopped.
-            BridgeError::ThreadBusy(_) | BridgeError::Cancelled => "thread_busy",
-            BridgeError::PermissionDenied(_) => "permission_denied",
-            BridgeError::InvalidInput(_) => "invalid_frame",
-            BridgeError::UnknownMethod(_) => "unknown_method",
-            BridgeError::Internal(_) => "internal",
+            BridgeError::ThreadBusy(_) | BridgeError::Cancelled => ErrorCode::ThreadBusy,
+            BridgeError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            BridgeError::InvalidInput(_) => ErrorCode::InvalidFrame,
+            BridgeError::UnknownMethod(_) => ErrorCode::UnknownMethod,
+            BridgeError::Internal(_) => ErrorCode::Internal,
+        })
+    }
+
+    pub fn code(&self) -> &str {
+        match self.error_code() {
+            Ok(code) => code.as_str(),
+            Err(own) => own,
         }
     }
 }
