@@ -60,9 +60,9 @@ pub struct PublishArgs {
 
 #[derive(Args)]
 pub struct FanoutArgs {
-    /// The gateway's WebSocket endpoint.
-    #[arg(long, default_value = "ws://127.0.0.1:8000/ws/connect")]
-    ws: String,
+    /// The gateways' WebSocket endpoints, comma-separated: client i connects to the (i mod n)-th.
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws/connect", value_delimiter = ',')]
+    ws: Vec<String>,
     /// The event bus, for publishing.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     url: String,
@@ -289,7 +289,9 @@ async fn connect_one(
 }
 
 async fn fanout(args: FanoutArgs) -> Result<(), String> {
-    check_loopback(&args.ws)?;
+    for ws in &args.ws {
+        check_loopback(ws)?;
+    }
     check_loopback(&args.url)?;
     let channels = args.channels.max(1);
     let rss_before = args.server_pid.and_then(rss_kib);
@@ -306,7 +308,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     for i in 0..args.clients {
         let source =
             (args.source_addrs > 0).then(|| IpAddr::from([127, 0, 0, 1 + ((i / 20_000) as u8 % args.source_addrs)]));
-        let mut ws = match connect_one(&args.ws, source).await {
+        let mut ws = match connect_one(&args.ws[i % args.ws.len()], source).await {
             Ok(ws) => ws,
             Err(_) => {
                 connect_errors += 1;
