@@ -60,6 +60,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: crate::metrics::Metrics,
     subscriptions: AtomicU64,
     next_subscriber: AtomicU64,
+    next_join: AtomicU64,
 }
 
 /// Where events are numbered, kept and heard.
@@ -106,6 +107,8 @@ pub(crate) enum Feed {
 
 /// A subscriber not yet registered in `subscribers`.
 pub(crate) struct Joining {
+    /// This join's number: a replay answers only the join that started it.
+    seq: u64,
     subscriber: Subscriber,
     since: Option<Position>,
     /// While its replay is read: the live events heard meanwhile.
@@ -230,6 +233,7 @@ impl Bus {
                 metrics: crate::metrics::Metrics::new(),
                 subscriptions: AtomicU64::new(0),
                 next_subscriber: AtomicU64::new(1),
+                next_join: AtomicU64::new(1),
             }),
         }
     }
@@ -533,20 +537,31 @@ impl Subscription {
         }
         let (id, subscriber) = (self.id, self.subscriber.clone());
         let bus = self.bus.clone();
-        let (ch, replay) = bus.with_channel(channel, |ch, st| {
-            let replay = match st.feed {
-                Feed::Live => start_join(&bus, &ch.name, st, id, subscriber, since),
+        let shared_backend = matches!(bus.shared.engine, Engine::Redis(_));
+        let (ch, replay, resync) = bus.with_channel(channel, |ch, st| {
+            // A position past what this node has heard, in its epoch: this
+            // node lags behind the one the client (or a failed-over
+            // gateway) came from, so it catches up before answering.
+            let ahead = shared_backend
+                && since.as_ref().is_some_and(|s| *s.epoch == *st.epoch && s.offset > st.top)
+                && matches!(st.feed, Feed::Live);
+            let (replay, resync) = match st.feed {
+                Feed::Live if !ahead => (start_join(&bus, &ch.name, st, id, subscriber, since), None),
                 // Answered once the feed is synced.
-                Feed::Syncing { .. } => {
-                    st.joining.insert(id, Joining { subscriber, since, replaying: None });
-                    None
+                _ => {
+                    let seq = bus.shared.next_join.fetch_add(1, Ordering::Relaxed);
+                    st.joining.insert(id, Joining { seq, subscriber, since, replaying: None });
+                    (None, ahead.then(|| begin_sync(st, Vec::new())))
                 }
             };
-            (ch.clone(), replay)
+            (ch.clone(), replay, resync)
         });
         self.channels.insert(ch.name.clone(), ch.clone());
         if let Some(replay) = replay {
-            bus.replay(ch, replay);
+            bus.replay(ch.clone(), replay);
+        }
+        if let Some(generation) = resync {
+            bus.resync(ch, generation);
         }
     }
 
@@ -573,6 +588,7 @@ impl Subscription {
 /// A replay to read for a joining subscriber: the events after `after` up to `to`.
 pub(crate) struct Replay {
     id: u64,
+    seq: u64,
     after: u64,
     to: u64,
 }
@@ -598,8 +614,9 @@ fn start_join(
     });
     match since {
         Some(since) if recoverable && since.offset < st.top => {
-            let replay = Replay { id, after: since.offset, to: st.top };
-            st.joining.insert(id, Joining { subscriber, since: Some(since), replaying: Some(Vec::new()) });
+            let seq = shared.next_join.fetch_add(1, Ordering::Relaxed);
+            let replay = Replay { id, seq, after: since.offset, to: st.top };
+            st.joining.insert(id, Joining { seq, subscriber, since: Some(since), replaying: Some(Vec::new()) });
             Some(replay)
         }
         _ => {
@@ -611,6 +628,17 @@ fn start_join(
             None
         }
     }
+}
+
+/// Puts a channel's feed into `Syncing` (keeping what it heard) and returns
+/// the new sync's generation: only that sync's result will be taken.
+fn begin_sync(st: &mut ChannelState, heard: Vec<Event>) -> u64 {
+    match &mut st.feed {
+        Feed::Syncing { heard: held } => held.extend(heard),
+        Feed::Live => st.feed = Feed::Syncing { heard },
+    }
+    st.sync_generation += 1;
+    st.sync_generation
 }
 
 /// Hands events to a channel's subscribers, and to the ones replaying,
@@ -626,7 +654,8 @@ pub(crate) fn deliver_live(st: &mut ChannelState, events: Arc<[Event]>) {
 
 /// Whether `events` are exactly the offsets `after + 1 ..= to` of `epoch`, in order.
 fn contiguous(events: &[Event], epoch: &str, after: u64, to: u64) -> bool {
-    events.len() as u64 == to.saturating_sub(after)
+    to >= after
+        && events.len() as u64 == to - after
         && events.iter().zip(after + 1..).all(|(e, offset)| e.offset == offset && *e.epoch == *epoch)
 }
 
@@ -661,9 +690,10 @@ impl Bus {
     /// whole gap, `recovered: false` and nothing of it.
     fn on_replayed(&self, ch: &Arc<Channel>, replay: Replay, events: Result<Vec<Event>, BusError>) {
         let mut st = ch.state.lock().unwrap();
-        let Some(joining) = st.joining.remove(&replay.id) else {
-            return; // It left meanwhile.
-        };
+        if st.joining.get(&replay.id).is_none_or(|j| j.seq != replay.seq) {
+            return; // It left meanwhile (and may have joined again).
+        }
+        let joining = st.joining.remove(&replay.id).expect("checked");
         let events = events.unwrap_or_else(|e| {
             tracing::error!(cause = %e, channel = &*ch.name, "history read failed");
             Vec::new()
@@ -699,22 +729,31 @@ impl Bus {
             heard.extend(events);
             return;
         }
-        if let Some(rest) = self.apply_live(&ch.name, &mut st, events) {
-            st.feed = Feed::Syncing { heard: rest };
+        if let Some(rest) = self.apply_live(&ch.name, &mut st, events, false) {
+            let generation = begin_sync(&mut st, rest);
             drop(st);
-            self.resync(ch);
+            self.resync(ch, generation);
         }
     }
 
     /// Delivers the events that continue the channel; returns the rest from
-    /// the first that does not, when one does not.
-    fn apply_live(&self, channel: &str, st: &mut ChannelState, events: Vec<Event>) -> Option<Vec<Event>> {
+    /// the first that does not, when one does not. An offset already
+    /// delivered is skipped when `after_sync` (the sync read it too);
+    /// otherwise it is a sign that Redis lost writes and numbers them again,
+    /// and starts a resync, which finds out.
+    fn apply_live(
+        &self,
+        channel: &str,
+        st: &mut ChannelState,
+        events: Vec<Event>,
+        after_sync: bool,
+    ) -> Option<Vec<Event>> {
         let mut next = Vec::new();
         let mut events = events.into_iter();
         let mut rest = None;
         for e in events.by_ref() {
-            if *e.epoch == *st.epoch && e.offset <= st.top {
-                continue; // Heard twice (a resync read it too).
+            if after_sync && *e.epoch == *st.epoch && e.offset <= st.top {
+                continue;
             }
             if *e.epoch == *st.epoch && e.offset == st.top + 1 {
                 st.top = e.offset;
@@ -739,29 +778,31 @@ impl Bus {
     /// is read from the stream.
     pub(crate) fn resync_all(&self) {
         for ch in self.all_channels() {
-            {
-                let mut st = ch.state.lock().unwrap();
-                if matches!(st.feed, Feed::Live) {
-                    st.feed = Feed::Syncing { heard: Vec::new() };
-                }
-            }
-            self.resync(ch);
+            let generation = begin_sync(&mut ch.state.lock().unwrap(), Vec::new());
+            self.resync(ch, generation);
         }
     }
 
-    fn resync(&self, ch: Arc<Channel>) {
+    /// The Pub/Sub subscription of a channel is confirmed: it is synced from here.
+    pub(crate) fn listened(&self, channel: &str) {
+        if let Some(ch) = self.channel(channel) {
+            let generation = begin_sync(&mut ch.state.lock().unwrap(), Vec::new());
+            self.resync(ch, generation);
+        }
+    }
+
+    fn resync(&self, ch: Arc<Channel>, generation: u64) {
         if let Engine::Redis(redis) = &self.shared.engine {
-            redis.sync(self.clone(), ch);
+            redis.sync(self.clone(), ch, generation);
         }
     }
 
-    /// Starts a sync: returns its generation and the channel's position
-    /// before it, if it had one.
-    pub(crate) fn sync_start(&self, ch: &Channel) -> (u64, Option<Position>) {
-        let mut st = ch.state.lock().unwrap();
-        st.sync_generation += 1;
-        let had = (!st.epoch.is_empty()).then(|| Position { offset: st.top, epoch: st.epoch.clone() });
-        (st.sync_generation, had)
+    /// The channel's position before sync `generation`, if it had one; `None`
+    /// when a later sync has begun.
+    pub(crate) fn sync_position(&self, ch: &Channel, generation: u64) -> Option<Option<Position>> {
+        let st = ch.state.lock().unwrap();
+        (st.sync_generation == generation)
+            .then(|| (!st.epoch.is_empty()).then(|| Position { offset: st.top, epoch: st.epoch.clone() }))
     }
 
     /// A channel's feed is synced: its position is `position` and `fill`
@@ -806,10 +847,10 @@ impl Bus {
         }
         st.top = position.offset;
         st.epoch = position.epoch;
-        if let Some(rest) = self.apply_live(&ch.name, &mut st, heard) {
-            st.feed = Feed::Syncing { heard: rest };
+        if let Some(rest) = self.apply_live(&ch.name, &mut st, heard, true) {
+            let generation = begin_sync(&mut st, rest);
             drop(st);
-            self.resync(ch.clone());
+            self.resync(ch.clone(), generation);
             return;
         }
         let waiting: Vec<u64> = st.joining.iter().filter(|(_, j)| j.replaying.is_none()).map(|(id, _)| *id).collect();

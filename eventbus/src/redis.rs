@@ -57,8 +57,10 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
 end
-local top = redis.call('HINCRBY', KEYS[1], 'top', 1)
+-- Appended first: a refused append (a stream ahead of its meta) burns no offset.
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0') + 1
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], top .. '-1', 'e', ARGV[3])
+redis.call('HSET', KEYS[1], 'top', top)
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 if #KEYS == 3 then
@@ -83,8 +85,25 @@ end
 return {tonumber(redis.call('HGET', KEYS[1], 'top')), epoch}
 ";
 
+/// Starts a new epoch for a channel, unless another node did already.
+///
+/// KEYS: meta. ARGV: the epoch that lost events, the new one. Returns `{top, epoch}`.
+const ROTATE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'top')), redis.call('HGET', KEYS[1], 'epoch')}
+";
+
 /// Most publishes sent to Redis in one pipeline.
 const MAX_PIPELINE: usize = 1024;
+
+/// How long a command to Redis may take before it is failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the Pub/Sub connection is checked with a `PING`: a connection
+/// whose peer vanished without a reset would otherwise look open forever.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Most channels `Channels` lists (it scans the keyspace).
 const MAX_LISTED: usize = 10_000;
@@ -203,6 +222,7 @@ struct Inner {
     control: mpsc::UnboundedSender<Control>,
     publish_script: redis::Script,
     position: redis::Script,
+    rotate: redis::Script,
 }
 
 /// The engine's tasks, stopped by `BusHandle::stop`.
@@ -226,6 +246,9 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     let client = redis::Client::open(url).map_err(|e| unreachable(&e))?;
     let manager = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
+        // redis-rs's default of 500 ms would fail pipelines of large events
+        // that Redis still runs: acknowledged as failed, yet stored.
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_max_delay(Duration::from_secs(2));
     let conn = client.get_connection_manager_with_config(manager).await.map_err(|e| unreachable(&e))?;
     let pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
@@ -236,7 +259,8 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     let (control, control_rx) = mpsc::unbounded_channel();
     let position = redis::Script::new(POSITION_LUA);
     let publish_script = redis::Script::new(PUBLISH_LUA);
-    let inner = Inner { config: config.clone(), conn, publish, control, publish_script, position };
+    let rotate = redis::Script::new(ROTATE_LUA);
+    let inner = Inner { config: config.clone(), conn, publish, control, publish_script, position, rotate };
     let redis = Redis { inner: Arc::new(inner) };
     let bus = Bus::with_engine(config, Engine::Redis(redis.clone()), Arc::from(""));
     let stop = CancellationToken::new();
@@ -268,11 +292,11 @@ impl Redis {
         let _ = self.inner.control.send(Control::Unlisten(channel));
     }
 
-    /// Reads a channel's position and, when it had `had` in the same epoch,
-    /// the events after it; then hands both to `Bus::on_synced`. Retried
-    /// with backoff while Redis cannot be reached, until the channel is
-    /// forgotten or synced by a later call.
-    pub(crate) fn sync(&self, bus: Bus, ch: Arc<Channel>) {
+    /// Reads a channel's position and, when it had one in the same epoch,
+    /// the events after it; then hands both to `Bus::on_synced` as sync
+    /// `generation`. Retried with backoff while Redis cannot be reached,
+    /// until the channel is forgotten or a later sync has begun.
+    pub(crate) fn sync(&self, bus: Bus, ch: Arc<Channel>, generation: u64) {
         let redis = self.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
@@ -280,7 +304,9 @@ impl Redis {
                 if !bus.channel(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, &ch)) {
                     return;
                 }
-                let (generation, had) = bus.sync_start(&ch);
+                let Some(had) = bus.sync_position(&ch, generation) else {
+                    return; // A later sync took over.
+                };
                 match redis.position_and_fill(&ch.name, had).await {
                     Ok((position, fill)) => {
                         bus.on_synced(&ch, generation, position, fill);
@@ -312,40 +338,53 @@ impl Redis {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let position = Position { offset: top, epoch: Arc::from(epoch) };
+        let mut position = Position { offset: top, epoch: Arc::from(epoch) };
+        if let Some(had) = had.as_ref().filter(|had| *had.epoch == *position.epoch && top < had.offset) {
+            // Redis lost writes (a restart, a failover): the offsets after
+            // `top` were delivered once and must not be given again in this
+            // epoch. A new one starts, if no other node has started it yet.
+            tracing::warn!(channel = &**channel, top, delivered = had.offset, "Redis lost events; new epoch");
+            let (top, epoch): (u64, String) = self
+                .inner
+                .rotate
+                .key(meta_key(channel))
+                .arg(&*had.epoch)
+                .arg(new_epoch())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            position = Position { offset: top, epoch: Arc::from(epoch) };
+        }
         let fill = match had {
             Some(had) if *had.epoch == *position.epoch && had.offset < top => {
-                self.read(channel, &position.epoch, had.offset, top).await?
+                self.read(channel, had.offset, top).await?
             }
             _ => Vec::new(),
         };
         Ok((position, fill))
     }
 
-    /// Reads the events after `after` up to `to` (what a join replays),
-    /// leaving out those past their TTL.
+    /// Reads the events after `after` up to `to` (what a join replays).
     pub(crate) async fn range(self, channel: Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
+        self.read(&channel, after, to).await
+    }
+
+    /// Reads the events after `after` up to `to`, leaving out those past
+    /// their TTL, labelled with the epoch read in the same transaction: a
+    /// channel that started again meanwhile shows in their epoch.
+    async fn read(&self, channel: &Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
         let mut conn = self.inner.conn.clone();
-        let epoch: Option<String> = conn.hget(meta_key(&channel), "epoch").await.map_err(redis_error)?;
+        let count = to.saturating_sub(after);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("HGET").arg(meta_key(channel)).arg("epoch");
+        pipe.cmd("XRANGE").arg(stream_key(channel)).arg(format!("{}-0", after + 1)).arg(format!("{to}-1"));
+        pipe.arg("COUNT").arg(count);
+        type Reply = (Option<String>, Vec<(String, Vec<Vec<u8>>)>);
+        let (epoch, raw): Reply = pipe.query_async(&mut conn).await.map_err(redis_error)?;
         let Some(epoch) = epoch else {
             return Ok(Vec::new());
         };
-        self.read(&channel, &Arc::from(epoch), after, to).await
-    }
-
-    async fn read(&self, channel: &Arc<str>, epoch: &Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
-        let mut conn = self.inner.conn.clone();
-        let count = to.saturating_sub(after);
-        let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(stream_key(channel))
-            .arg(format!("{}-0", after + 1))
-            .arg(format!("{to}-1"))
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(self.decode_entries(channel, epoch, raw))
+        Ok(self.decode_entries(channel, &Arc::from(epoch), raw))
     }
 
     fn decode_entries(&self, channel: &Arc<str>, epoch: &Arc<str>, raw: Vec<(String, Vec<Vec<u8>>)>) -> Vec<Event> {
@@ -542,30 +581,43 @@ async fn feed(
     mut control: mpsc::UnboundedReceiver<Control>,
     stop: CancellationToken,
 ) {
-    let Engine::Redis(redis) = &bus.shared.engine else {
-        return;
-    };
     let mut listening: HashSet<Arc<str>> = HashSet::new();
     let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut lost = false;
     loop {
+        if lost {
+            tracing::warn!("lost the Redis Pub/Sub connection; reconnecting");
+            let Some((new_sink, new_messages)) = reconnect(&client, &listening, &stop).await else {
+                return;
+            };
+            (sink, messages) = (new_sink, new_messages);
+            lost = false;
+            bus.resync_all();
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<String>()).await;
+                lost = !matches!(pong, Ok(Ok(_)));
+            }
             command = control.recv() => match command {
                 Some(Control::Listen(channel)) => {
                     listening.insert(channel.clone());
-                    // Heard from the confirmation on; a failure means the
-                    // connection is lost, and the reconnect resyncs.
-                    if sink.subscribe(pubsub_channel(&channel)).await.is_ok()
-                        && let Some(ch) = bus.channel(&channel)
-                    {
-                        redis.sync(bus.clone(), ch);
+                    // Heard from the confirmation on, then synced (again, if
+                    // a reconnect synced it before it was subscribed).
+                    let subscribed = tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(pubsub_channel(&channel))).await;
+                    match subscribed {
+                        Ok(Ok(())) => bus.listened(&channel),
+                        _ => lost = true,
                     }
                 }
                 Some(Control::Unlisten(channel)) => {
                     // A channel listened to again since is listened to still.
                     if bus.channel(&channel).is_none() {
                         listening.remove(&channel);
-                        let _ = sink.unsubscribe(pubsub_channel(&channel)).await;
+                        let unsubscribed = tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(pubsub_channel(&channel))).await;
+                        lost = !matches!(unsubscribed, Ok(Ok(())));
                     }
                 }
                 None => return,
@@ -579,14 +631,7 @@ async fn feed(
                         None => tracing::error!(channel = name, "undecodable event on the live feed"),
                     }
                 }
-                None => {
-                    tracing::warn!("lost the Redis Pub/Sub connection; reconnecting");
-                    let Some((new_sink, new_messages)) = reconnect(&client, &listening, &stop).await else {
-                        return;
-                    };
-                    (sink, messages) = (new_sink, new_messages);
-                    bus.resync_all();
-                }
+                None => lost = true,
             },
         }
     }

@@ -178,6 +178,35 @@ async fn a_channel_lost_by_redis_closes_its_subscribers_with_4004() {
     assert_eq!(subscribed["recovered"], false, "{subscribed}");
 }
 
+#[tokio::test]
+async fn offsets_redis_forgot_are_not_given_again_in_the_same_epoch() {
+    let redis = redis_url();
+    let channel = unique("task");
+    let bus = bus_node(&redis);
+    let gateway = gateway_node(&[&bus]);
+    let mut ws = client_of(&gateway).await;
+    ws.subscribe(&channel).await;
+    let mut client = bus_of(&bus).await;
+    for i in 0..3 {
+        publish(&mut client, &channel, "tick", json!(i)).await;
+    }
+    let epoch = events(&mut ws, 3).await[0]["epoch"].as_str().unwrap().to_owned();
+
+    // As if a failover lost the last two writes: Redis numbers the next event 2 again.
+    let lose = "local first = redis.call('XRANGE', KEYS[2], '1-0', '1-1'); redis.call('DEL', KEYS[2]); \
+                redis.call('XADD', KEYS[2], '1-1', 'e', first[1][2][2]); return redis.call('HSET', KEYS[1], 'top', 1)";
+    let (meta, stream) = (format!("sb:{{{channel}}}:m"), format!("sb:{{{channel}}}:s"));
+    let lost = Command::new("redis-cli").args(["-u", &redis, "EVAL", lose, "2", &meta, &stream]).output().unwrap();
+    assert!(lost.status.success() && !String::from_utf8_lossy(&lost.stdout).contains("ERR"), "{lost:?}");
+    let again = publish(&mut client, &channel, "tick", json!("again")).await;
+    assert_eq!((again.offset, again.epoch.as_str()), (2, epoch.as_str()));
+    // The node notices, starts a new epoch, and the client is told.
+    let (closed, frames) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004), "{frames:?}");
+    let next = publish(&mut client, &channel, "tick", json!("next")).await;
+    assert_ne!(next.epoch, epoch);
+}
+
 /// A `redis-server` of this test's own on `port`, keeping its data in `dir`.
 fn redis_server(port: u16, dir: &std::path::Path) -> Child {
     let child = Command::new("redis-server")
