@@ -7,13 +7,15 @@
 //! hyper closes a connection whose headers are not complete within
 //! `limits.header_timeout`; connections still in their HTTP phase are
 //! counted (`Pending`). When the limit is reached, the oldest connection
-//! still in its HTTP phase is closed to make room: a client that completes
-//! its request in time is served while thousands of sockets sit half-sent.
+//! that has not sent a whole request yet is closed to make room: a client
+//! that completes its request in time is served while thousands of sockets
+//! sit half-sent. A connection that has sent one is never evicted (an
+//! HTTP/2 connection carries its WebSocket sessions for its whole life).
 //! Only when sessions alone fill the node is a connection answered 503 at
 //! once, without reading anything.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -39,12 +41,16 @@ pub struct Pending {
 #[derive(Debug, Default)]
 struct PendingInner {
     next: u64,
-    open: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Those that have not sent a whole request yet, with what closes them.
+    evictable: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Those that have.
+    requested: HashSet<u64>,
 }
 
 impl Pending {
     pub fn count(&self) -> usize {
-        self.inner.lock().expect("pending lock").open.len()
+        let inner = self.inner.lock().expect("pending lock");
+        inner.evictable.len() + inner.requested.len()
     }
 
     /// Registers a connection; the receiver fires when it is evicted.
@@ -53,14 +59,22 @@ impl Pending {
         let mut inner = self.inner.lock().expect("pending lock");
         let id = inner.next;
         inner.next += 1;
-        inner.open.insert(id, tx);
+        inner.evictable.insert(id, tx);
         (PendingGuard { pending: self.clone(), id }, rx)
     }
 
-    /// Closes the oldest pending connection; false when there is none. It
-    /// stops counting at once, before its task has run.
+    /// A connection sent a whole request: it is no longer evicted.
+    fn requested(&self, id: u64) {
+        let mut inner = self.inner.lock().expect("pending lock");
+        if inner.evictable.remove(&id).is_some() {
+            inner.requested.insert(id);
+        }
+    }
+
+    /// Closes the oldest connection that has sent no whole request; false
+    /// when there is none. It stops counting at once, before its task has run.
     fn evict_oldest(&self) -> bool {
-        let oldest = self.inner.lock().expect("pending lock").open.pop_first();
+        let oldest = self.inner.lock().expect("pending lock").evictable.pop_first();
         oldest.map(|(_, close)| close.send(())).is_some()
     }
 }
@@ -73,7 +87,30 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.pending.inner.lock().expect("pending lock").open.remove(&self.id);
+        let mut inner = self.pending.inner.lock().expect("pending lock");
+        if inner.evictable.remove(&self.id).is_none() {
+            inner.requested.remove(&self.id);
+        }
+    }
+}
+
+/// The router, telling `Pending` when a connection's first request is whole.
+struct MarkRequests {
+    inner: TowerToHyperService<Router>,
+    pending: Arc<Pending>,
+    id: u64,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for MarkRequests {
+    type Response =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Error;
+    type Future =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Future;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        self.pending.requested(self.id);
+        self.inner.call(request)
     }
 }
 
@@ -112,7 +149,9 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
             tracing::debug!(cause = %e, "cannot set TCP_NODELAY");
         }
         let (guard, evicted) = node.pending.enter();
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let service =
+            MarkRequests { inner: TowerToHyperService::new(app.clone()), pending: node.pending.clone(), id: guard.id };
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             tokio::select! {

@@ -29,6 +29,14 @@ async fn until_connections(gw: &GatewayServer, connections: u64, within: Duratio
     }
 }
 
+/// Sends a whole `GET /health` on a kept-alive connection; whether it was answered 200.
+async fn answered(tcp: &mut tokio::net::TcpStream) -> bool {
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
+}
+
 /// A socket that sends half a request and then waits.
 async fn slowloris(gw: &GatewayServer) -> tokio::net::TcpStream {
     let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -97,8 +105,12 @@ async fn connections_waiting_for_their_request_count_against_the_limit() {
         c.limits.header_timeout = Duration::from_secs(30);
     })
     .await;
+    // A connection that has sent a whole request is not evicted (an HTTP/2
+    // connection carries its sessions for its whole life; here, keep-alive).
+    let mut kept = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert!(answered(&mut kept).await);
     let mut sockets = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..4 {
         sockets.push(slowloris(&gw).await);
     }
     // At the limit, the oldest half-sent request makes room for a new one,
@@ -106,6 +118,8 @@ async fn connections_waiting_for_their_request_count_against_the_limit() {
     let (status, _) = http(gw.addr, "GET", "/health", None, None).await.unwrap();
     assert_eq!(status, 200);
     until_eof(&mut sockets[0], Duration::from_secs(5)).await;
+    assert!(answered(&mut kept).await, "the connection that had sent a request was kept");
+    drop(kept);
     let mut clients = Vec::new();
     for _ in 0..5 {
         let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
