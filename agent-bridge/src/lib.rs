@@ -185,5 +185,5 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    switchboard_proto::metrics::serve(listener, move || bridge.metrics().render(), shutdown).await
+    switchboard_metrics::serve(listener, move || bridge.metrics().render(), shutdown).await
 }

@@ -565,5 +565,5 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.metrics.pending_connections.set(node.pending.count() as i64);
     node.metrics.runtime_tasks.set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as i64);
-    ([(header::CONTENT_TYPE, switchboard_proto::metrics::CONTENT_TYPE)], node.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, switchboard_metrics::CONTENT_TYPE)], node.metrics.render()).into_response()
 }

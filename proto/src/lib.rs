@@ -9,7 +9,6 @@
 pub mod auth;
 pub mod channel;
 pub mod error;
-pub mod metrics;
 
 /// `switchboard.eventbus.v1`: the event bus.
 pub mod eventbus {
