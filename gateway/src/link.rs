@@ -17,15 +17,10 @@ use std::{
 };
 
 use axum::extract::ws::Utf8Bytes;
+use switchboard_proto::{auth::BearerKey, eventbus::v1 as pb};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
-
-use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
     hub::{BROADCAST_CHANNEL, Frame, Hub, LinkCommand, Recovered, RecoveryJob},
@@ -33,30 +28,15 @@ use crate::{
     protocol::{self, EventRef, Position},
 };
 
-pub use switchboard_proto::auth::BearerKey as ApiKey;
-
-pub type BusClient = pb::event_bus_client::EventBusClient<InterceptedService<Channel, ApiKey>>;
-
-/// A lazily connecting channel to `url` and the interceptor that sends `key`.
-///
-/// # Errors
-/// When the URL or key is malformed; `setting` names the URL's setting.
-pub fn endpoint(url: &str, key: Option<&str>, setting: &str) -> Result<(Channel, ApiKey), String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("{setting}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let key = ApiKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-    Ok((endpoint.connect_lazy(), key))
-}
+pub use switchboard_proto::client::{BridgeClient, BusClient};
 
 /// Builds a bus client that connects on first use.
 ///
 /// # Errors
 /// When the URL or key is malformed.
 pub fn client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
-    let (channel, key) = endpoint(url, key, "gateway.eventbus_url")?;
-    Ok(pb::event_bus_client::EventBusClient::with_interceptor(channel, key).max_decoding_message_size(64 * 1024 * 1024))
+    let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
+    switchboard_proto::client::bus(url, key).map_err(|e| format!("gateway.eventbus_url: {e}"))
 }
 
 /// The bus nodes this gateway may link to, and the one it uses: publishes
@@ -91,16 +71,13 @@ impl BusNodes {
     }
 }
 
-pub type BridgeClient =
-    switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient<InterceptedService<Channel, ApiKey>>;
-
 /// Builds an agent bridge client that connects on first use.
 ///
 /// # Errors
 /// When the URL or key is malformed.
 pub fn bridge_client(url: &str, key: Option<&str>) -> Result<BridgeClient, String> {
-    let (channel, key) = endpoint(url, key, "gateway.agent_bridge_url")?;
-    Ok(switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient::with_interceptor(channel, key))
+    let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
+    switchboard_proto::client::bridge(url, key).map_err(|e| format!("gateway.agent_bridge_url: {e}"))
 }
 
 fn join(channel: &str, since: Option<Position>) -> pb::SubscribeRequest {
