@@ -20,8 +20,10 @@ use crate::{
     Node,
     agent::ANONYMOUS,
     auth,
+    bridge::RunRequest,
     config::origin_allowed,
     disconnect::Disconnect,
+    error::CallError,
     hub::BROADCAST_CHANNEL,
     protocol::{self, Since},
     session::{self, Params, status_error},
@@ -508,9 +510,8 @@ async fn agui(
     Body(body): Body,
 ) -> ApiResult {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    use futures::StreamExt;
 
-    let Some(mut bridge) = node.bridge.clone() else {
+    let Some(bridge) = node.bridge.clone() else {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no agent bridge is configured"));
     };
     let token =
@@ -525,26 +526,26 @@ async fn agui(
         Ok(v @ Value::Object(_)) => v,
         _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "body must be a RunAgentInput object")),
     };
-    let request = switchboard_proto::agent::v1::RunRequest {
+    let request = RunRequest {
         agent,
         thread_id: input["threadId"].as_str().unwrap_or_default().to_owned(),
         input: body,
         user_id: user,
         multitask: String::new(),
     };
-    let events = match bridge.run(request).await {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => {
-            let (code, message) = crate::agent::status_error(&status);
+    let run = match bridge.run(request).await {
+        Ok(run) => run,
+        Err(CallError { code, message }) => {
             let message = format!("{}: {message}", code.as_str());
             return Err(ApiError { status: code.http_status(), code: "agent_error", message });
         }
     };
-    let stream = events.filter_map(|item| async move {
-        match item {
-            Ok(e) => Some(Ok::<_, std::convert::Infallible>(Event::default().data(e.json))),
-            Err(status) => {
-                tracing::warn!(%status, "agent stream ended with an error");
+    let stream = futures::stream::unfold(run, |mut run| async move {
+        match run.next().await {
+            Ok(Some(e)) => Some((Ok::<_, std::convert::Infallible>(Event::default().data(e.json)), run)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(message = %e.message, "agent stream ended with an error");
                 None
             }
         }

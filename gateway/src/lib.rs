@@ -6,6 +6,8 @@
 //!   shutdown machinery; `serve` runs one.
 //! - `hub`: which connection listens to which channel, and each channel's one
 //!   bus subscription; fan-out that writes each event frame once.
+//! - `bridge`: the agent bridge as the rest of the gateway calls it, in
+//!   domain terms; `error`: what a failed call tells the client.
 //! - `link`: the gRPC stream to the bus, with relinking and resubscription.
 //! - `session`: one connection's protocol state machine.
 //! - `queue`: the byte-bounded outbound queue of a connection.
@@ -29,8 +31,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub mod agent;
 pub mod auth;
+pub mod bridge;
 pub mod config;
 pub mod disconnect;
+pub mod error;
 mod http;
 pub mod hub;
 pub mod jwks;
@@ -49,7 +53,7 @@ pub struct Node {
     pub hub: Arc<hub::Hub>,
     pub bus: Arc<link::BusNodes>,
     /// The agent bridge, when configured.
-    pub bridge: Option<link::BridgeClient>,
+    pub bridge: Option<bridge::Bridge>,
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins: runs started here are cancelled (and
     /// their last events still delivered), and no new run starts.
@@ -92,7 +96,7 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bus = Arc::new(link::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
     let bridge = match &config.agent_bridge_url {
-        Some(url) => Some(link::bridge_client(url, config.admin_key.as_deref())?),
+        Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref())?),
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());

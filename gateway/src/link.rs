@@ -28,7 +28,7 @@ use crate::{
     protocol::{self, EventRef, Position},
 };
 
-pub use switchboard_proto::client::{BridgeClient, BusClient};
+pub use switchboard_proto::client::BusClient;
 
 /// Builds a bus client that connects on first use.
 ///
@@ -69,15 +69,6 @@ impl BusNodes {
             tracing::info!(node = now % self.clients.len(), "trying the next event bus node");
         }
     }
-}
-
-/// Builds an agent bridge client that connects on first use.
-///
-/// # Errors
-/// When the URL or key is malformed.
-pub fn bridge_client(url: &str, key: Option<&str>) -> Result<BridgeClient, String> {
-    let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-    switchboard_proto::client::bridge(url, key).map_err(|e| format!("gateway.agent_bridge_url: {e}"))
 }
 
 fn join(channel: &str, since: Option<Position>) -> pb::SubscribeRequest {
