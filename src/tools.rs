@@ -141,7 +141,7 @@ pub(crate) async fn tail(args: ClientArgs, channel: String, since: Option<String
             }
             Ok(Some(pb::SubscribeResponse { response: Some(R::Events(batch)) })) => {
                 for e in &batch.events {
-                    println!("{}", switchboard_gateway::link::frame(e).text.as_str());
+                    println!("{}", switchboard_gateway::protocol::event_frame(&switchboard_gateway::bus::event_ref(e)));
                 }
             }
             Ok(Some(_)) => {}

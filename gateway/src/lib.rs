@@ -6,8 +6,9 @@
 //!   shutdown machinery; `serve` runs one.
 //! - `hub`: which connection listens to which channel, and each channel's one
 //!   bus subscription; fan-out that writes each event frame once.
-//! - `bridge`: the agent bridge as the rest of the gateway calls it, in
-//!   domain terms; `error`: what a failed call tells the client.
+//! - `bus`, `bridge`: the event bus and the agent bridge as the rest of the
+//!   gateway calls them, in domain terms; `error`: what a failed call tells
+//!   the client.
 //! - `link`: the gRPC stream to the bus, with relinking and resubscription.
 //! - `session`: one connection's protocol state machine.
 //! - `queue`: the byte-bounded outbound queue of a connection.
@@ -32,6 +33,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub mod agent;
 pub mod auth;
 pub mod bridge;
+pub mod bus;
 pub mod config;
 pub mod disconnect;
 pub mod error;
@@ -51,7 +53,7 @@ pub use config::{Access, Config, Limits, Namespace};
 pub struct Node {
     pub config: Config,
     pub hub: Arc<hub::Hub>,
-    pub bus: Arc<link::BusNodes>,
+    pub bus: Arc<bus::BusNodes>,
     /// The agent bridge, when configured.
     pub bridge: Option<bridge::Bridge>,
     pub metrics: Arc<metrics::Metrics>,
@@ -94,7 +96,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let bus = Arc::new(link::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
+    let bus = Arc::new(bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
     let bridge = match &config.agent_bridge_url {
         Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref())?),
         None => None,
