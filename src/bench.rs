@@ -154,7 +154,7 @@ fn print(report: &Value, json_out: bool) {
 
 async fn publish(args: PublishArgs) -> Result<(), String> {
     check_loopback(&args.url)?;
-    let client = switchboard_gateway::link::client(&args.url, args.key.as_deref())?;
+    let client = crate::tools::bus_client(&args.url, args.key.as_deref())?;
     let data = json!({ "pad": payload(args.size.saturating_sub(12)) }).to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -369,7 +369,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     }
     let rss_connected = args.server_pid.and_then(rss_kib);
 
-    let client = switchboard_gateway::link::client(&args.url, args.key.as_deref())?;
+    let client = crate::tools::bus_client(&args.url, args.key.as_deref())?;
     let pad = payload(args.size.saturating_sub(40));
     let published = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -3,7 +3,7 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use switchboard_proto::eventbus::v1 as pb;
+use switchboard_proto::{auth::BearerKey, client::BusClient, eventbus::v1 as pb};
 
 use crate::{ClientArgs, EXIT_CONFIG};
 
@@ -47,12 +47,13 @@ pub(crate) fn token_claims(
     claims
 }
 
-type Client = pb::event_bus_client::EventBusClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, switchboard_gateway::link::ApiKey>,
->;
-
-fn client(args: &ClientArgs) -> Result<Client, String> {
-    switchboard_gateway::link::client(&args.url, args.key.as_deref())
+/// A client of the bus at `url`, for the tools and the benchmarks.
+///
+/// # Errors
+/// When the URL or the key is malformed.
+pub(crate) fn bus_client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
+    let key = BearerKey::new(key).map_err(|e| format!("--key: {e}"))?;
+    switchboard_proto::client::bus(url, key).map_err(|e| format!("--url: {e}"))
 }
 
 pub(crate) async fn publish(
@@ -62,7 +63,7 @@ pub(crate) async fn publish(
     json: String,
     key: Option<String>,
 ) -> ExitCode {
-    let mut client = match client(&args) {
+    let mut client = match bus_client(&args.url, args.key.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -101,7 +102,7 @@ pub(crate) async fn tail(args: ClientArgs, channel: String, since: Option<String
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut client = match client(&args) {
+    let mut client = match bus_client(&args.url, args.key.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -140,7 +141,7 @@ pub(crate) async fn tail(args: ClientArgs, channel: String, since: Option<String
             }
             Ok(Some(pb::SubscribeResponse { response: Some(R::Events(batch)) })) => {
                 for e in &batch.events {
-                    println!("{}", switchboard_gateway::link::frame(e).text.as_str());
+                    println!("{}", switchboard_gateway::protocol::event_frame(&switchboard_gateway::bus::event_ref(e)));
                 }
             }
             Ok(Some(_)) => {}

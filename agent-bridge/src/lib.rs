@@ -17,7 +17,6 @@
 use std::{future::Future, path::PathBuf, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 pub mod agui;
 pub mod echo;
@@ -94,10 +93,6 @@ impl Default for Config {
     }
 }
 
-pub type BusClient = switchboard_proto::eventbus::v1::event_bus_client::EventBusClient<
-    InterceptedService<Channel, switchboard_proto::auth::BearerKey>,
->;
-
 /// Opens the thread store and builds the bridge, binding nothing.
 ///
 /// # Errors
@@ -106,12 +101,8 @@ pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send +
     let threads = threads::Threads::open(&config.data_dir)?;
     let bus = match &config.eventbus_url {
         Some(url) => {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .connect_lazy();
             let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;
-            Some(switchboard_proto::eventbus::v1::event_bus_client::EventBusClient::with_interceptor(channel, key))
+            Some(switchboard_proto::client::bus(url, key)?)
         }
         None => None,
     };
@@ -185,5 +176,5 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    switchboard_proto::metrics::serve(listener, move || bridge.metrics().render(), shutdown).await
+    switchboard_metrics::serve(listener, move || bridge.metrics().render(), shutdown).await
 }

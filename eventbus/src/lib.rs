@@ -190,5 +190,5 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    switchboard_proto::metrics::serve(listener, move || bus.render_metrics(), shutdown).await
+    switchboard_metrics::serve(listener, move || bus.render_metrics(), shutdown).await
 }

@@ -8,10 +8,9 @@ use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use switchboard_proto::{agent::v1 as pb, error::ErrorCode};
-
 use crate::{
     Node,
+    bridge::{AgentEvent, CallAnswer, CancelTarget, RunRequest},
     protocol::{self, ChatMessage},
     queue::Outbound,
 };
@@ -19,23 +18,6 @@ use crate::{
 /// The user that runs of anonymous clients belong to. Anonymous clients are a
 /// dev-mode convenience; their threads are shared among them.
 pub const ANONYMOUS: &str = "anonymous";
-
-/// Maps a bridge status to an `error.code` and message: the bridge's own
-/// message when it sent a code, which it writes for clients.
-pub(crate) fn status_error(status: &tonic::Status) -> (ErrorCode, String) {
-    if let Some(code) = ErrorCode::of_status(status) {
-        return (code, status.message().to_owned());
-    }
-    match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-            (ErrorCode::Unavailable, "the agent bridge is unavailable; try later".into())
-        }
-        _ => {
-            tracing::error!(%status, "agent bridge call failed");
-            (ErrorCode::Internal, "internal error".into())
-        }
-    }
-}
 
 /// What agent frames of one connection need.
 #[derive(Clone)]
@@ -82,7 +64,7 @@ impl Context {
             "state": msg.state.unwrap_or(json!({})),
             "forwardedProps": {},
         });
-        let req = pb::RunRequest {
+        let req = RunRequest {
             agent: msg.agent.unwrap_or_default(),
             thread_id: msg.thread_id.unwrap_or_default(),
             input: input.to_string().into(),
@@ -101,7 +83,7 @@ impl Context {
         cancel_on_disconnect: bool,
         id: Option<Value>,
     ) {
-        let req = pb::RunRequest {
+        let req = RunRequest {
             agent: agent.unwrap_or_default(),
             thread_id: input["threadId"].as_str().unwrap_or_default().to_owned(),
             input: input.to_string().into(),
@@ -111,34 +93,30 @@ impl Context {
         self.run(req, cancel_on_disconnect, id);
     }
 
-    fn run(&self, req: pb::RunRequest, cancel_on_disconnect: bool, id: Option<Value>) {
+    fn run(&self, req: RunRequest, cancel_on_disconnect: bool, id: Option<Value>) {
         if self.unavailable(id.as_ref()) || self.draining(id.as_ref()) {
             return;
         }
         let ctx = self.clone();
         self.node.tasks.spawn(async move {
-            let mut bridge = ctx.node.bridge.clone().expect("checked above");
-            let response = match bridge.run(req).await {
-                Ok(r) => r,
-                Err(status) => {
-                    let (code, message) = status_error(&status);
-                    ctx.push(protocol::error(code.as_str(), &message, id.as_ref()));
+            let bridge = ctx.node.bridge.clone().expect("checked above");
+            let mut run = match bridge.run(req).await {
+                Ok(run) => run,
+                Err(e) => {
+                    ctx.push(e.frame(id.as_ref()));
                     return;
                 }
-            };
-            let md = response.metadata();
-            let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-            let (run_id, thread_id) = (get("x-run-id"), get("x-thread-id"));
-            let position = match get("x-position-offset").parse::<u64>() {
-                Ok(offset) => json!({ "offset": offset, "epoch": get("x-position-epoch") }),
-                Err(_) => Value::Null,
             };
             ctx.push(protocol::frame(
                 "run",
                 id.as_ref(),
-                json!({ "thread_id": thread_id, "run_id": run_id, "channel": get("x-channel"), "position": position }),
+                json!({
+                    "thread_id": run.thread_id,
+                    "run_id": run.run_id,
+                    "channel": run.channel,
+                    "position": run.position,
+                }),
             ));
-            let mut events = response.into_inner();
             let mut stopping = false;
             loop {
                 let next = tokio::select! {
@@ -148,21 +126,19 @@ impl Context {
                     // reaches the client before the connection closes.
                     _ = ctx.node.draining.cancelled(), if !stopping => {
                         stopping = true;
-                        let target = Some(pb::cancel_request::Target::RunId(run_id.clone()));
-                        let cancel = pb::CancelRequest { target, user_id: ctx.user.clone() };
-                        if let Err(status) = bridge.cancel(cancel).await {
-                            tracing::warn!(%status, run_id, "cannot cancel a run at shutdown");
+                        let target = CancelTarget::Run(run.run_id.clone());
+                        if let Err(e) = bridge.cancel(target, ctx.user.clone()).await {
+                            tracing::warn!(message = %e.message, run_id = %run.run_id, "cannot cancel a run at shutdown");
                         }
                         continue;
                     }
-                    next = events.message() => next,
+                    next = run.next() => next,
                 };
                 match next {
                     Ok(Some(e)) => ctx.push(agent_event_frame(&e)),
                     Ok(None) => return,
-                    Err(status) => {
-                        let (code, message) = status_error(&status);
-                        ctx.push(protocol::error(code.as_str(), &message, id.as_ref()));
+                    Err(e) => {
+                        ctx.push(e.frame(id.as_ref()));
                         return;
                     }
                 }
@@ -174,10 +150,9 @@ impl Context {
     /// `interrupted`; the run's own events say when it ended. Another user's
     /// run or thread is `permission_denied` (the bridge checks, for `user`).
     pub fn interrupt(&self, run_id: Option<String>, thread_id: Option<String>, id: Option<Value>) {
-        use pb::cancel_request::Target;
         let target = match (run_id, thread_id) {
-            (Some(r), _) => Target::RunId(r),
-            (None, Some(t)) => Target::ThreadId(t),
+            (Some(r), _) => CancelTarget::Run(r),
+            (None, Some(t)) => CancelTarget::Thread(t),
             (None, None) => {
                 self.push(protocol::error("invalid_frame", "`run_id` or `thread_id` is required", id.as_ref()));
                 return;
@@ -188,21 +163,14 @@ impl Context {
         }
         let ctx = self.clone();
         self.node.tasks.spawn(async move {
-            let mut bridge = ctx.node.bridge.clone().expect("checked above");
-            let request = pb::CancelRequest { target: Some(target), user_id: ctx.user.clone() };
-            let frame = match bridge.cancel(request).await {
-                Ok(resp) => {
-                    let r = resp.into_inner();
-                    protocol::frame(
-                        "interrupted",
-                        id.as_ref(),
-                        json!({ "run_id": r.run_id, "thread_id": r.thread_id, "cancelled": r.cancelled }),
-                    )
-                }
-                Err(status) => {
-                    let (code, message) = status_error(&status);
-                    protocol::error(code.as_str(), &message, id.as_ref())
-                }
+            let bridge = ctx.node.bridge.clone().expect("checked above");
+            let frame = match bridge.cancel(target, ctx.user.clone()).await {
+                Ok(r) => protocol::frame(
+                    "interrupted",
+                    id.as_ref(),
+                    json!({ "run_id": r.run_id, "thread_id": r.thread_id, "cancelled": r.cancelled }),
+                ),
+                Err(e) => e.frame(id.as_ref()),
             };
             ctx.push(frame);
         });
@@ -215,30 +183,13 @@ impl Context {
         }
         let ctx = self.clone();
         self.node.tasks.spawn(async move {
-            let mut bridge = ctx.node.bridge.clone().expect("checked above");
+            let bridge = ctx.node.bridge.clone().expect("checked above");
             let status = method == "get_status";
-            let req = pb::CallRequest {
-                method,
-                params: params.to_string().into(),
-                user_id: ctx.user.clone(),
-                roles: ctx.roles.clone(),
+            let mut body = match bridge.call(method, &params, ctx.user.clone(), ctx.roles.clone()).await {
+                Ok(CallAnswer::Result(result)) => json!({ "result": result }),
+                Ok(CallAnswer::Error { code, message }) => json!({ "error": { "code": code, "message": message } }),
+                Err(e) => json!({ "error": { "code": e.code.as_str(), "message": e.message } }),
             };
-            let body = match bridge.call(req).await {
-                Ok(resp) => match resp.into_inner().outcome {
-                    Some(pb::call_response::Outcome::Result(r)) => {
-                        json!({ "result": serde_json::from_slice::<Value>(&r).unwrap_or(Value::Null) })
-                    }
-                    Some(pb::call_response::Outcome::Error(e)) => {
-                        json!({ "error": { "code": e.code, "message": e.message } })
-                    }
-                    None => json!({ "result": null }),
-                },
-                Err(status) => {
-                    let (code, message) = status_error(&status);
-                    json!({ "error": { "code": code.as_str(), "message": message } })
-                }
-            };
-            let mut body = body;
             if let (true, Some(result)) = (status, body.get_mut("result").and_then(Value::as_object_mut)) {
                 // The bridge knows agents, workers and modules; the gateway adds
                 // itself: readiness for everyone, counts for admins (SPEC §7.5).
@@ -264,7 +215,7 @@ impl Context {
 }
 
 /// Writes an `agent_event` frame, splicing the AG-UI event as the bridge sent it.
-fn agent_event_frame(e: &pb::AgentEvent) -> String {
+fn agent_event_frame(e: &AgentEvent) -> String {
     let event = if serde_json::from_str::<serde::de::IgnoredAny>(&e.json).is_ok() { e.json.as_str() } else { "null" };
     format!(
         r#"{{"type":"agent_event","thread_id":{},"run_id":{},"seq":{},"event":{},"timestamp":{}}}"#,

@@ -14,17 +14,20 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use switchboard_proto::{error::ErrorCode, eventbus::v1 as pb};
+use switchboard_proto::error::ErrorCode;
 
 use crate::{
     Node,
     agent::ANONYMOUS,
     auth,
+    bridge::RunRequest,
+    bus::Published,
     config::origin_allowed,
     disconnect::Disconnect,
+    error::CallError,
     hub::BROADCAST_CHANNEL,
     protocol::{self, Since},
-    session::{self, Params, status_error},
+    session::{self, Params},
 };
 
 /// The read buffer of a WebSocket, allocated for every connection up front:
@@ -85,12 +88,13 @@ impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError { status, code, message: message.into() }
     }
+}
 
-    fn from_status(status: &tonic::Status) -> Self {
-        let (code, message) = status_error(status);
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
         // What a frame calls `invalid_frame` is a bad request body here.
-        let name = if code == ErrorCode::InvalidFrame { "invalid_request" } else { code.as_str() };
-        ApiError::new(code.http_status(), name, message)
+        let name = if e.code == ErrorCode::InvalidFrame { "invalid_request" } else { e.code.as_str() };
+        ApiError::new(e.code.http_status(), name, e.message)
     }
 }
 
@@ -209,13 +213,11 @@ fn check_channel(channel: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
 }
 
-async fn publish(node: &Node, channel: &str, event: String, data: &Value) -> Result<pb::PublishResponse, ApiError> {
-    let request =
-        pb::PublishRequest { channel: channel.to_owned(), event, data: data.to_string().into(), ..Default::default() };
+async fn publish(node: &Node, channel: &str, event: String, data: &Value) -> Result<Published, ApiError> {
     let started = std::time::Instant::now();
-    let result = node.bus.client().publish(request).await;
+    let result = node.bus.current().publish(channel, event, data).await;
     node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
-    result.map(|r| r.into_inner()).map_err(|s| ApiError::from_status(&s))
+    Ok(result?)
 }
 
 // === WebSocket endpoints ===
@@ -405,13 +407,8 @@ async fn channel_info(State(node): State<Arc<Node>>, headers: HeaderMap, Path(ch
     let (listeners, position) = node.hub.channel(&channel);
     let position = match position {
         Some(p) => json!(p),
-        None => {
-            // Not subscribed on this node: ask the bus where the channel stands.
-            let request =
-                pb::HistoryRequest { channel: channel.clone(), limit: 1, reverse: true, ..Default::default() };
-            let resp = node.bus.client().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
-            resp.position.map(|p| json!({ "offset": p.offset, "epoch": p.epoch })).unwrap_or(Value::Null)
-        }
+        // Not subscribed on this node: ask the bus where the channel stands.
+        None => json!(node.bus.current().position(&channel).await?),
     };
     ok(json!({
         "channel": channel,
@@ -441,28 +438,25 @@ async fn history(
             let offset = s.split(':').next().and_then(|o| o.parse::<u64>().ok()).ok_or_else(|| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "`since` must be OFFSET or OFFSET:EPOCH")
             })?;
-            Some(pb::StreamPosition { offset, epoch: String::new() })
+            Some(Since { offset, epoch: String::new() })
         }
     };
-    let request = pb::HistoryRequest { channel, since, limit: q.limit.unwrap_or(100), reverse: false };
-    let resp = node.bus.client().history(request).await.map_err(|s| ApiError::from_status(&s))?.into_inner();
-    let events: Vec<Value> = resp
-        .events
-        .iter()
+    let history = node.bus.current().history(&channel, since.as_ref(), q.limit.unwrap_or(100)).await?;
+    let events: Vec<Value> = history
+        .events()
         .map(|e| {
             json!({
                 "channel": e.channel,
                 "event": e.event,
-                "data": serde_json::from_slice::<Value>(&e.data).unwrap_or(Value::Null),
-                "id": e.event_id,
+                "data": serde_json::from_slice::<Value>(e.data).unwrap_or(Value::Null),
+                "id": e.id,
                 "offset": e.offset,
                 "epoch": e.epoch,
                 "timestamp": e.timestamp_ms as f64 / 1000.0,
             })
         })
         .collect();
-    let position = resp.position.map(|p| json!({ "offset": p.offset, "epoch": p.epoch }));
-    ok(json!({ "events": events, "position": position }))
+    ok(json!({ "events": events, "position": history.position() }))
 }
 
 async fn info(State(node): State<Arc<Node>>) -> ApiResult {
@@ -508,9 +502,8 @@ async fn agui(
     Body(body): Body,
 ) -> ApiResult {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    use futures::StreamExt;
 
-    let Some(mut bridge) = node.bridge.clone() else {
+    let Some(bridge) = node.bridge.clone() else {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no agent bridge is configured"));
     };
     let token =
@@ -525,26 +518,26 @@ async fn agui(
         Ok(v @ Value::Object(_)) => v,
         _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "body must be a RunAgentInput object")),
     };
-    let request = switchboard_proto::agent::v1::RunRequest {
+    let request = RunRequest {
         agent,
         thread_id: input["threadId"].as_str().unwrap_or_default().to_owned(),
         input: body,
         user_id: user,
         multitask: String::new(),
     };
-    let events = match bridge.run(request).await {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => {
-            let (code, message) = crate::agent::status_error(&status);
+    let run = match bridge.run(request).await {
+        Ok(run) => run,
+        Err(CallError { code, message }) => {
             let message = format!("{}: {message}", code.as_str());
             return Err(ApiError { status: code.http_status(), code: "agent_error", message });
         }
     };
-    let stream = events.filter_map(|item| async move {
-        match item {
-            Ok(e) => Some(Ok::<_, std::convert::Infallible>(Event::default().data(e.json))),
-            Err(status) => {
-                tracing::warn!(%status, "agent stream ended with an error");
+    let stream = futures::stream::unfold(run, |mut run| async move {
+        match run.next().await {
+            Ok(Some(e)) => Some((Ok::<_, std::convert::Infallible>(Event::default().data(e.json)), run)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(message = %e.message, "agent stream ended with an error");
                 None
             }
         }
@@ -565,5 +558,5 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.metrics.pending_connections.set(node.pending.count() as i64);
     node.metrics.runtime_tasks.set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as i64);
-    ([(header::CONTENT_TYPE, switchboard_proto::metrics::CONTENT_TYPE)], node.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, switchboard_metrics::CONTENT_TYPE)], node.metrics.render()).into_response()
 }

@@ -6,6 +6,9 @@
 //!   shutdown machinery; `serve` runs one.
 //! - `hub`: which connection listens to which channel, and each channel's one
 //!   bus subscription; fan-out that writes each event frame once.
+//! - `bus`, `bridge`: the event bus and the agent bridge as the rest of the
+//!   gateway calls them, in domain terms; `error`: what a failed call tells
+//!   the client.
 //! - `link`: the gRPC stream to the bus, with relinking and resubscription.
 //! - `session`: one connection's protocol state machine.
 //! - `queue`: the byte-bounded outbound queue of a connection.
@@ -29,8 +32,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub mod agent;
 pub mod auth;
+pub mod bridge;
+pub mod bus;
 pub mod config;
 pub mod disconnect;
+pub mod error;
 mod http;
 pub mod hub;
 pub mod jwks;
@@ -47,9 +53,9 @@ pub use config::{Access, Config, Limits, Namespace};
 pub struct Node {
     pub config: Config,
     pub hub: Arc<hub::Hub>,
-    pub bus: Arc<link::BusNodes>,
+    pub bus: Arc<bus::BusNodes>,
     /// The agent bridge, when configured.
-    pub bridge: Option<link::BridgeClient>,
+    pub bridge: Option<bridge::Bridge>,
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins: runs started here are cancelled (and
     /// their last events still delivered), and no new run starts.
@@ -90,9 +96,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let bus = Arc::new(link::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
+    let bus = Arc::new(bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
     let bridge = match &config.agent_bridge_url {
-        Some(url) => Some(link::bridge_client(url, config.admin_key.as_deref())?),
+        Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref())?),
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());

@@ -1,5 +1,5 @@
-//! The bus link: this node's one `Subscribe` stream to the event bus, and the
-//! client used for publishes and history.
+//! The bus link: this node's one `Subscribe` stream to the event bus, and
+//! the recoveries of listeners that subscribe with a position.
 //!
 //! The link joins a channel when the first local listener subscribes and
 //! leaves it when the last one goes. When the stream breaks it reconnects
@@ -8,100 +8,21 @@
 //! position this node delivered, so listeners see no gap (or are closed
 //! with `4004` when the bus cannot serve it).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
 
 use switchboard_proto::eventbus::v1 as pb;
 
 use crate::{
+    bus::{self, Bus, BusNodes},
     hub::{BROADCAST_CHANNEL, Frame, Hub, LinkCommand, Recovered, RecoveryJob},
     metrics::Metrics,
     protocol::{self, EventRef, Position},
 };
-
-pub use switchboard_proto::auth::BearerKey as ApiKey;
-
-pub type BusClient = pb::event_bus_client::EventBusClient<InterceptedService<Channel, ApiKey>>;
-
-/// A lazily connecting channel to `url` and the interceptor that sends `key`.
-///
-/// # Errors
-/// When the URL or key is malformed; `setting` names the URL's setting.
-pub fn endpoint(url: &str, key: Option<&str>, setting: &str) -> Result<(Channel, ApiKey), String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("{setting}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let key = ApiKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-    Ok((endpoint.connect_lazy(), key))
-}
-
-/// Builds a bus client that connects on first use.
-///
-/// # Errors
-/// When the URL or key is malformed.
-pub fn client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
-    let (channel, key) = endpoint(url, key, "gateway.eventbus_url")?;
-    Ok(pb::event_bus_client::EventBusClient::with_interceptor(channel, key).max_decoding_message_size(64 * 1024 * 1024))
-}
-
-/// The bus nodes this gateway may link to, and the one it uses: publishes
-/// and history go to the node the link is on.
-pub struct BusNodes {
-    clients: Vec<BusClient>,
-    current: AtomicUsize,
-}
-
-impl BusNodes {
-    /// # Errors
-    /// When there is no URL, or one is malformed.
-    pub fn new(urls: &[String], key: Option<&str>) -> Result<BusNodes, String> {
-        if urls.is_empty() {
-            return Err("gateway.eventbus_url: no URL given".into());
-        }
-        let clients = urls.iter().map(|url| client(url, key)).collect::<Result<_, _>>()?;
-        Ok(BusNodes { clients, current: AtomicUsize::new(0) })
-    }
-
-    /// The client of the node in use.
-    pub fn client(&self) -> BusClient {
-        self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].clone()
-    }
-
-    /// Moves to the next node, after the one in use was lost or did not answer.
-    fn next(&self) {
-        if self.clients.len() > 1 {
-            let now = self.current.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::info!(node = now % self.clients.len(), "trying the next event bus node");
-        }
-    }
-}
-
-pub type BridgeClient =
-    switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient<InterceptedService<Channel, ApiKey>>;
-
-/// Builds an agent bridge client that connects on first use.
-///
-/// # Errors
-/// When the URL or key is malformed.
-pub fn bridge_client(url: &str, key: Option<&str>) -> Result<BridgeClient, String> {
-    let (channel, key) = endpoint(url, key, "gateway.agent_bridge_url")?;
-    Ok(switchboard_proto::agent::v1::agent_bridge_client::AgentBridgeClient::with_interceptor(channel, key))
-}
 
 fn join(channel: &str, since: Option<Position>) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
@@ -122,20 +43,11 @@ fn command(cmd: LinkCommand) -> pb::SubscribeRequest {
 }
 
 /// Writes the frame of a bus event once.
-pub fn frame(e: &pb::Event) -> Frame {
-    let text = protocol::event_frame(&EventRef {
-        channel: &e.channel,
-        event: &e.event,
-        data: &e.data,
-        id: &e.event_id,
-        offset: e.offset,
-        epoch: &e.epoch,
-        timestamp_ms: e.timestamp_ms,
-    });
+fn frame(e: &EventRef<'_>) -> Frame {
     Frame {
         offset: e.offset,
-        epoch: Arc::from(e.epoch.as_str()),
-        text: Utf8Bytes::from(text),
+        epoch: Arc::from(e.epoch),
+        text: Utf8Bytes::from(protocol::event_frame(e)),
         timestamp_ms: e.timestamp_ms,
     }
 }
@@ -154,8 +66,8 @@ pub async fn run(
         // Commands queued while the link was down are covered by `relink`.
         while commands.try_recv().is_ok() {}
         let (tx, rx) = mpsc::channel(1024);
-        let client = nodes.client();
-        let mut subscriber = client.clone();
+        let bus = nodes.current();
+        let mut subscriber = bus.grpc();
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = subscriber.subscribe(ReceiverStream::new(rx)) => r,
@@ -194,7 +106,7 @@ pub async fn run(
                 }
                 Some(cmd) = commands.recv() => linked = tx.send(command(cmd)).await.is_ok(),
                 msg = inbound.message() => match msg {
-                    Ok(Some(resp)) => handle(&hub, &client, &metrics, &mut broadcast, resp),
+                    Ok(Some(resp)) => handle(&hub, &bus, &metrics, &mut broadcast, resp),
                     Ok(None) => linked = false,
                     Err(status) => {
                         tracing::warn!(%status, "event bus stream ended");
@@ -208,13 +120,7 @@ pub async fn run(
     }
 }
 
-fn handle(
-    hub: &Arc<Hub>,
-    client: &BusClient,
-    metrics: &Metrics,
-    broadcast: &mut Option<Position>,
-    resp: pb::SubscribeResponse,
-) {
+fn handle(hub: &Arc<Hub>, bus: &Bus, metrics: &Metrics, broadcast: &mut Option<Position>, resp: pb::SubscribeResponse) {
     use pb::subscribe_response::Response as R;
     match resp.response {
         Some(R::Joined(joined)) => {
@@ -222,10 +128,7 @@ fn handle(
                 tracing::error!(channel = %joined.channel, message = %err.message, "bus refused a join");
                 return;
             }
-            let position = joined
-                .position
-                .map(|p| Position { offset: p.offset, epoch: p.epoch })
-                .unwrap_or(Position { offset: 0, epoch: String::new() });
+            let position = joined.position.map(bus::position).unwrap_or(Position { offset: 0, epoch: String::new() });
             if joined.channel == BROADCAST_CHANNEL {
                 if broadcast.is_none() || !joined.recovered {
                     *broadcast = Some(position);
@@ -233,7 +136,7 @@ fn handle(
                 return;
             }
             for job in hub.on_joined(&joined.channel, position, joined.recovered) {
-                tokio::spawn(recover(hub.clone(), client.clone(), job));
+                tokio::spawn(recover(hub.clone(), bus.clone(), job));
             }
         }
         Some(R::Events(batch)) => {
@@ -244,7 +147,7 @@ fn handle(
                 let channel = &batch.events[i].channel;
                 let end =
                     batch.events[i..].iter().position(|e| &e.channel != channel).map_or(batch.events.len(), |n| i + n);
-                let frames: Vec<Frame> = batch.events[i..end].iter().map(frame).collect();
+                let frames: Vec<Frame> = batch.events[i..end].iter().map(|e| frame(&bus::event_ref(e))).collect();
                 if let Some(last) = frames.last() {
                     let lag = (protocol::now() - last.timestamp_ms as f64 / 1000.0).max(0.0);
                     metrics.bus_lag.set(lag);
@@ -267,22 +170,13 @@ fn handle(
 }
 
 /// Fetches what a recovering listener missed and completes its subscribe.
-pub(crate) async fn recover(hub: Arc<Hub>, client: BusClient, job: RecoveryJob) {
-    let limit = hub_recovery_limit(&hub);
-    let request = pb::HistoryRequest {
-        channel: job.channel.to_string(),
-        since: Some(pb::StreamPosition { offset: job.since.offset, epoch: job.since.epoch.clone() }),
-        limit,
-        reverse: false,
-    };
-    let fetched = match client.clone().history(request).await {
-        Ok(resp) => {
-            let resp = resp.into_inner();
-            let position = resp.position.map(|p| Position { offset: p.offset, epoch: p.epoch });
-            position.map(|position| Recovered { frames: resp.events.iter().map(frame).collect(), position })
-        }
-        Err(status) => {
-            tracing::warn!(%status, channel = %job.channel, "history read failed");
+pub(crate) async fn recover(hub: Arc<Hub>, bus: Bus, job: RecoveryJob) {
+    let fetched = match bus.history(&job.channel, Some(&job.since), hub_recovery_limit(&hub)).await {
+        Ok(history) => history
+            .position()
+            .map(|position| Recovered { frames: history.events().map(|e| frame(&e)).collect(), position }),
+        Err(e) => {
+            tracing::warn!(message = %e.message, channel = %job.channel, "history read failed");
             None
         }
     };

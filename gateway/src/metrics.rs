@@ -92,7 +92,7 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        switchboard_proto::metrics::render(&self.registry)
+        switchboard_metrics::render(&self.registry)
     }
 }
 

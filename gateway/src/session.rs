@@ -11,8 +11,6 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use switchboard_proto::{error::ErrorCode, eventbus::v1 as pb};
-
 use crate::{
     Node, agent,
     auth::{self, Credentials},
@@ -569,27 +567,15 @@ impl Session {
         }
         let node = self.node.clone();
         let queue = self.queue.clone();
-        let request = pb::PublishRequest {
-            channel: channel.clone(),
-            event,
-            data: Bytes::from(data.to_string()),
-            ..Default::default()
-        };
         self.node.tasks.spawn(async move {
             let started = Instant::now();
-            let frame = match node.bus.client().publish(request).await {
-                Ok(resp) => {
-                    let resp = resp.into_inner();
-                    protocol::frame(
-                        "published",
-                        id.as_ref(),
-                        json!({ "channel": channel, "offset": resp.offset, "event_id": resp.event_id }),
-                    )
-                }
-                Err(status) => {
-                    let (code, message) = status_error(&status);
-                    protocol::error(code.as_str(), &message, id.as_ref())
-                }
+            let frame = match node.bus.current().publish(&channel, event, &data).await {
+                Ok(published) => protocol::frame(
+                    "published",
+                    id.as_ref(),
+                    json!({ "channel": channel, "offset": published.offset, "event_id": published.event_id }),
+                ),
+                Err(e) => e.frame(id.as_ref()),
             };
             node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             queue.push(Utf8Bytes::from(frame));
@@ -607,7 +593,7 @@ fn subscribed_or_error(
 ) {
     match result {
         Ok(Some(job)) => {
-            node.tasks.spawn(link::recover(node.hub.clone(), node.bus.client(), job));
+            node.tasks.spawn(link::recover(node.hub.clone(), node.bus.current(), job));
         }
         Ok(None) => {}
         Err(e) => {
@@ -628,20 +614,6 @@ fn subscribed_or_error(
 /// channel name lists, or the channel lists none.
 fn readable_by(channel: &str, user: Option<&str>) -> bool {
     switchboard_proto::channel::allowed_users(channel).is_none_or(|mut users| users.any(|u| Some(u) == user))
-}
-
-/// Maps a bus status to an `error.code` and a message safe to show.
-pub fn status_error(status: &tonic::Status) -> (ErrorCode, String) {
-    match status.code() {
-        tonic::Code::InvalidArgument => (ErrorCode::InvalidFrame, status.message().to_owned()),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-            (ErrorCode::Unavailable, "the event bus is unavailable; try later".to_owned())
-        }
-        _ => {
-            tracing::error!(%status, "bus call failed");
-            (ErrorCode::Internal, "internal error".to_owned())
-        }
-    }
 }
 
 /// Frames per second with a burst allowance.

@@ -41,16 +41,6 @@ impl Interceptor for KeyCheck {
 }
 
 /// Client side: adds the key to every call, when one is configured.
-#[cfg(test)]
-#[test]
-fn bearer_schemes_are_case_insensitive() {
-    assert_eq!(bearer("Bearer k"), Some("k"));
-    assert_eq!(bearer("bearer k"), Some("k"));
-    assert_eq!(bearer("BEARER  k"), Some("k"));
-    assert_eq!(bearer("Basic k"), None);
-    assert_eq!(bearer("Bearer"), None);
-}
-
 #[derive(Clone, Default)]
 pub struct BearerKey(Option<MetadataValue<Ascii>>);
 
@@ -75,4 +65,14 @@ impl Interceptor for BearerKey {
         }
         Ok(req)
     }
+}
+
+#[cfg(test)]
+#[test]
+fn bearer_schemes_are_case_insensitive() {
+    assert_eq!(bearer("Bearer k"), Some("k"));
+    assert_eq!(bearer("bearer k"), Some("k"));
+    assert_eq!(bearer("BEARER  k"), Some("k"));
+    assert_eq!(bearer("Basic k"), None);
+    assert_eq!(bearer("Bearer"), None);
 }

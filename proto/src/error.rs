@@ -2,7 +2,7 @@
 //! agent bridge: the bridge sends a code in a status's metadata and the
 //! gateway reads it back, so no message is parsed against a copy of the list.
 
-use axum::http::StatusCode;
+use http::StatusCode;
 use tonic::{Code, Status, metadata::MetadataValue};
 
 /// The status metadata entry that carries an `ErrorCode`.

@@ -2,14 +2,15 @@
 //!
 //! Only this crate runs code generation. The types stop at each service's
 //! edge: domain code converts them with `From`/`TryFrom`. Alongside them,
-//! what both ends of a call must agree on: API keys, channel names, error codes.
+//! what both ends of a call must agree on: API keys, channel names, error
+//! codes; and `client`, where every bus and bridge client is built.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod channel;
+pub mod client;
 pub mod error;
-pub mod metrics;
 
 /// `switchboard.eventbus.v1`: the event bus.
 pub mod eventbus {

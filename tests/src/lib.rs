@@ -27,9 +27,7 @@ pub use switchboard_proto::eventbus::v1 as pb;
 /// How long a test waits for something that should happen quickly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub type BusClient = pb::event_bus_client::EventBusClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, switchboard_proto::auth::BearerKey>,
->;
+pub use switchboard_proto::client::BusClient;
 
 /// An event bus served in-process.
 pub struct BusServer {

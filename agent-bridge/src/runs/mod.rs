@@ -15,11 +15,11 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use switchboard_proto::error::ErrorCode;
+use switchboard_proto::{client::BusClient, error::ErrorCode};
 use tokio::sync::mpsc;
 
 use crate::{
-    BusClient, Config, echo,
+    Config, echo,
     metrics::Metrics,
     openai::OpenAi,
     threads::{ThreadError, Threads},

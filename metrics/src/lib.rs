@@ -1,5 +1,11 @@
 //! Prometheus metrics, the same way in every service: each keeps its own
 //! `Registry`; this renders it and serves it on `GET /metrics`.
+//!
+//! A crate of its own so that the proto crate, which every gRPC client
+//! depends on, does not depend on axum.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
 use std::future::Future;
 
