@@ -145,20 +145,39 @@ async fn redis_nodes_share_channels_history_recovery_and_idempotency() {
     }
 }
 
+/// One bus node on the shared Redis, one gateway, a client on a fresh
+/// channel that has received its first three events.
+struct One {
+    redis: String,
+    channel: String,
+    bus: Process,
+    gateway: Process,
+    ws: Ws,
+    client: BusClient,
+    /// The channel's epoch.
+    epoch: String,
+}
+
+impl One {
+    async fn with_three_events() -> One {
+        let redis = redis_url();
+        let channel = unique("task");
+        let bus = bus_node(&redis);
+        let gateway = gateway_node(&[&bus]);
+        let mut ws = client_of(&gateway).await;
+        ws.subscribe(&channel).await;
+        let mut client = bus_of(&bus).await;
+        for i in 0..3 {
+            publish(&mut client, &channel, "tick", json!(i)).await;
+        }
+        let epoch = events(&mut ws, 3).await[0]["epoch"].as_str().unwrap().to_owned();
+        One { redis, channel, bus, gateway, ws, client, epoch }
+    }
+}
+
 #[tokio::test]
 async fn a_channel_lost_by_redis_closes_its_subscribers_with_4004() {
-    let redis = redis_url();
-    let channel = unique("task");
-    let bus = bus_node(&redis);
-    let gateway = gateway_node(&[&bus]);
-    let mut ws = client_of(&gateway).await;
-    ws.subscribe(&channel).await;
-    let mut client = bus_of(&bus).await;
-    for i in 0..3 {
-        publish(&mut client, &channel, "tick", json!(i)).await;
-    }
-    let got = events(&mut ws, 3).await;
-    let epoch = got[0]["epoch"].as_str().unwrap().to_owned();
+    let One { redis, channel, bus: _bus, gateway, mut ws, mut client, epoch } = One::with_three_events().await;
 
     // As if Redis were flushed: the channel starts again, in a new epoch.
     let deleted = Command::new("redis-cli")
@@ -180,17 +199,8 @@ async fn a_channel_lost_by_redis_closes_its_subscribers_with_4004() {
 
 #[tokio::test]
 async fn offsets_redis_forgot_are_not_given_again_in_the_same_epoch() {
-    let redis = redis_url();
-    let channel = unique("task");
-    let bus = bus_node(&redis);
-    let gateway = gateway_node(&[&bus]);
-    let mut ws = client_of(&gateway).await;
-    ws.subscribe(&channel).await;
-    let mut client = bus_of(&bus).await;
-    for i in 0..3 {
-        publish(&mut client, &channel, "tick", json!(i)).await;
-    }
-    let epoch = events(&mut ws, 3).await[0]["epoch"].as_str().unwrap().to_owned();
+    let One { redis, channel, bus: _bus, gateway: _gateway, mut ws, mut client, epoch } =
+        One::with_three_events().await;
 
     // As if a failover lost the last two writes: Redis numbers the next event 2 again.
     let lose = "local first = redis.call('XRANGE', KEYS[2], '1-0', '1-1'); redis.call('DEL', KEYS[2]); \
