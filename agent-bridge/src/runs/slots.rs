@@ -33,10 +33,13 @@ pub(super) struct Active {
     done: watch::Receiver<bool>,
 }
 
-/// A run waiting for its thread; cancelling it ends the wait.
+/// A run waiting for its thread; cancelling it ends the wait. It becomes
+/// the thread's active run when the one before it releases the thread.
 struct Waiting {
     run_id: String,
+    user: String,
     cancel: CancellationToken,
+    done: watch::Receiver<bool>,
 }
 
 /// A thread taken by a run.
@@ -55,6 +58,25 @@ impl Slots {
             if w.is_empty() {
                 self.waiting.remove(thread_id);
             }
+        }
+    }
+
+    /// Gives a free thread to the first run waiting for it that was not
+    /// stopped: waiting runs start in the order they came.
+    fn hand_over(&mut self, thread_id: &str) {
+        let Some(line) = self.waiting.get_mut(thread_id) else {
+            return;
+        };
+        line.retain(|w| !w.cancel.is_cancelled());
+        if !line.is_empty() {
+            let next = line.remove(0);
+            self.active.insert(
+                thread_id.to_owned(),
+                Active { run_id: next.run_id, user: next.user, cancel: next.cancel, done: next.done },
+            );
+        }
+        if line.is_empty() {
+            self.waiting.remove(thread_id);
         }
     }
 
@@ -91,12 +113,20 @@ impl Bridge {
             let mut waiting = {
                 let mut slots = self.shared.slots.lock().unwrap();
                 let slots = &mut *slots;
-                // Stopped while it waited (the thread's run ending wakes it too).
+                // Stopped while it waited (the thread's run ending wakes it
+                // too), perhaps just after the thread was handed to it.
                 if cancel.is_cancelled() {
                     slots.unqueue(thread_id, run_id);
+                    if slots.active.get(thread_id).is_some_and(|a| a.run_id == run_id) {
+                        slots.active.remove(thread_id);
+                        slots.hand_over(thread_id);
+                        let _ = done_tx.send(true);
+                    }
                     return Err(BridgeError::Cancelled);
                 }
                 match slots.active.get(thread_id) {
+                    // Handed over by the run before it.
+                    Some(a) if a.run_id == run_id => return Ok(Claim { cancel, done: done_tx }),
                     // Checked again here: the thread may have been started by
                     // another user after the owner check of admission.
                     Some(a) if a.user != user => {
@@ -114,7 +144,12 @@ impl Bridge {
                             if line.len() >= self.shared.config.max_enqueued {
                                 return Err(BridgeError::ThreadBusy(thread_id.to_owned()));
                             }
-                            line.push(Waiting { run_id: run_id.to_owned(), cancel: cancel.clone() });
+                            line.push(Waiting {
+                                run_id: run_id.to_owned(),
+                                user: user.to_owned(),
+                                cancel: cancel.clone(),
+                                done: done_rx.clone(),
+                            });
                             queued = true;
                         }
                         done
@@ -143,8 +178,8 @@ impl Bridge {
         }
     }
 
-    /// Frees the thread of `run_id`, remembering whose run it was, and wakes
-    /// the runs waiting for it.
+    /// Frees the thread of `run_id`, remembering whose run it was, hands it
+    /// to the first run waiting for it, and wakes them all.
     pub(super) fn release(&self, thread_id: &str, run_id: &str, done: &watch::Sender<bool>) {
         let mut slots = self.shared.slots.lock().unwrap();
         if let Some(a) = slots.active.remove(thread_id) {
@@ -153,6 +188,7 @@ impl Bridge {
                     slots.ended.pop_front();
                 }
                 slots.ended.push_back((a.run_id, thread_id.to_owned(), a.user));
+                slots.hand_over(thread_id);
             } else {
                 slots.active.insert(thread_id.to_owned(), a);
             }
@@ -237,6 +273,8 @@ impl Bridge {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use serde_json::json;
 
     use super::*;
@@ -286,6 +324,44 @@ mod tests {
         }
         assert!(!cancel.is_cancelled(), "bob's `interrupt` did not stop alice's run");
         assert_eq!(b.shared.threads.owner("t").unwrap(), None, "bob did not claim the thread");
+    }
+
+    /// Runs enqueued on a busy thread start in the order they came (they
+    /// raced for the thread when it was released, and came out shuffled).
+    #[tokio::test]
+    async fn enqueued_runs_start_in_the_order_they_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(Bridge::new(
+            Config { echo_delay: std::time::Duration::from_millis(5), eventbus_url: None, ..Config::default() },
+            Threads::open(dir.path()).unwrap(),
+            None,
+            None,
+        ));
+        let first = b.start(spec("alice", "t", "")).await.unwrap();
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut queued = Vec::new();
+        for i in 0..6 {
+            let (bridge, order) = (b.clone(), order_tx.clone());
+            queued.push(tokio::spawn(async move {
+                let started = bridge.start(spec("alice", "t", "enqueue")).await.unwrap();
+                order.send(i).unwrap();
+                finish(started).await;
+            }));
+            // In line before the next one comes.
+            while b.shared.slots.lock().unwrap().waiting.get("t").map_or(0, Vec::len) <= i {
+                tokio::task::yield_now().await;
+            }
+        }
+        finish(first).await;
+        for task in queued {
+            task.await.unwrap();
+        }
+        drop(order_tx);
+        let mut order = Vec::new();
+        while let Some(i) = order_rx.recv().await {
+            order.push(i);
+        }
+        assert_eq!(order, [0, 1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
