@@ -350,6 +350,12 @@ impl Bus {
         let text = std::str::from_utf8(&event.data)
             .map_err(|e| BusError::InvalidJson(format!("data is not valid UTF-8: {e}")))?;
         serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
+        // Skipping strings does not decode their escapes, so a lone surrogate
+        // (`"\ud800"`) would pass and be refused by every reader of the event
+        // later; text with an escape is decoded once to find out.
+        if event.data.windows(2).any(|w| w == b"\\u") {
+            serde_json::from_str::<serde_json::Value>(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
+        }
         if nested_deeper_than(&event.data, MAX_NESTING) {
             return Err(BusError::InvalidJson(format!("data is nested deeper than {MAX_NESTING} levels")));
         }
