@@ -9,6 +9,8 @@ pub struct Disconnect {
 }
 
 impl Disconnect {
+    /// The client sent its close: its close frame is answered, nothing else is sent.
+    pub const CLIENT_CLOSED: Disconnect = Disconnect { code: 1000, reason: "closed by the client" };
     pub const SHUTDOWN: Disconnect = Disconnect { code: 1001, reason: "going away" };
     pub const PROTOCOL_VIOLATION: Disconnect = Disconnect { code: 1002, reason: "protocol error" };
     pub const INVALID_UTF8: Disconnect = Disconnect { code: 1007, reason: "invalid UTF-8 in a text frame" };
@@ -30,8 +32,9 @@ impl Disconnect {
     }
 
     /// Whether frames still queued are sent before closing. A slow consumer's
-    /// queue is dropped: it is what could not be delivered.
+    /// queue is dropped: it is what could not be delivered; nothing may
+    /// follow a client's close.
     pub fn flushes(&self) -> bool {
-        self.code != 4002
+        *self != Disconnect::SLOW && *self != Disconnect::CLIENT_CLOSED
     }
 }

@@ -251,6 +251,10 @@ async fn write_loop(
                 return WriterEnd::Broken;
             }
         }
+        if drained.close == Some(Disconnect::CLIENT_CLOSED) {
+            // Sends the answer to the client's close frame, queued by the socket.
+            return if within(write_timeout, sink.close()).await { WriterEnd::Closed } else { WriterEnd::Broken };
+        }
         if let Some(d) = drained.close {
             let bye = protocol::frame(
                 "disconnect",
@@ -305,7 +309,10 @@ impl Session {
                 }
             }
             Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(_) => return false,
+            Message::Close(_) => {
+                self.queue.close(Disconnect::CLIENT_CLOSED);
+                return false;
+            }
         }
         true
     }

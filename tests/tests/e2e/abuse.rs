@@ -309,6 +309,23 @@ async fn broken_frames_are_closed_with_a_close_frame() {
     }
 }
 
+/// A client's close frame is answered with one (the client would see 1006
+/// otherwise), with its code, and nothing after it.
+#[tokio::test]
+async fn a_clients_close_is_answered() {
+    let stack = Stack::start().await;
+    let mut ws = stack.ws().await;
+    ws.subscribe("missions").await;
+    let close = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    ws.send_message(Message::Close(Some(close))).await;
+    let (closed, frames) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(1000), "{frames:?}");
+    assert!(frames.is_empty(), "{frames:?}");
+}
+
 #[tokio::test]
 async fn a_subscribe_before_the_bus_is_up_waits_for_it() {
     // The gateway starts first; its bus comes up a moment later.
