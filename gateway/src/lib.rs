@@ -1,16 +1,19 @@
 //! The Switchboard gateway: browsers' WebSockets and the HTTP API, in front of
-//! the event bus (and, later, the agent bridge).
+//! the event bus and the agent bridge.
 //!
 //! # Layout
-//! - `Node` (here): owns the hub, the bus client and link, metrics and the
-//!   shutdown machinery; `serve` runs one.
+//! - `Node` (here): owns the hub, the bus nodes and link, the bridge client,
+//!   metrics and the shutdown machinery; `serve` runs one.
+//! - `server`: the accept loop, with header deadlines and the count of
+//!   connections still in their HTTP phase.
 //! - `hub`: which connection listens to which channel, and each channel's one
 //!   bus subscription; fan-out that writes each event frame once.
 //! - `bus`, `bridge`: the event bus and the agent bridge as the rest of the
 //!   gateway calls them, in domain terms; `error`: what a failed call tells
 //!   the client.
 //! - `link`: the gRPC stream to the bus, with relinking and resubscription.
-//! - `session`: one connection's protocol state machine.
+//! - `session`: one connection's protocol state machine; `agent`: its agent
+//!   frames; `auth`, `jwks`: token checks and keys.
 //! - `queue`: the byte-bounded outbound queue of a connection.
 //! - `protocol`: browser JSON frames (never the proto structs).
 //! - `http`: the router: WebSocket endpoints and the HTTP API.
