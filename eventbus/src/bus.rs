@@ -353,7 +353,7 @@ impl Bus {
         // Skipping strings does not decode their escapes, so a lone surrogate
         // (`"\ud800"`) would pass and be refused by every reader of the event
         // later; text with an escape is decoded once to find out.
-        if event.data.windows(2).any(|w| w == b"\\u") {
+        if memchr::memmem::find(&event.data, b"\\u").is_some() {
             serde_json::from_str::<serde_json::Value>(text).map_err(|e| BusError::InvalidJson(e.to_string()))?;
         }
         if nested_deeper_than(&event.data, MAX_NESTING) {

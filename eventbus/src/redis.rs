@@ -128,13 +128,14 @@ fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("sb:{")?.strip_suffix("}:p")
 }
 
-/// An event as stored in a stream entry and carried on Pub/Sub (after its offset and epoch).
-#[derive(Serialize, Deserialize)]
+/// An event as stored in a stream entry and carried on Pub/Sub (after its
+/// offset and epoch), as `encode` writes it.
+#[derive(Deserialize)]
 struct Wire<'a> {
     i: std::borrow::Cow<'a, str>,
     n: std::borrow::Cow<'a, str>,
     t: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     m: Vec<(String, String)>,
     #[serde(borrow)]
     d: &'a RawValue,
@@ -265,7 +266,7 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     let bus = Bus::with_engine(config, Engine::Redis(redis.clone()), Arc::from(""));
     let stop = CancellationToken::new();
     let handles = vec![
-        tokio::spawn(publisher(bus.clone(), redis.inner.conn.clone(), publish_rx, stop.clone())),
+        tokio::spawn(publisher(bus.clone(), publish_rx, stop.clone())),
         tokio::spawn(feed(bus.clone(), client, pubsub, control_rx, stop.clone())),
     ];
     Ok((bus, Tasks { stop, handles }))
@@ -497,11 +498,11 @@ impl Redis {
 
 /// Sends queued publishes to Redis, everything queued at once in one
 /// pipeline, in queue order (so in the order they were submitted).
-async fn publisher(bus: Bus, mut conn: ConnectionManager, mut rx: mpsc::Receiver<Call>, stop: CancellationToken) {
+async fn publisher(bus: Bus, mut rx: mpsc::Receiver<Call>, stop: CancellationToken) {
     let Engine::Redis(redis) = &bus.shared.engine else {
         return;
     };
-    let script = &redis.inner.publish_script;
+    let (script, mut conn) = (&redis.inner.publish_script, redis.inner.conn.clone());
     let mut queued = Vec::with_capacity(MAX_PIPELINE);
     loop {
         let n = tokio::select! {

@@ -94,26 +94,6 @@ impl Drop for PendingGuard {
     }
 }
 
-/// The router, telling `Pending` when a connection's first request is whole.
-struct MarkRequests {
-    inner: TowerToHyperService<Router>,
-    pending: Arc<Pending>,
-    id: u64,
-}
-
-impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for MarkRequests {
-    type Response =
-        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Response;
-    type Error = <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Error;
-    type Future =
-        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Future;
-
-    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        self.pending.requested(self.id);
-        self.inner.call(request)
-    }
-}
-
 /// What a connection accepted past `max_connections` is told before it is closed.
 const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 84\r\n\r\n{\"error\":{\"code\":\"limit_exceeded\",\"message\":\"this node is at its connection limit\"}}";
 
@@ -149,8 +129,12 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
             tracing::debug!(cause = %e, "cannot set TCP_NODELAY");
         }
         let (guard, evicted) = node.pending.enter();
-        let service =
-            MarkRequests { inner: TowerToHyperService::new(app.clone()), pending: node.pending.clone(), id: guard.id };
+        // The router, telling `Pending` when the connection's first request is whole.
+        let (router, pending, id) = (TowerToHyperService::new(app.clone()), node.pending.clone(), guard.id);
+        let service = hyper::service::service_fn(move |request| {
+            pending.requested(id);
+            hyper::service::Service::call(&router, request)
+        });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {

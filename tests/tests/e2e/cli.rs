@@ -60,6 +60,15 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     }
 }
 
+/// `switchboard up` with every service on a free loopback port and its data in `data`.
+fn up_on_loopback<'a>(data: &'a std::path::Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["up"];
+    args.extend_from_slice(extra);
+    args.extend(["--gateway-listen", "127.0.0.1:0", "--eventbus-listen", "127.0.0.1:0"]);
+    args.extend(["--agent-bridge-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    args
+}
+
 /// A `switchboard` process, killed when dropped.
 pub(crate) struct Process {
     pub(crate) child: Child,
@@ -117,6 +126,12 @@ impl Process {
         Process { child, grpc: grpc.unwrap_or_default(), metrics, ws }
     }
 
+    /// The gateway's address, from the WebSocket URL it printed.
+    fn gateway_addr(&self) -> std::net::SocketAddr {
+        let ws = self.ws.as_deref().expect("a gateway");
+        ws.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap()
+    }
+
     fn terminate(&mut self) -> i32 {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -150,23 +165,9 @@ async fn up_publish_and_tail() {
         ("SWITCHBOARD_", "x"),
         ("SWITCHBOARD_GATEWAY__", "x"),
     ];
-    let mut up = Process::start_with(
-        &[
-            "up",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--eventbus-listen",
-            "127.0.0.1:0",
-            "--agent-bridge-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ],
-        &metrics_env,
-    );
+    let mut up = Process::start_with(&up_on_loopback(data.path(), &[]), &metrics_env);
     let ws_url = up.ws.clone().unwrap();
-    let addr: std::net::SocketAddr =
-        ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
+    let addr = up.gateway_addr();
     let deadline = tokio::time::Instant::now() + WAIT;
     while http(addr, "GET", "/ready", None, None).await.map(|r| r.0).unwrap_or(0) != 200 {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
@@ -418,23 +419,12 @@ async fn half_sent_requests_past_the_open_file_limit_do_not_lock_clients_out() {
     use tokio::io::AsyncWriteExt;
     let data = tempfile::tempdir().unwrap();
     let up = Process::start_with_open_files(
-        &[
-            "up",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--eventbus-listen",
-            "127.0.0.1:0",
-            "--agent-bridge-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ],
+        &up_on_loopback(data.path(), &[]),
         &[("SWITCHBOARD_LIMITS__HEADER_TIMEOUT", "60s")],
         160,
     );
     let ws_url = up.ws.clone().unwrap();
-    let addr: std::net::SocketAddr =
-        ws_url.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap();
+    let addr = up.gateway_addr();
     let mut sockets = Vec::new();
     for _ in 0..300 {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -451,22 +441,7 @@ async fn half_sent_requests_past_the_open_file_limit_do_not_lock_clients_out() {
 async fn sigterm_during_runs_ends_them_and_exits_within_the_grace_period() {
     let data = tempfile::tempdir().unwrap();
     let env = [("SWITCHBOARD_AGENTS__ECHO__DELAY_MS", "500"), ("SWITCHBOARD_GATEWAY__SHUTDOWN_GRACE", "3s")];
-    let mut up = Process::start_with(
-        &[
-            "up",
-            "--backend",
-            "memory",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--eventbus-listen",
-            "127.0.0.1:0",
-            "--agent-bridge-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ],
-        &env,
-    );
+    let mut up = Process::start_with(&up_on_loopback(data.path(), &["--backend", "memory"]), &env);
     let ws_url = up.ws.clone().unwrap();
     let mut ws = loop {
         // The bus link comes up a moment after the gateway listens; a chat waits for nothing.
