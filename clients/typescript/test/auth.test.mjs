@@ -2,8 +2,8 @@
 // UnauthorizedError (a refused token, close 4500) that stops reconnecting.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { Client, UnauthorizedError } from "../dist/index.mjs";
-import { Server, mint, recordingWebSocket, waitFor, unique, delay } from "./helpers.mjs";
+import { UnauthorizedError } from "../dist/index.mjs";
+import { Server, mint, recordingWebSocket, waitFor, unique, delay, makeClient, disconnectAll } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -14,14 +14,15 @@ before(async () => {
   }).start();
 });
 after(async () => {
+  disconnectAll();
   await server?.close();
 });
 
-test("getToken() is called on connect and again before exp: the token is refreshed on the same connection, past exp + grace", async () => {
+test("getToken() is called on connect and again before exp: the token is refreshed on the same connection, past exp + grace", async (t) => {
   const rec = recordingWebSocket();
   const user = unique("u");
   let calls = 0;
-  const c = new Client(server.url, {
+  const c = makeClient(server.url, {
     WebSocket: rec.WebSocket,
     // Tokens that live 3 s: refreshed halfway through.
     getToken: async () => {
@@ -56,9 +57,9 @@ test("getToken() is called on connect and again before exp: the token is refresh
   c.disconnect();
 });
 
-test("without getToken, an expired token's connection is closed (4005) and the reconnect is refused: UnauthorizedError, no more attempts", async () => {
+test("without getToken, an expired token's connection is closed (4005) and the reconnect is refused: UnauthorizedError, no more attempts", async (t) => {
   const rec = recordingWebSocket();
-  const c = new Client(server.url, { WebSocket: rec.WebSocket, token: mint({ sub: unique("u"), ttl: 1 }), minReconnectDelay: 20, maxReconnectDelay: 50 });
+  const c = makeClient(server.url, { WebSocket: rec.WebSocket, token: mint({ sub: unique("u"), ttl: 1 }), minReconnectDelay: 20, maxReconnectDelay: 50 });
   c.connect();
   await waitFor(c, "connected");
   const closed = await waitFor(c, "connecting", () => true, 6000);
@@ -71,9 +72,9 @@ test("without getToken, an expired token's connection is closed (4005) and the r
   assert.equal(rec.attempts, attempts);
 });
 
-test("a refused token rejects ready() with an UnauthorizedError and stops reconnecting", async () => {
+test("a refused token rejects ready() with an UnauthorizedError and stops reconnecting", async (t) => {
   const rec = recordingWebSocket();
-  const c = new Client(server.url, { WebSocket: rec.WebSocket, token: mint({ sub: "mallory" }, "not-the-secret-not-the-secret-not-the-secret"), minReconnectDelay: 20, maxReconnectDelay: 50 });
+  const c = makeClient(server.url, { WebSocket: rec.WebSocket, token: mint({ sub: "mallory" }, "not-the-secret-not-the-secret-not-the-secret"), minReconnectDelay: 20, maxReconnectDelay: 50 });
   c.connect();
   await assert.rejects(c.ready(5000), UnauthorizedError);
   assert.equal(c.state, "disconnected");
@@ -81,9 +82,9 @@ test("a refused token rejects ready() with an UnauthorizedError and stops reconn
   assert.equal(rec.attempts, 1);
 });
 
-test("close 4500 (no token where one is required) stops reconnecting, with an UnauthorizedError", async () => {
+test("close 4500 (no token where one is required) stops reconnecting, with an UnauthorizedError", async (t) => {
   const rec = recordingWebSocket();
-  const c = new Client(server.url, { WebSocket: rec.WebSocket, minReconnectDelay: 20, maxReconnectDelay: 50 });
+  const c = makeClient(server.url, { WebSocket: rec.WebSocket, minReconnectDelay: 20, maxReconnectDelay: 50 });
   c.connect();
   // Connected (anonymous) at once; the server closes it after authorize_timeout.
   await waitFor(c, "connected");
@@ -95,11 +96,11 @@ test("close 4500 (no token where one is required) stops reconnecting, with an Un
   assert.equal(rec.attempts, 1);
 });
 
-test("getToken() throwing UnauthorizedError stops connecting; other errors are retried", async () => {
+test("getToken() throwing UnauthorizedError stops connecting; other errors are retried", async (t) => {
   const rec = recordingWebSocket();
   let calls = 0;
   const user = unique("u");
-  const c = new Client(server.url, {
+  const c = makeClient(server.url, {
     WebSocket: rec.WebSocket,
     getToken: async () => {
       calls++;
@@ -121,7 +122,7 @@ test("getToken() throwing UnauthorizedError stops connecting; other errors are r
 
   // An app that says the user is logged out: no connection is even tried.
   const rec2 = recordingWebSocket();
-  const c2 = new Client(server.url, {
+  const c2 = makeClient(server.url, {
     WebSocket: rec2.WebSocket,
     getToken: async () => {
       throw new UnauthorizedError("logged out");

@@ -1,8 +1,8 @@
 // Connection states, the heartbeat (ping answered, watchdog), close codes.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { Client, LocalCode, backoff, reconnectsAfter } from "../dist/index.mjs";
-import { Server, mint, recordingWebSocket, waitFor, delay, unique, until } from "./helpers.mjs";
+import { LocalCode, backoff, reconnectsAfter } from "../dist/index.mjs";
+import { Server, mint, recordingWebSocket, waitFor, delay, unique, until, makeClient, disconnectAll } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -10,11 +10,12 @@ before(async () => {
   server = await new Server({ config: `[gateway]\nheartbeat_interval = "1s"\nheartbeat_timeout = "1s"\n` }).start();
 });
 after(async () => {
+  disconnectAll();
   await server?.close();
 });
 
 function client(rec, extra = {}) {
-  return new Client(server.url, { WebSocket: rec.WebSocket, minReconnectDelay: 20, maxReconnectDelay: 100, ...extra });
+  return makeClient(server.url, { WebSocket: rec.WebSocket, minReconnectDelay: 20, maxReconnectDelay: 100, ...extra });
 }
 
 test("backoff is full jitter between 0 and min(max, min * 2^attempt); close codes 4500+ do not reconnect", () => {
@@ -31,7 +32,7 @@ test("backoff is full jitter between 0 and min(max, min * 2^attempt); close code
   for (const code of [4500, 4501, 4502, 4503, 4999]) assert.equal(reconnectsAfter(code), false, `${code}`);
 });
 
-test("states go disconnected -> connecting -> connected, ready() resolves, and the server's JSON ping is answered", async () => {
+test("states go disconnected -> connecting -> connected, ready() resolves, and the server's JSON ping is answered", async (t) => {
   const rec = recordingWebSocket();
   const c = client(rec, { token: mint({ sub: unique("u") }) });
   const states = [];
@@ -57,7 +58,7 @@ test("states go disconnected -> connecting -> connected, ready() resolves, and t
   assert.deepEqual(states.slice(-1), ["connected->disconnected"]);
 });
 
-test("the watchdog reconnects when no frame arrives within heartbeat.interval + heartbeat.timeout", async () => {
+test("the watchdog reconnects when no frame arrives within heartbeat.interval + heartbeat.timeout", async (t) => {
   const rec = recordingWebSocket();
   const c = client(rec, { token: mint({ sub: unique("u") }) });
   c.connect();
@@ -82,7 +83,7 @@ test("the watchdog reconnects when no frame arrives within heartbeat.interval + 
   c.disconnect();
 });
 
-test("an admin disconnect (close 4503, reconnect: false) stops reconnecting", async () => {
+test("an admin disconnect (close 4503, reconnect: false) stops reconnecting", async (t) => {
   const rec = recordingWebSocket();
   const c = client(rec, { token: mint({ sub: unique("u") }) });
   c.connect();
@@ -102,7 +103,7 @@ test("an admin disconnect (close 4503, reconnect: false) stops reconnecting", as
   await assert.rejects(c.ready(), { name: "DisconnectedError" });
 });
 
-test("a dropped transport (1006) reconnects with backoff until the server is back", async () => {
+test("a dropped transport (1006) reconnects with backoff until the server is back", async (t) => {
   const rec = recordingWebSocket();
   const c = client(rec, { token: mint({ sub: unique("u") }) });
   c.connect();

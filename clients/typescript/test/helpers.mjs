@@ -9,6 +9,7 @@ import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import WebSocket from "ws";
+import { Client } from "../dist/index.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -248,12 +249,17 @@ export function waitFor(emitter, event, pred = () => true, ms = 10000) {
  * the attempt fails like a server that is down).
  */
 export function recordingWebSocket() {
-  const record = { sent: [], sockets: [], shut: false, attempts: 0 };
+  const record = { sent: [], received: [], sockets: [], shut: false, attempts: 0 };
   class Recording extends WebSocket {
     constructor(url, protocols) {
       record.attempts++;
       super(record.shut ? "ws://127.0.0.1:1/ws/connect" : url, protocols);
       record.sockets.push(this);
+      this.on("message", (data) => {
+        try {
+          record.received.push(JSON.parse(data.toString()));
+        } catch {}
+      });
     }
     send(data, ...rest) {
       record.sent.push(JSON.parse(data));
@@ -271,4 +277,16 @@ export async function until(pred, ms = 5000, what = "a condition") {
     if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await delay(10);
   }
+}
+
+/** Clients made by `makeClient`, disconnected by `disconnectAll` (so that no test leaves one reconnecting). */
+const clients = new Set();
+export function makeClient(url, options) {
+  const client = new Client(url, options);
+  clients.add(client);
+  return client;
+}
+export function disconnectAll() {
+  for (const c of clients) c.disconnect();
+  clients.clear();
 }

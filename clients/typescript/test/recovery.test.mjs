@@ -1,12 +1,13 @@
 // Subscriptions across server restarts: recovery with `since`, no gap, no
 // duplicate; `recovered: false` as the "reload your state" signal.
-import { test } from "node:test";
+import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { Client } from "../dist/index.mjs";
-import { Server, mint, recordingWebSocket, waitFor, unique, until } from "./helpers.mjs";
+import { Server, mint, recordingWebSocket, waitFor, unique, until, makeClient, disconnectAll } from "./helpers.mjs";
+
+after(() => disconnectAll());
 
 function client(server, rec, sub) {
-  return new Client(server.url, {
+  return makeClient(server.url, {
     WebSocket: rec.WebSocket,
     token: mint({ sub: sub ?? unique("u") }),
     minReconnectDelay: 20,
