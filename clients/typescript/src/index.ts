@@ -646,7 +646,7 @@ export class Client extends Emitter<ClientEvents> {
     if (!this.send(p.frame)) p.onFail(new DisconnectedError("the connection closed before the frame was sent"));
   }
 
-  /** Sends a frame on the current transport; returns false when it could not. */
+  /** @internal Sends a frame on the current transport; returns false when it could not. */
   send(frame: Frame): boolean {
     const ws = this.ws;
     if (!ws || ws.readyState !== OPEN) return false;
@@ -1263,14 +1263,14 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   disconnected(ctx: DisconnectContext): void {
     this.attempt++;
     if (this.retryTimer) clearTimeout(this.retryTimer);
-    if (!this.wanted) return;
+    if (!this.wanted || this._state !== "subscribed") return;
     this.setState("subscribing");
     this.emit("subscribing", { reason: ctx.reason, code: ctx.code });
   }
 
   /** @internal A `subscribed` frame without an id. */
   serverSubscribed(frame: Frame): void {
-    if (this._state === "subscribed") return;
+    if (!this.wanted || this._state === "subscribed") return;
     this._position = frame.position;
     this.setState("subscribed");
     this.emit("subscribed", { channel: this.channel, position: frame.position, recovering: false, missed: 0, resubscribed: this.everSubscribed });

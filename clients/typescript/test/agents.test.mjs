@@ -3,7 +3,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { SwitchboardError } from "../dist/index.mjs";
-import { Server, mint, recordingWebSocket, unique, until, makeClient, disconnectAll } from "./helpers.mjs";
+import { Server, mint, recordingWebSocket, unique, until, withTimeout, makeClient, disconnectAll } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -31,7 +31,7 @@ test("chat() returns the run, whose async iterator yields its AG-UI events in or
   assert.equal(run.channel, `thread:${run.threadId}#${user}`);
   assert.equal(run.position.offset, 0);
   const seen = [];
-  for await (const e of run) seen.push(e);
+  await withTimeout((async () => { for await (const e of run) seen.push(e); })(), 15000, "the run's events");
   assert.deepEqual(types(seen), [
     "RUN_STARTED",
     "TEXT_MESSAGE_START",
@@ -49,7 +49,7 @@ test("chat() returns the run, whose async iterator yields its AG-UI events in or
   const second = await c.chat("again", { threadId: run.threadId });
   assert.equal(second.threadId, run.threadId);
   await assert.rejects(c.chat("busy", { threadId: run.threadId }), (e) => e instanceof SwitchboardError && e.code === "thread_busy");
-  assert.equal((await second.done).type, "RUN_FINISHED");
+  assert.equal((await withTimeout(second.done, 15000, "the second run")).type, "RUN_FINISHED");
   assert.equal(c.activeRuns().length, 0);
   c.disconnect();
 });
@@ -60,10 +60,13 @@ test("interrupt(runId) stops a streaming run: RUN_ERROR cancelled ends the itera
   const run = await c.chat(words.join(" "), { agent: "echo" });
   const seen = [];
   let interrupted;
-  for await (const e of run) {
-    seen.push(e);
-    if (e.type === "TEXT_MESSAGE_CONTENT" && !interrupted) interrupted = c.interrupt(run.runId);
-  }
+  const iterate = async () => {
+    for await (const e of run) {
+      seen.push(e);
+      if (e.type === "TEXT_MESSAGE_CONTENT" && !interrupted) interrupted = c.interrupt(run.runId);
+    }
+  };
+  await withTimeout(iterate(), 15000, "the run's events");
   const answer = await interrupted;
   assert.deepEqual(answer, { runId: run.runId, threadId: run.threadId, cancelled: true });
   const last = seen.at(-1);
@@ -84,19 +87,22 @@ test("a run goes on through a reconnect: the client resumes it from its thread c
   const run = await c.chat(text, { agent: "echo" });
   const seen = [];
   let dropped = false;
-  for await (const e of run) {
-    seen.push(e);
-    if (e.type === "TEXT_MESSAGE_CONTENT" && !dropped) {
-      // Drop the socket mid-run (1006) and stay away for a few attempts, while
-      // the run goes on on the server (on_disconnect: continue) and its events
-      // reach only the thread channel.
-      dropped = true;
-      rec.shut = true;
-      const attempts = rec.attempts;
-      rec.sockets.at(-1).terminate();
-      until(() => rec.attempts >= attempts + 3, 5000, "reconnect attempts").then(() => (rec.shut = false));
+  const iterate = async () => {
+    for await (const e of run) {
+      seen.push(e);
+      if (e.type === "TEXT_MESSAGE_CONTENT" && !dropped) {
+        // Drop the socket mid-run (1006) and stay away for a few attempts, while
+        // the run goes on on the server (on_disconnect: continue) and its events
+        // reach only the thread channel.
+        dropped = true;
+        rec.shut = true;
+        const attempts = rec.attempts;
+        rec.sockets.at(-1).terminate();
+        until(() => rec.attempts >= attempts + 3, 5000, "reconnect attempts").then(() => (rec.shut = false));
+      }
     }
-  }
+  };
+  await withTimeout(iterate(), 15000, "the run's events, across the reconnect");
   assert.equal(run.text, text);
   assert.equal(seen.at(-1).type, "RUN_FINISHED");
   assert.deepEqual(seen.map((e) => e.type).filter((t) => t === "TEXT_MESSAGE_CONTENT").length, 10);
