@@ -61,7 +61,7 @@ test("rpc rejects with a TimeoutError when no answer comes in time; the late ans
   await c.ready(5000);
   const info = c.connection;
   // The server stops answering (SIGSTOP) while the connection stays open.
-  server.pause();
+  await server.pause();
   let timedOut;
   try {
     const startedAt = Date.now();
@@ -85,7 +85,7 @@ test("rpc rejects with a TimeoutError when no answer comes in time; the late ans
 test("a call in flight when the connection drops rejects with a DisconnectedError; a call on a disconnected client rejects at once", async (t) => {
   const { c, rec } = connected();
   await c.ready(5000);
-  server.pause();
+  await server.pause();
   try {
     const call = c.rpc("get_status", {}, { timeout: 5000 });
     rec.sockets.at(-1).terminate();

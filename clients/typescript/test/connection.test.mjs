@@ -65,7 +65,7 @@ test("the watchdog reconnects when no frame arrives within heartbeat.interval + 
   const first = await waitFor(c, "connected");
   // A server that is alive (TCP open) but silent: SIGSTOP.
   const startedAt = Date.now();
-  server.pause();
+  await server.pause();
   let reconnecting;
   try {
     reconnecting = await waitFor(c, "connecting", () => true, 6000);

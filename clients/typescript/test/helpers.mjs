@@ -3,7 +3,7 @@
 // events with a bound.
 import { spawn } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -177,9 +177,18 @@ export class Server {
     await withTimeout(exited, 20000, `switchboard ${child.pid} to exit on ${signal}`);
   }
 
-  /** SIGSTOP / SIGCONT: the process stays, and answers nothing meanwhile. */
-  pause() {
-    process.kill(this.child.pid, "SIGSTOP");
+  /** SIGSTOP / SIGCONT: the process stays, and answers nothing meanwhile. Resolves once it is stopped. */
+  async pause() {
+    const pid = this.child.pid;
+    process.kill(pid, "SIGSTOP");
+    // The signal is delivered asynchronously: wait until every thread is stopped.
+    await until(() => {
+      try {
+        return readdirSync(`/proc/${pid}/task`).every((tid) => /^\d+ \(.*\) T /.test(readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8")));
+      } catch {
+        return false;
+      }
+    }, 5000, `process ${pid} to stop`);
   }
 
   resume() {
