@@ -14,6 +14,7 @@ use std::{
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+use tonic::transport::ClientTlsConfig;
 
 use clap::{Args, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -99,10 +100,11 @@ pub struct FanoutArgs {
     json: bool,
 }
 
-pub async fn run(bench: Bench) -> Result<(), String> {
+/// Runs a benchmark; `tls` is for an `https://` bus URL (`tls.*`).
+pub async fn run(bench: Bench, tls: Option<ClientTlsConfig>) -> Result<(), String> {
     match bench {
-        Bench::Publish(args) => publish(args).await,
-        Bench::Fanout(args) => fanout(args).await,
+        Bench::Publish(args) => publish(args, tls).await,
+        Bench::Fanout(args) => fanout(args, tls).await,
     }
 }
 
@@ -152,9 +154,9 @@ fn print(report: &Value, json_out: bool) {
     }
 }
 
-async fn publish(args: PublishArgs) -> Result<(), String> {
+async fn publish(args: PublishArgs, tls: Option<ClientTlsConfig>) -> Result<(), String> {
     check_loopback(&args.url)?;
-    let client = crate::tools::bus_client(&args.url, args.key.as_deref())?;
+    let client = crate::tools::bus_client(&args.url, args.key.as_deref(), tls.as_ref())?;
     let data = json!({ "pad": payload(args.size.saturating_sub(12)) }).to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -288,7 +290,7 @@ async fn connect_one(
     Ok(ws)
 }
 
-async fn fanout(args: FanoutArgs) -> Result<(), String> {
+async fn fanout(args: FanoutArgs, tls: Option<ClientTlsConfig>) -> Result<(), String> {
     for ws in &args.ws {
         check_loopback(ws)?;
     }
@@ -369,7 +371,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), String> {
     }
     let rss_connected = args.server_pid.and_then(rss_kib);
 
-    let client = crate::tools::bus_client(&args.url, args.key.as_deref())?;
+    let client = crate::tools::bus_client(&args.url, args.key.as_deref(), tls.as_ref())?;
     let pad = payload(args.size.saturating_sub(40));
     let published = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -133,6 +133,10 @@ struct ClientArgs {
     /// API key of the bus, when it requires one.
     #[arg(long, env = "SWITCHBOARD_AUTH__ADMIN_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// For an `https://` URL: `tls.ca`, `tls.client_cert`, `tls.client_key`
+    /// of the configuration file and the environment.
+    #[arg(skip)]
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -166,21 +170,42 @@ fn main() -> ExitCode {
         eprintln!("error: invalid configuration: {message}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // The tools' TLS settings (`tls.*`), from the file and the environment.
+    let client_tls = || {
+        settings::load(cli.config.as_deref(), &env).and_then(|s| s.tls.client_config()).map_err(|message| {
+            eprintln!("error: invalid configuration: {message}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+    };
     let (role, args) = match cli.command.unwrap_or(Command::Up(ServeArgs::default())) {
         Command::Up(a) => (Role::Up, a),
         Command::Gateway(a) => (Role::Gateway, a),
         Command::Eventbus(a) => (Role::Eventbus, a),
         Command::AgentBridge(a) => (Role::AgentBridge, a),
-        Command::Publish { channel, event, json, client, idempotency_key } => {
+        Command::Publish { channel, event, json, mut client, idempotency_key } => {
+            client.tls = match client_tls() {
+                Ok(tls) => tls,
+                Err(code) => return code,
+            };
             return runtime.block_on(tools::publish(client, channel, event, json, idempotency_key));
         }
-        Command::Tail { channel, since, client } => return runtime.block_on(tools::tail(client, channel, since)),
+        Command::Tail { channel, since, mut client } => {
+            client.tls = match client_tls() {
+                Ok(tls) => tls,
+                Err(code) => return code,
+            };
+            return runtime.block_on(tools::tail(client, channel, since));
+        }
         Command::Token { sub, ttl, roles, channels, audience, issuer, secret } => {
             let claims = tools::token_claims(&sub, ttl, &roles, &channels, audience.as_deref(), issuer.as_deref());
             return tools::token(&secret, &claims);
         }
         Command::Bench(bench) => {
-            return match runtime.block_on(bench::run(bench)) {
+            let tls = match client_tls() {
+                Ok(tls) => tls,
+                Err(code) => return code,
+            };
+            return match runtime.block_on(bench::run(bench, tls)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -3,7 +3,7 @@
 //! at fault. The checks run in a fixed order, so that a configuration with
 //! several faults always reports the same one.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     Role, ServeArgs,
@@ -49,12 +49,16 @@ impl Plan {
             s.eventbus.metrics_listen.as_deref().map(|a| addr("eventbus.metrics_listen", a)).transpose()?;
         let bridge_metrics_listen =
             s.agent_bridge.metrics_listen.as_deref().map(|a| addr("agent_bridge.metrics_listen", a)).transpose()?;
-        let eventbus = eventbus_config(&s)?;
+        let mut eventbus = eventbus_config(&s)?;
         check_positive(&s)?;
         let (keys, generated) = gateway_keys(&s, role, dev)?;
         let rules = access_rules(&s)?;
-        let bridge = bridge_config(&s, eventbus_listen)?;
-        let gateway = gateway_config(&s, keys, rules, eventbus_listen, bridge_listen);
+        let tls = tls_config(&s, role)?;
+        let mut bridge = bridge_config(&s, eventbus_listen)?;
+        let mut gateway = gateway_config(&s, keys, rules, eventbus_listen, bridge_listen);
+        eventbus.tls = tls.eventbus;
+        (bridge.tls, bridge.client_tls) = (tls.bridge, tls.client.clone());
+        (gateway.tls, gateway.client_tls) = (tls.gateway, tls.client);
         Ok(Plan {
             role,
             dev,
@@ -93,6 +97,68 @@ struct Generated {
 struct AccessRules {
     namespaces: HashMap<String, switchboard_gateway::Namespace>,
     rpc: HashMap<String, switchboard_gateway::Access>,
+}
+
+/// The TLS of each listener that runs (its files are read now, so that a
+/// bad one exits 64 before anything is bound), and of the gRPC clients.
+struct TlsConfigs {
+    gateway: Option<switchboard_tls::ServerTls>,
+    eventbus: Option<switchboard_tls::ServerTls>,
+    bridge: Option<switchboard_tls::ServerTls>,
+    client: Option<tonic::transport::ClientTlsConfig>,
+}
+
+fn tls_config(s: &Settings, role: Role) -> Result<TlsConfigs, String> {
+    let grpc = || vec![b"h2".to_vec()];
+    let gateway = match role {
+        Role::Up | Role::Gateway => {
+            let g = &s.gateway;
+            server_tls("gateway", &g.tls_cert, &g.tls_key, &None, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?
+        }
+        _ => None,
+    };
+    let eventbus = match role {
+        Role::Up | Role::Eventbus => {
+            let e = &s.eventbus;
+            server_tls("eventbus", &e.tls_cert, &e.tls_key, &e.tls_client_ca, grpc())?
+        }
+        _ => None,
+    };
+    let bridge = match role {
+        Role::Up | Role::AgentBridge => {
+            let b = &s.agent_bridge;
+            server_tls("agent_bridge", &b.tls_cert, &b.tls_key, &b.tls_client_ca, grpc())?
+        }
+        _ => None,
+    };
+    Ok(TlsConfigs { gateway, eventbus, bridge, client: s.tls.client_config()? })
+}
+
+/// A listener's TLS from its `<section>.tls_*` settings: none, or both a
+/// certificate and a key.
+fn server_tls(
+    section: &'static str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    client_ca: &Option<PathBuf>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Option<switchboard_tls::ServerTls>, String> {
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (None, None) if client_ca.is_some() => {
+            return Err(format!("{section}.tls_client_ca: needs {section}.tls_cert and {section}.tls_key"));
+        }
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(format!("{section}.tls_key: required with {section}.tls_cert")),
+        (None, Some(_)) => return Err(format!("{section}.tls_cert: required with {section}.tls_key")),
+    };
+    let files = switchboard_tls::ServerFiles { section, cert, key, client_ca: client_ca.clone(), alpn };
+    switchboard_tls::ServerTls::load(files).map(Some).map_err(|e| e.to_string())
+}
+
+/// `https` for a local service that serves TLS, else `http`.
+fn scheme(tls_cert: &Option<PathBuf>) -> &'static str {
+    if tls_cert.is_some() { "https" } else { "http" }
 }
 
 /// Flags override the file and the environment.
@@ -167,6 +233,7 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
         // `switchboard publish` and producers work out of the box in dev.
         api_key: s.auth.admin_key.clone(),
         node: "eventbus".into(),
+        tls: None,
     })
 }
 
@@ -311,7 +378,12 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
     }
     Ok(switchboard_agent_bridge::Config {
         data_dir: s.agent_bridge.data_dir.clone(),
-        eventbus_url: Some(s.agent_bridge.eventbus_url.clone().unwrap_or_else(|| format!("http://{eventbus_listen}"))),
+        eventbus_url: Some(
+            s.agent_bridge
+                .eventbus_url
+                .clone()
+                .unwrap_or_else(|| format!("{}://{eventbus_listen}", scheme(&s.eventbus.tls_cert))),
+        ),
         api_key: s.auth.admin_key.clone(),
         default_agent: s.agents.default.clone(),
         echo_delay: Duration::from_millis(s.agents.echo.delay_ms),
@@ -319,6 +391,8 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
         max_enqueued: s.agents.max_enqueued,
         shutdown_grace: s.gateway.shutdown_grace.0,
         openai,
+        tls: None,
+        client_tls: None,
     })
 }
 
@@ -337,9 +411,14 @@ fn gateway_config(
         node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
         eventbus_urls: match &s.gateway.eventbus_url {
             Some(urls) => urls.0.clone(),
-            None => vec![format!("http://{eventbus_listen}")],
+            None => vec![format!("{}://{eventbus_listen}", scheme(&s.eventbus.tls_cert))],
         },
-        agent_bridge_url: Some(s.gateway.agent_bridge_url.clone().unwrap_or_else(|| format!("http://{bridge_listen}"))),
+        agent_bridge_url: Some(
+            s.gateway
+                .agent_bridge_url
+                .clone()
+                .unwrap_or_else(|| format!("{}://{bridge_listen}", scheme(&s.agent_bridge.tls_cert))),
+        ),
         admin_key: keys.admin_key,
         anonymous: keys.anonymous,
         heartbeat_interval: s.gateway.heartbeat_interval.0,
@@ -364,6 +443,8 @@ fn gateway_config(
         default_channels: s.gateway.default_channels.clone(),
         allowed_origins: s.gateway.allowed_origins.clone(),
         auth: keys.auth,
+        tls: None,
+        client_tls: None,
     }
 }
 

@@ -13,6 +13,11 @@ impl Plan {
         let stop = CancellationToken::new();
         let bus_stop = CancellationToken::new();
         tokio::spawn(signal(stop.clone()));
+        let certificates: Vec<_> =
+            [&self.gateway.tls, &self.eventbus.tls, &self.bridge.tls].into_iter().flatten().cloned().collect();
+        if !certificates.is_empty() {
+            tokio::spawn(reload_on_hangup(certificates, stop.clone()));
+        }
         let runs_bus = matches!(self.role, Role::Up | Role::Eventbus);
         let runs_gateway = matches!(self.role, Role::Up | Role::Gateway);
         let runs_bridge = matches!(self.role, Role::Up | Role::AgentBridge);
@@ -40,11 +45,12 @@ impl Plan {
         let mut bus_task = None;
         if let Some(listener) = bus_listener {
             let bus_addr = listener.local_addr().ok();
+            let scheme = if self.eventbus.tls.is_some() { "https" } else { "http" };
             if let (true, Some(a)) = (self.local_bus, bus_addr) {
-                self.gateway.eventbus_urls = vec![format!("http://{a}")];
+                self.gateway.eventbus_urls = vec![format!("{scheme}://{a}")];
             }
             if let (true, Some(a)) = (self.local_bridge_bus, bus_addr) {
-                self.bridge.eventbus_url = Some(format!("http://{a}"));
+                self.bridge.eventbus_url = Some(format!("{scheme}://{a}"));
             }
             let (bus, handle) = match switchboard_eventbus::open(self.eventbus.clone()).await {
                 Ok(opened) => opened,
@@ -87,7 +93,8 @@ impl Plan {
         if let Some(listener) = bridge_listener {
             let bridge_addr = listener.local_addr().ok();
             if let (true, Some(a)) = (self.local_bridge, bridge_addr) {
-                self.gateway.agent_bridge_url = Some(format!("http://{a}"));
+                let scheme = if self.bridge.tls.is_some() { "https" } else { "http" };
+                self.gateway.agent_bridge_url = Some(format!("{scheme}://{a}"));
             }
             let bridge = match switchboard_agent_bridge::open(self.bridge.clone()) {
                 Ok(b) => b,
@@ -129,8 +136,9 @@ impl Plan {
         let mut gateway_task = None;
         if let Some(listener) = gateway_listener {
             if let Ok(a) = listener.local_addr() {
-                println!("gateway   ws://{a}/ws/connect");
-                println!("          http://{a}/api/ws/info");
+                let (ws, http) = if self.gateway.tls.is_some() { ("wss", "https") } else { ("ws", "http") };
+                println!("gateway   {ws}://{a}/ws/connect");
+                println!("          {http}://{a}/api/ws/info");
             }
             let token = stop.clone();
             let config = self.gateway.clone();
@@ -216,6 +224,35 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
         eprintln!("error: cannot listen on {addr} ({key}): {e}");
         ExitCode::FAILURE
     })
+}
+
+/// Reads the certificates again on each SIGHUP (SPEC §8): new connections
+/// get the new ones, open connections keep theirs. A file that cannot be
+/// used is reported, and the certificate in use is kept.
+async fn reload_on_hangup(certificates: Vec<switchboard_tls::ServerTls>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: certificates will not be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = hangup.recv() => {}
+            }
+            for tls in &certificates {
+                match tls.reload() {
+                    Ok(()) => tracing::info!(section = tls.section(), "certificates reloaded"),
+                    Err(e) => tracing::error!(cause = %e, "certificates not reloaded; the previous ones stay in use"),
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (certificates, stop);
+    }
 }
 
 async fn signal(stop: CancellationToken) {

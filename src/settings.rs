@@ -91,6 +91,8 @@ pub struct Settings {
     pub auth: Auth,
     pub agents: Agents,
     pub limits: Limits,
+    /// What our gRPC clients use for `https://` URLs.
+    pub tls: Tls,
     pub namespaces: HashMap<String, Namespace>,
     /// Who may call each RPC method (SPEC §7.5): `rpc.<method>`.
     pub rpc: HashMap<String, AccessSetting>,
@@ -108,6 +110,9 @@ pub struct Gateway {
     pub shutdown_grace: Dur,
     pub allowed_origins: Vec<String>,
     pub default_channels: Vec<String>,
+    /// PEM certificate chain and key: HTTPS and WSS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Gateway {
@@ -122,6 +127,8 @@ impl Default for Gateway {
             shutdown_grace: secs(10),
             allowed_origins: switchboard_gateway::config::localhost_origins(),
             default_channels: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -139,6 +146,11 @@ pub struct Eventbus {
     pub fsync: String,
     pub fsync_interval: Dur,
     pub cache_bytes: Size,
+    /// PEM certificate chain and key: gRPC over TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate one signed.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Eventbus {
@@ -153,6 +165,9 @@ impl Default for Eventbus {
             fsync: "always".into(),
             fsync_interval: Dur(Duration::from_millis(2)),
             cache_bytes: Size(64 << 20),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -165,6 +180,10 @@ pub struct AgentBridge {
     pub metrics_listen: Option<String>,
     pub eventbus_url: Option<String>,
     pub data_dir: PathBuf,
+    /// As the bus's.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for AgentBridge {
@@ -174,7 +193,37 @@ impl Default for AgentBridge {
             metrics_listen: None,
             eventbus_url: None,
             data_dir: PathBuf::from("./data"),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
+    }
+}
+
+/// The `[tls]` section: how our gRPC clients (gateway, bridge, `publish`,
+/// `tail`, `bench`) reach `https://` URLs.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM CA certificates that sign the servers (the public roots when unset).
+    pub ca: Option<PathBuf>,
+    /// PEM certificate and key presented to servers that require one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The clients' TLS configuration, when any of it is set.
+    ///
+    /// # Errors
+    /// A message naming the setting at fault.
+    pub fn client_config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        if self.ca.is_none() && self.client_cert.is_none() && self.client_key.is_none() {
+            return Ok(None);
+        }
+        switchboard_tls::client_config(self.ca.as_deref(), self.client_cert.as_deref(), self.client_key.as_deref())
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 

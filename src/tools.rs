@@ -51,9 +51,13 @@ pub(crate) fn token_claims(
 ///
 /// # Errors
 /// When the URL or the key is malformed.
-pub(crate) fn bus_client(url: &str, key: Option<&str>) -> Result<BusClient, String> {
+pub(crate) fn bus_client(
+    url: &str,
+    key: Option<&str>,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<BusClient, String> {
     let key = BearerKey::new(key).map_err(|e| format!("--key: {e}"))?;
-    switchboard_proto::client::bus(url, key).map_err(|e| format!("--url: {e}"))
+    switchboard_proto::client::bus(url, key, tls).map_err(|e| format!("--url: {e}"))
 }
 
 pub(crate) async fn publish(
@@ -63,7 +67,7 @@ pub(crate) async fn publish(
     json: String,
     key: Option<String>,
 ) -> ExitCode {
-    let mut client = match bus_client(&args.url, args.key.as_deref()) {
+    let mut client = match bus_client(&args.url, args.key.as_deref(), args.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -102,7 +106,7 @@ pub(crate) async fn tail(args: ClientArgs, channel: String, since: Option<String
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut client = match bus_client(&args.url, args.key.as_deref()) {
+    let mut client = match bus_client(&args.url, args.key.as_deref(), args.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -75,6 +75,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The `openai` agent, when configured.
     pub openai: Option<openai::OpenAiConfig>,
+    /// gRPC over TLS (`agent_bridge.tls_cert`, `agent_bridge.tls_key`),
+    /// requiring client certificates with `agent_bridge.tls_client_ca`.
+    pub tls: Option<switchboard_tls::ServerTls>,
+    /// For an `https://` bus URL: the CA that signs it and the certificate
+    /// presented to it (`tls.*`).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for Config {
@@ -89,6 +95,8 @@ impl Default for Config {
             max_enqueued: 16,
             shutdown_grace: Duration::from_secs(10),
             openai: None,
+            tls: None,
+            client_tls: None,
         }
     }
 }
@@ -102,7 +110,7 @@ pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send +
     let bus = match &config.eventbus_url {
         Some(url) => {
             let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;
-            Some(switchboard_proto::client::bus(url, key)?)
+            Some(switchboard_proto::client::bus(url, key, config.client_tls.as_ref())?)
         }
         None => None,
     };
@@ -149,23 +157,33 @@ pub async fn serve_bridge(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("descriptor sets are built by the proto crate");
-    tonic::transport::Server::builder()
+    let tls = bridge.server_tls();
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(service::with_key(service::AgentBridgeService::new(bridge.clone()), key.clone()))
-        .add_service(service::worker_with_key(service::AgentWorkerService::new(bridge.clone(), stop.clone()), key))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                shutdown.await;
-                // Runs first, while workers and the bus still answer.
-                bridge.drain(grace).await;
-                // Attached workers and the heartbeat task end here.
-                stop.cancel();
-            },
-        )
-        .await
+        .add_service(service::worker_with_key(service::AgentWorkerService::new(bridge.clone(), stop.clone()), key));
+    let signal = async move {
+        shutdown.await;
+        // Runs first, while workers and the bus still answer.
+        bridge.drain(grace).await;
+        // Attached workers and the heartbeat task end here.
+        stop.cancel();
+    };
+    match tls {
+        Some(tls) => {
+            let incoming = switchboard_tls::incoming(listener, tls, TLS_HANDSHAKE_TIMEOUT);
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+    }
 }
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` (Prometheus text) for the bridge until `shutdown`.
 ///

@@ -74,6 +74,9 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Name of this node in `Info`.
     pub node: String,
+    /// gRPC over TLS (`eventbus.tls_cert`, `eventbus.tls_key`), requiring
+    /// client certificates with `eventbus.tls_client_ca`.
+    pub tls: Option<switchboard_tls::ServerTls>,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             namespaces: HashMap::new(),
             api_key: None,
             node: "eventbus".to_owned(),
+            tls: None,
         }
     }
 }

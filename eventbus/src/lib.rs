@@ -103,6 +103,9 @@ impl BusHandle {
     }
 }
 
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the event bus on `listener` until `shutdown` completes.
 ///
 /// # Errors
@@ -136,21 +139,28 @@ pub async fn serve_bus(
         .build_v1()
         .expect("descriptor sets are built by the proto crate");
     let api_key = bus.config().api_key.clone();
+    let tls = bus.config().tls.clone();
     let svc = service::EventBusService::new(bus, token.clone());
     let stop = token.clone();
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(service::with_key(svc, api_key))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                shutdown.await;
-                // Live subscription streams end here; otherwise they would hold the server open.
-                stop.cancel();
-            },
-        )
-        .await;
+        .add_service(service::with_key(svc, api_key));
+    let signal = async move {
+        shutdown.await;
+        // Live subscription streams end here; otherwise they would hold the server open.
+        stop.cancel();
+    };
+    let result = match tls {
+        Some(tls) => {
+            let incoming = switchboard_tls::incoming(listener, tls, TLS_HANDSHAKE_TIMEOUT);
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+    };
     token.cancel();
     let _ = expiry.await;
     result

@@ -8,6 +8,7 @@ use switchboard_proto::{
     client::{self, BridgeClient},
     error::ErrorCode,
 };
+use tonic::transport::ClientTlsConfig;
 
 use crate::{error::CallError, protocol::Position};
 
@@ -75,9 +76,9 @@ impl Bridge {
     ///
     /// # Errors
     /// When the URL or the key is malformed.
-    pub fn new(url: &str, key: Option<&str>) -> Result<Bridge, String> {
+    pub fn new(url: &str, key: Option<&str>, tls: Option<&ClientTlsConfig>) -> Result<Bridge, String> {
         let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-        client::bridge(url, key).map(Bridge).map_err(|e| format!("gateway.agent_bridge_url: {e}"))
+        client::bridge(url, key, tls).map(Bridge).map_err(|e| format!("gateway.agent_bridge_url: {e}"))
     }
 
     /// Starts a run; dropping it cancels the run on the bridge.

@@ -11,6 +11,7 @@ use switchboard_proto::{
     error::ErrorCode,
     eventbus::v1 as pb,
 };
+use tonic::transport::ClientTlsConfig;
 
 use crate::{
     error::CallError,
@@ -44,14 +45,14 @@ pub struct History(pb::HistoryResponse);
 impl BusNodes {
     /// # Errors
     /// When there is no URL, or a URL or the key is malformed.
-    pub fn new(urls: &[String], key: Option<&str>) -> Result<BusNodes, String> {
+    pub fn new(urls: &[String], key: Option<&str>, tls: Option<&ClientTlsConfig>) -> Result<BusNodes, String> {
         if urls.is_empty() {
             return Err("gateway.eventbus_url: no URL given".into());
         }
         let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
         let nodes = urls
             .iter()
-            .map(|url| client::bus(url, key.clone()).map(Bus).map_err(|e| format!("gateway.eventbus_url: {e}")))
+            .map(|url| client::bus(url, key.clone(), tls).map(Bus).map_err(|e| format!("gateway.eventbus_url: {e}")))
             .collect::<Result<_, _>>()?;
         Ok(BusNodes { nodes, current: AtomicUsize::new(0) })
     }

@@ -105,6 +105,13 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// How tokens are checked.
     pub auth: crate::auth::AuthConfig,
+    /// With a certificate and key (`gateway.tls_cert`, `gateway.tls_key`),
+    /// the listener serves HTTPS and WSS only; `ServerTls::reload` reads
+    /// them again for new connections.
+    pub tls: Option<switchboard_tls::ServerTls>,
+    /// For `https://` bus and bridge URLs: the CA that signs them and the
+    /// certificate presented to them (`tls.*`).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The default allowed origins: pages served from this machine.
@@ -146,6 +153,8 @@ impl Default for Config {
             default_channels: Vec::new(),
             allowed_origins: localhost_origins(),
             auth: crate::auth::AuthConfig::none(),
+            tls: None,
+            client_tls: None,
         }
     }
 }

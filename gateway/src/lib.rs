@@ -99,9 +99,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let bus = Arc::new(bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref())?);
+    let bus =
+        Arc::new(bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref(), config.client_tls.as_ref())?);
     let bridge = match &config.agent_bridge_url {
-        Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref())?),
+        Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref(), config.client_tls.as_ref())?),
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());

@@ -13,6 +13,12 @@
 //! HTTP/2 connection carries its WebSocket sessions for its whole life).
 //! Only when sessions alone fill the node is a connection answered 503 at
 //! once, without reading anything.
+//!
+//! With `Config::tls`, each connection's TLS handshake runs in its task,
+//! within the same header deadline and counted and evictable the same way;
+//! it takes the certificate current when it starts, so a reload never
+//! touches an open connection. A client that does not speak TLS fails the
+//! handshake and is closed.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -27,7 +33,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{either::Either, sync::CancellationToken};
 
 use crate::Node;
 
@@ -102,8 +108,10 @@ const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: applicat
 /// tracked by the node); the caller bounds that wait.
 pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: CancellationToken) {
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(node.config.limits.header_timeout);
+    let header_timeout = node.config.limits.header_timeout;
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let max = node.config.limits.max_connections;
     loop {
@@ -135,13 +143,25 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
             pending.requested(id);
             hyper::service::Service::call(&router, request)
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let tls = node.config.tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            tokio::select! {
-                ended = conn => if let Err(e) = ended {
+            let serve = async {
+                let io = match tls {
+                    None => Either::Left(tcp),
+                    Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(e)) => return tracing::debug!(cause = %e, "tls handshake failed"),
+                        Err(_) => return tracing::debug!("tls handshake timed out"),
+                    },
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::trace!(cause = %e, "connection ended with an error");
-                },
+                }
+            };
+            tokio::select! {
+                () = serve => {}
                 // Dropping the connection closes its socket.
                 Ok(()) = evicted => tracing::debug!("pending connection closed to make room"),
             }

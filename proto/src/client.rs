@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
 use crate::{
@@ -21,24 +21,35 @@ pub type BridgeClient = AgentBridgeClient<InterceptedService<Channel, BearerKey>
 const MAX_BUS_ANSWER: usize = 64 * 1024 * 1024;
 
 /// Builds a bus client that connects on first use, so that a service can
-/// start before the bus does.
+/// start before the bus does. An `https://` URL is reached over TLS with
+/// `tls` (`tls.ca`, `tls.client_cert`, `tls.client_key`; see
+/// `switchboard_tls::client_config`), or the public roots without it.
 ///
 /// # Errors
 /// When the URL is malformed.
-pub fn bus(url: &str, key: BearerKey) -> Result<BusClient, tonic::transport::Error> {
-    Ok(EventBusClient::with_interceptor(channel(url)?, key).max_decoding_message_size(MAX_BUS_ANSWER))
+pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTlsConfig>) -> Result<BusClient, tonic::transport::Error> {
+    Ok(EventBusClient::with_interceptor(channel(url, tls)?, key).max_decoding_message_size(MAX_BUS_ANSWER))
 }
 
-/// Builds an agent bridge client that connects on first use.
+/// Builds an agent bridge client that connects on first use; `tls` as for `bus`.
 ///
 /// # Errors
 /// When the URL is malformed.
-pub fn bridge(url: &str, key: BearerKey) -> Result<BridgeClient, tonic::transport::Error> {
-    Ok(AgentBridgeClient::with_interceptor(channel(url)?, key))
+pub fn bridge(
+    url: &str,
+    key: BearerKey,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<BridgeClient, tonic::transport::Error> {
+    Ok(AgentBridgeClient::with_interceptor(channel(url, tls)?, key))
 }
 
-fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
     // A short connect timeout: a caller waiting on a dead node should hear
     // `unavailable` (and a gateway move to the next bus node) soon.
-    Ok(Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy())
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+    if endpoint.uri().scheme_str() == Some("https") {
+        let tls = tls.cloned().unwrap_or_else(|| ClientTlsConfig::new().with_webpki_roots());
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect_lazy())
 }

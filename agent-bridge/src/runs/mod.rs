@@ -188,6 +188,11 @@ impl Bridge {
         self.shared.config.shutdown_grace
     }
 
+    /// The TLS of the bridge's listener, when configured.
+    pub fn server_tls(&self) -> Option<switchboard_tls::ServerTls> {
+        self.shared.config.tls.clone()
+    }
+
     pub fn workers(&self) -> &Workers {
         &self.shared.workers
     }
