@@ -16,7 +16,15 @@ impl Plan {
         let certificates: Vec<_> =
             [&self.gateway.tls, &self.eventbus.tls, &self.bridge.tls].into_iter().flatten().cloned().collect();
         if !certificates.is_empty() {
-            tokio::spawn(reload_on_hangup(certificates, stop.clone()));
+            // Listening before anything is bound: from the first printed
+            // address on, a SIGHUP reloads and never ends the process.
+            #[cfg(unix)]
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hangup) => {
+                    tokio::spawn(reload_on_hangup(hangup, certificates, stop.clone()));
+                }
+                Err(e) => tracing::warn!(cause = %e, "cannot listen for SIGHUP: certificates will not be reloaded"),
+            }
         }
         let runs_bus = matches!(self.role, Role::Up | Role::Eventbus);
         let runs_gateway = matches!(self.role, Role::Up | Role::Gateway);
@@ -229,29 +237,23 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
 /// Reads the certificates again on each SIGHUP (SPEC §8): new connections
 /// get the new ones, open connections keep theirs. A file that cannot be
 /// used is reported, and the certificate in use is kept.
-async fn reload_on_hangup(certificates: Vec<switchboard_tls::ServerTls>, stop: CancellationToken) {
-    #[cfg(unix)]
-    {
-        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: certificates will not be reloaded");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                Some(()) = hangup.recv() => {}
-            }
-            for tls in &certificates {
-                match tls.reload() {
-                    Ok(()) => tracing::info!(section = tls.section(), "certificates reloaded"),
-                    Err(e) => tracing::error!(cause = %e, "certificates not reloaded; the previous ones stay in use"),
-                }
+#[cfg(unix)]
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    certificates: Vec<switchboard_tls::ServerTls>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(()) = hangup.recv() => {}
+        }
+        for tls in &certificates {
+            match tls.reload() {
+                Ok(()) => tracing::info!(section = tls.section(), "certificates reloaded"),
+                Err(e) => tracing::error!(cause = %e, "certificates not reloaded; the previous ones stay in use"),
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (certificates, stop);
     }
 }
 

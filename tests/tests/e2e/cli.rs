@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use switchboard_tests::*;
 
 /// Runs the binary to completion and returns its exit code and stderr.
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+pub(crate) fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(switchboard_bin())
         .args(args)
         .envs(env.iter().copied())

@@ -18,4 +18,5 @@ mod relink;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod tls;
 mod workers;
