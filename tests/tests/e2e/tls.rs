@@ -338,6 +338,9 @@ async fn sighup_reloads_the_certificate_while_an_open_websocket_stays_open() {
     drop(process);
 }
 
+/// Arguments, environment, and the setting the error must name.
+type Case<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, &'a str);
+
 #[test]
 fn missing_or_bad_certificate_files_exit_64_naming_the_setting() {
     let pki = Pki::new("ca");
@@ -346,7 +349,7 @@ fn missing_or_bad_certificate_files_exit_64_naming_the_setting() {
     let garbage = pki.file("garbage.pem", "not a pem file\n");
     let garbage = garbage.to_str().unwrap();
     let gateway = ["gateway", "--dev", "--gateway-listen", "127.0.0.1:0"];
-    let cases: [(&[&str], Vec<(&str, &str)>, &str); 6] = [
+    let cases: [Case<'_>; 6] = [
         (
             &gateway,
             vec![("SWITCHBOARD_GATEWAY__TLS_CERT", "/nonexistent/cert.pem"), ("SWITCHBOARD_GATEWAY__TLS_KEY", key)],
