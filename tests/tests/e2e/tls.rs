@@ -387,3 +387,46 @@ fn missing_or_bad_certificate_files_exit_64_naming_the_setting() {
         assert!(stderr.contains(setting), "{args:?}: {stderr} does not name {setting}");
     }
 }
+
+/// A TLS gateway on a plain memory bus, with `limits` tweaked.
+async fn tls_gateway(pki: &Pki, bus: &BusServer, tweak: impl FnOnce(&mut gateway::Limits)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = gateway::Config {
+        eventbus_urls: vec![bus.url()],
+        tls: Some(server_tls("gateway", &pki.leaf("gateway", false), None)),
+        ..gateway::Config::default()
+    };
+    tweak(&mut config.limits);
+    tokio::spawn(async move { gateway::serve(config, listener, std::future::pending()).await.expect("gateway") });
+    addr
+}
+
+/// Whether the server closed `tcp` within `WAIT` (end of stream or reset).
+async fn closed_by_server(tcp: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(WAIT, tcp.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_times_out_and_is_evicted_to_make_room() {
+    let pki = Pki::new("ca");
+    let bus = BusServer::memory().await;
+    // The header deadline bounds the handshake too.
+    let addr = tls_gateway(&pki, &bus, |l| l.header_timeout = Duration::from_millis(300)).await;
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_server(&mut stalled).await, "a connection that never starts its handshake stays open");
+
+    // At the connection limit, one still handshaking is closed to make room.
+    let addr = tls_gateway(&pki, &bus, |l| {
+        l.max_connections = 1;
+        l.header_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    let mut ws = wss(addr, &pki.ca_der).await;
+    assert!(closed_by_server(&mut stalled).await, "the stalled handshake was not evicted");
+    ws.send(Message::text(json!({"type": "ping", "id": 1}).to_string())).await.unwrap();
+    assert_eq!(expect(&mut ws, "pong").await["id"], 1);
+}
