@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     pub(crate) published_total: AtomicU64,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Presence entries (see `presence.rs`).
+    pub(crate) presence: Arc<crate::presence::Presence>,
     subscriptions: AtomicU64,
     next_subscriber: AtomicU64,
     next_join: AtomicU64,
@@ -167,11 +169,14 @@ impl Subscriber {
 
 /// One subscription stream: any number of channels, one queue.
 pub struct Subscription {
-    bus: Bus,
-    id: u64,
+    pub(crate) bus: Bus,
+    pub(crate) id: u64,
     subscriber: Subscriber,
     /// By name: a stream may hold `max_stream_channels` of them.
     channels: HashMap<Arc<str>, Arc<Channel>>,
+    /// Presence entries this stream added, by channel and connection id;
+    /// removed when it ends (see `presence.rs`).
+    pub(crate) presence: std::collections::HashSet<(Arc<str>, String)>,
 }
 
 /// Deepest nesting of arrays and objects accepted in event data: every
@@ -223,6 +228,11 @@ impl Bus {
     }
 
     pub(crate) fn with_engine(config: Config, engine: Engine, epoch: Arc<str>) -> Bus {
+        let presence_store = match &engine {
+            Engine::Local { .. } => None,
+            Engine::Redis(redis) => Some(redis.presence_store()),
+        };
+        let presence = crate::presence::Presence::new(presence_store, config.presence_refresh);
         Bus {
             shared: Arc::new(Shared {
                 config,
@@ -231,6 +241,7 @@ impl Bus {
                 channels: Mutex::default(),
                 published_total: AtomicU64::new(0),
                 metrics: crate::metrics::Metrics::new(),
+                presence,
                 subscriptions: AtomicU64::new(0),
                 next_subscriber: AtomicU64::new(1),
                 next_join: AtomicU64::new(1),
@@ -419,7 +430,8 @@ impl Bus {
         let lagged = CancellationToken::new();
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber { tx, lagged: lagged.clone() };
-        (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new() }, rx, lagged)
+        let presence = Default::default();
+        (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new(), presence }, rx, lagged)
     }
 
     /// Returns stored events after `since` (or from the oldest), and the channel's position.
@@ -874,6 +886,8 @@ impl Bus {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        // Entries first: their `leave` reaches the channels' subscribers.
+        self.drop_presence();
         for ch in std::mem::take(&mut self.channels).into_values() {
             self.detach(&ch);
         }

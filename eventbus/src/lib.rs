@@ -7,6 +7,8 @@
 //!   the local engine (`memory`, `embedded`).
 //! - `store`: the storage trait and its `memory` and `embedded` backends.
 //! - `redis`: the shared engine on Redis (streams, a Lua script, Pub/Sub).
+//! - `presence`: who is subscribed to a channel across nodes, and its
+//!   `join`/`leave` events; kept in process, or in a shared engine's store.
 //! - `service`: the tonic service, the only module that sees proto types.
 //! - `config`, `error`.
 
@@ -22,6 +24,7 @@ pub mod bus;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod presence;
 mod redis;
 mod service;
 pub mod store;
@@ -30,6 +33,7 @@ mod writer;
 pub use bus::{Bus, Delivery, NewEvent};
 pub use config::{Backend, Config, Fsync, HistoryPolicy};
 pub use error::{BusError, StoreError};
+pub use presence::PresenceEntry;
 pub use writer::Published;
 
 /// An event as stored and delivered.
