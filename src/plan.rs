@@ -123,12 +123,10 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
             Some(url) => switchboard_eventbus::Backend::Redis { url: url.clone() },
             None => return Err("eventbus.redis_url: required by the redis backend (redis://HOST:PORT)".into()),
         },
-        "nats" => {
-            return Err(format!(
-                "eventbus.backend: the {} backend is not available in this build yet",
-                s.eventbus.backend
-            ));
-        }
+        "nats" => match &s.eventbus.nats_url {
+            Some(url) => switchboard_eventbus::Backend::Nats { url: url.clone() },
+            None => return Err("eventbus.nats_url: required by the nats backend (nats://HOST:PORT)".into()),
+        },
         other => {
             return Err(format!("eventbus.backend: {other:?} is not one of embedded, memory, redis, nats"));
         }

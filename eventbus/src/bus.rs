@@ -10,8 +10,9 @@
 //!   missed from the store and register the subscriber under that same lock,
 //!   so that a subscriber sees every event exactly once, in offset order,
 //!   across replay and live delivery.
-//! - **Redis** (see `redis.rs`): Redis numbers and keeps events; every bus
-//!   node hears them on Pub/Sub and feeds them in through `on_live`. A
+//! - **Shared** (`redis`, `nats`; see `broker.rs`): the backend numbers and
+//!   keeps events; every bus node hears them on its live feed and feeds
+//!   them in through `on_live`. A
 //!   channel's feed is synced (subscribed, then its position read) before
 //!   anyone joins it, and a join that must replay reads history while the
 //!   live events that arrive meanwhile are buffered for it; the two are
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Event, Position,
+    broker::Broker,
     config::Config,
     error::BusError,
     store::Store,
@@ -69,8 +71,8 @@ pub(crate) struct Shared {
 pub(crate) enum Engine {
     /// This process numbers events (the writer thread) and keeps them.
     Local { store: Arc<dyn Store>, writer: mpsc::Sender<WriteRequest> },
-    /// Redis numbers and keeps them; every node hears them on Pub/Sub.
-    Redis(crate::redis::Redis),
+    /// A shared backend numbers and keeps them; every node hears them.
+    Shared(Arc<dyn Broker>),
 }
 
 pub(crate) struct Channel {
@@ -230,7 +232,7 @@ impl Bus {
     pub(crate) fn with_engine(config: Config, engine: Engine, epoch: Arc<str>) -> Bus {
         let presence_store = match &engine {
             Engine::Local { .. } => None,
-            Engine::Redis(redis) => Some(redis.presence_store()),
+            Engine::Shared(broker) => broker.presence(),
         };
         let presence = crate::presence::Presence::new(presence_store, config.presence_refresh);
         Bus {
@@ -253,7 +255,7 @@ impl Bus {
     pub fn epoch(&self) -> Option<&str> {
         match self.shared.engine {
             Engine::Local { .. } => Some(&self.shared.epoch),
-            Engine::Redis(_) => None,
+            Engine::Shared(_) => None,
         }
     }
 
@@ -278,7 +280,7 @@ impl Bus {
                 let name: Arc<str> = Arc::from(name);
                 let feed = match self.shared.engine {
                     Engine::Local { .. } => Feed::Live,
-                    Engine::Redis(_) => Feed::Syncing { heard: Vec::new() },
+                    Engine::Shared(_) => Feed::Syncing { heard: Vec::new() },
                 };
                 let state = ChannelState {
                     top: 0,
@@ -292,9 +294,9 @@ impl Bus {
                 };
                 let ch = Arc::new(Channel { name: name.clone(), state: Mutex::new(state) });
                 channels.insert(name.clone(), ch.clone());
-                if let Engine::Redis(redis) = &self.shared.engine {
+                if let Engine::Shared(broker) = &self.shared.engine {
                     // Heard from now on; its position is read once it is.
-                    redis.listen(name);
+                    broker.listen(name);
                 }
                 ch
             }
@@ -315,15 +317,15 @@ impl Bus {
         if !channels.get(&ch.name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
             return;
         }
-        let shared_backend = matches!(self.shared.engine, Engine::Redis(_));
+        let shared_backend = matches!(self.shared.engine, Engine::Shared(_));
         let idle = {
             let st = ch.state.lock().unwrap();
             (st.top == 0 || shared_backend) && st.writing == 0 && st.subscribers.is_empty() && st.joining.is_empty()
         };
         if idle {
             channels.remove(&ch.name);
-            if let Engine::Redis(redis) = &self.shared.engine {
-                redis.unlisten(ch.name.clone());
+            if let Engine::Shared(broker) = &self.shared.engine {
+                broker.unlisten(ch.name.clone());
             }
         }
     }
@@ -385,7 +387,7 @@ impl Bus {
     pub(crate) fn local_parts(&self) -> Option<(&mpsc::Sender<WriteRequest>, &Arc<dyn Store>)> {
         match &self.shared.engine {
             Engine::Local { store, writer } => Some((writer, store)),
-            Engine::Redis(_) => None,
+            Engine::Shared(_) => None,
         }
     }
 
@@ -411,15 +413,23 @@ impl Bus {
         let started = std::time::Instant::now();
         let shared = self.shared.clone();
         let (reply, rx) = oneshot::channel();
-        match &self.shared.engine {
+        // The writer counts what it stores; a shared backend's stores are counted here.
+        let counted_here = match &self.shared.engine {
             Engine::Local { writer, .. } => {
-                writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?
+                writer.send(WriteRequest::Publish { event, reply }).await.map_err(|_| BusError::ShuttingDown)?;
+                false
             }
-            Engine::Redis(redis) => redis.publish(event, reply).await?,
-        }
+            Engine::Shared(broker) => {
+                broker.publish(event, reply).await?;
+                true
+            }
+        };
         Ok(async move {
             let result = rx.await.map_err(|_| BusError::ShuttingDown)?;
             shared.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
+            if counted_here && result.as_ref().is_ok_and(|p| !p.duplicate) {
+                shared.published_total.fetch_add(1, Ordering::Relaxed);
+            }
             result
         })
     }
@@ -446,7 +456,7 @@ impl Bus {
         switchboard_proto::channel::validate(channel)?;
         let store = match &self.shared.engine {
             Engine::Local { store, .. } => store.clone(),
-            Engine::Redis(redis) => return redis.history(channel, since, limit, reverse).await,
+            Engine::Shared(broker) => return broker.history(Arc::from(channel), since, limit, reverse).await,
         };
         let (top, first) = self.position_of(channel);
         let after = since.unwrap_or(0).max(first.saturating_sub(1));
@@ -496,8 +506,8 @@ impl Bus {
                     (ch.name.clone(), pos, st.subscribers.len() as u64)
                 })
                 .collect(),
-            Engine::Redis(redis) => redis
-                .channels(prefix)
+            Engine::Shared(broker) => broker
+                .channels(prefix.to_owned())
                 .await?
                 .into_iter()
                 .map(|(name, pos)| {
@@ -555,7 +565,7 @@ impl Subscription {
         }
         let (id, subscriber) = (self.id, self.subscriber.clone());
         let bus = self.bus.clone();
-        let shared_backend = matches!(bus.shared.engine, Engine::Redis(_));
+        let shared_backend = matches!(bus.shared.engine, Engine::Shared(_));
         let (ch, replay, resync) = bus.with_channel(channel, |ch, st| {
             // A position past what this node has heard, in its epoch: this
             // node lags behind the one the client (or a failed-over
@@ -695,7 +705,7 @@ impl Bus {
                 }
                 .boxed()
             }
-            Engine::Redis(redis) => redis.clone().range(ch.name.clone(), replay.after, replay.to).boxed(),
+            Engine::Shared(broker) => broker.range(ch.name.clone(), replay.after, replay.to),
         };
         tokio::spawn(async move {
             let events = read.await;
@@ -757,7 +767,7 @@ impl Bus {
     /// Delivers the events that continue the channel; returns the rest from
     /// the first that does not, when one does not. An offset already
     /// delivered is skipped when `after_sync` (the sync read it too);
-    /// otherwise it is a sign that Redis lost writes and numbers them again,
+    /// otherwise it is a sign that the backend lost writes and numbers them again,
     /// and starts a resync, which finds out.
     fn apply_live(
         &self,
@@ -792,7 +802,7 @@ impl Bus {
     }
 
     /// Marks every channel as syncing and syncs it again: after the live
-    /// feed was lost (a Redis reconnect), whatever was published meanwhile
+    /// feed was lost (a reconnect to the backend), whatever was published meanwhile
     /// is read from the stream.
     pub(crate) fn resync_all(&self) {
         for ch in self.all_channels() {
@@ -809,15 +819,42 @@ impl Bus {
         }
     }
 
+    /// Reads a channel's position (and what it missed) from the shared
+    /// backend and hands both to `on_synced` as sync `generation`. Retried
+    /// with backoff while the backend cannot be reached, until the channel
+    /// is forgotten or a later sync has begun.
     fn resync(&self, ch: Arc<Channel>, generation: u64) {
-        if let Engine::Redis(redis) = &self.shared.engine {
-            redis.sync(self.clone(), ch, generation);
-        }
+        let Engine::Shared(broker) = &self.shared.engine else {
+            return;
+        };
+        let (bus, broker) = (self.clone(), broker.clone());
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_millis(50);
+            loop {
+                if !bus.channel(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, &ch)) {
+                    return;
+                }
+                let Some(had) = bus.sync_position(&ch, generation) else {
+                    return; // A later sync took over.
+                };
+                match broker.sync(ch.name.clone(), had).await {
+                    Ok((position, fill)) => {
+                        bus.on_synced(&ch, generation, position, fill);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, channel = &*ch.name, "cannot sync channel; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                    }
+                }
+            }
+        });
     }
 
     /// The channel's position before sync `generation`, if it had one; `None`
     /// when a later sync has begun.
-    pub(crate) fn sync_position(&self, ch: &Channel, generation: u64) -> Option<Option<Position>> {
+    fn sync_position(&self, ch: &Channel, generation: u64) -> Option<Option<Position>> {
         let st = ch.state.lock().unwrap();
         (st.sync_generation == generation)
             .then(|| (!st.epoch.is_empty()).then(|| Position { offset: st.top, epoch: st.epoch.clone() }))

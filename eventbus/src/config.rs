@@ -11,6 +11,8 @@ pub enum Backend {
     Embedded,
     /// Shared by every bus node on the same Redis: streams, a Lua script, Pub/Sub.
     Redis { url: String },
+    /// Shared by every bus node on the same NATS JetStream: a stream per channel.
+    Nats { url: String },
 }
 
 impl Backend {
@@ -19,6 +21,7 @@ impl Backend {
             Backend::Memory => "memory",
             Backend::Embedded => "embedded",
             Backend::Redis { .. } => "redis",
+            Backend::Nats { .. } => "nats",
         }
     }
 }

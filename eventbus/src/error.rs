@@ -22,6 +22,8 @@ pub enum BusError {
 pub enum StoreError {
     #[error("cannot open data directory {path}: {cause}")]
     Open { path: String, cause: String },
+    #[error("cannot reach the shared backend at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
     #[error("data directory {path} is in use by another process")]
     Locked { path: String },
     #[error("{0}")]

@@ -6,7 +6,9 @@
 //! - `writer`: the one thread that numbers, commits and announces events of
 //!   the local engine (`memory`, `embedded`).
 //! - `store`: the storage trait and its `memory` and `embedded` backends.
+//! - `broker`: the seam of the shared engines, and the record they keep.
 //! - `redis`: the shared engine on Redis (streams, a Lua script, Pub/Sub).
+//! - `nats`: the shared engine on NATS JetStream (a stream per channel).
 //! - `presence`: who is subscribed to a channel across nodes, and its
 //!   `join`/`leave` events; kept in process, or in a shared engine's store.
 //! - `service`: the tonic service, the only module that sees proto types.
@@ -20,10 +22,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod broker;
 pub mod bus;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod nats;
 mod presence;
 mod redis;
 mod service;
@@ -77,6 +81,11 @@ pub async fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
             let (bus, tasks) = redis::open(config, &url).await?;
             return Ok((bus.clone(), BusHandle { bus, thread: None, tasks: Some(tasks) }));
         }
+        Backend::Nats { url } => {
+            let url = url.clone();
+            let (bus, tasks) = nats::open(config, &url).await?;
+            return Ok((bus.clone(), BusHandle { bus, thread: None, tasks: Some(tasks) }));
+        }
     };
     let channels = store.channels()?;
     let (bus, rx) = Bus::local(config, store.clone());
@@ -95,7 +104,7 @@ pub async fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
 pub struct BusHandle {
     bus: Bus,
     thread: Option<std::thread::JoinHandle<()>>,
-    tasks: Option<redis::Tasks>,
+    tasks: Option<broker::Tasks>,
 }
 
 impl BusHandle {

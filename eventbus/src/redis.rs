@@ -24,21 +24,21 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use futures::StreamExt;
-use redis::{AsyncCommands, ErrorKind, ServerErrorKind, aio::ConnectionManager};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
-use tokio::{
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
+use futures::{
+    StreamExt,
+    future::{BoxFuture, FutureExt},
 };
+use redis::{AsyncCommands, ErrorKind, ServerErrorKind, aio::ConnectionManager};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Event, Position,
-    bus::{Bus, Channel, Engine, NewEvent},
+    broker::{Broker, Listed, Reply, Tasks, decode, encode, new_epoch},
+    bus::{Bus, Engine, NewEvent},
     config::Config,
     error::{BusError, StoreError},
+    presence::{PresenceStore, RedisPresence},
     writer::{IDEMPOTENCY_WINDOW, Published, now_ms},
 };
 
@@ -129,69 +129,12 @@ fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("sb:{")?.strip_suffix("}:p")
 }
 
-/// An event as stored in a stream entry and carried on Pub/Sub (after its
-/// offset and epoch), as `encode` writes it.
-#[derive(Deserialize)]
-struct Wire<'a> {
-    i: std::borrow::Cow<'a, str>,
-    n: std::borrow::Cow<'a, str>,
-    t: i64,
-    #[serde(default)]
-    m: Vec<(String, String)>,
-    #[serde(borrow)]
-    d: &'a RawValue,
-}
-
-/// Writes `Wire` around the event's data, which `Bus::check` has found to
-/// be JSON: spliced in, not parsed again.
-fn encode(id: &str, event: &NewEvent, timestamp_ms: i64) -> Result<String, BusError> {
-    let data = std::str::from_utf8(&event.data).map_err(|e| BusError::InvalidJson(e.to_string()))?;
-    let mut out = String::with_capacity(data.len() + event.name.len() + 80);
-    out.push_str("{\"i\":");
-    out.push_str(&json(id));
-    out.push_str(",\"n\":");
-    out.push_str(&json(&event.name));
-    out.push_str(",\"t\":");
-    out.push_str(&timestamp_ms.to_string());
-    if !event.meta.is_empty() {
-        out.push_str(",\"m\":");
-        out.push_str(&json(&event.meta));
-    }
-    out.push_str(",\"d\":");
-    out.push_str(data);
-    out.push('}');
-    Ok(out)
-}
-
-/// The JSON text of strings and string pairs, which cannot fail.
-fn json<T: Serialize + ?Sized>(value: &T) -> String {
-    serde_json::to_string(value).expect("strings serialize")
-}
-
-fn decode(channel: &Arc<str>, offset: u64, epoch: &Arc<str>, text: &[u8]) -> Option<Event> {
-    let wire: Wire<'_> = serde_json::from_slice(text).ok()?;
-    Some(Event {
-        id: wire.i.into_owned(),
-        channel: channel.clone(),
-        name: wire.n.into_owned(),
-        data: bytes::Bytes::copy_from_slice(wire.d.get().as_bytes()),
-        offset,
-        epoch: epoch.clone(),
-        timestamp_ms: wire.t,
-        meta: wire.m,
-    })
-}
-
 /// Decodes a Pub/Sub message: `<offset> <epoch> <encoded event>`.
 fn decode_message(channel: &Arc<str>, payload: &[u8]) -> Option<Event> {
     let mut parts = payload.splitn(3, |&b| b == b' ');
     let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let epoch: Arc<str> = Arc::from(std::str::from_utf8(parts.next()?).ok()?);
     decode(channel, offset, &epoch, parts.next()?)
-}
-
-fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 fn ms(d: Duration) -> u64 {
@@ -201,8 +144,6 @@ fn ms(d: Duration) -> u64 {
 fn redis_error(e: redis::RedisError) -> BusError {
     BusError::Store(StoreError::Io(format!("redis: {e}")))
 }
-
-type Reply = oneshot::Sender<Result<Published, BusError>>;
 
 /// What the Pub/Sub task is asked to do, in the order the bus decided it.
 enum Control {
@@ -227,24 +168,9 @@ struct Inner {
     rotate: redis::Script,
 }
 
-/// The engine's tasks, stopped by `BusHandle::stop`.
-pub(crate) struct Tasks {
-    stop: CancellationToken,
-    handles: Vec<JoinHandle<()>>,
-}
-
-impl Tasks {
-    pub(crate) async fn stop(self) {
-        self.stop.cancel();
-        for handle in self.handles {
-            let _ = handle.await;
-        }
-    }
-}
-
 /// Connects to Redis at `url` and returns a bus on it.
 pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), StoreError> {
-    let unreachable = |e: &dyn std::fmt::Display| StoreError::Open { path: url.to_owned(), cause: e.to_string() };
+    let unreachable = |e: &dyn std::fmt::Display| StoreError::Unreachable { url: url.to_owned(), cause: e.to_string() };
     let client = redis::Client::open(url).map_err(|e| unreachable(&e))?;
     let manager = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -264,13 +190,65 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     let rotate = redis::Script::new(ROTATE_LUA);
     let inner = Inner { config: config.clone(), conn, publish, control, publish_script, position, rotate };
     let redis = Redis { inner: Arc::new(inner) };
-    let bus = Bus::with_engine(config, Engine::Redis(redis.clone()), Arc::from(""));
+    let bus = Bus::with_engine(config, Engine::Shared(Arc::new(redis.clone())), Arc::from(""));
     let stop = CancellationToken::new();
     let handles = vec![
-        tokio::spawn(publisher(bus.clone(), publish_rx, stop.clone())),
+        tokio::spawn(publisher(redis, publish_rx, stop.clone())),
         tokio::spawn(feed(bus.clone(), client, pubsub, control_rx, stop.clone())),
     ];
     Ok((bus, Tasks { stop, handles }))
+}
+
+impl Broker for Redis {
+    fn publish(&self, event: NewEvent, reply: Reply) -> BoxFuture<'_, Result<(), BusError>> {
+        async move {
+            let cmd = self.call(&event)?;
+            self.inner.publish.send(Call { cmd, reply }).await.map_err(|_| BusError::ShuttingDown)
+        }
+        .boxed()
+    }
+
+    fn listen(&self, channel: Arc<str>) {
+        let _ = self.inner.control.send(Control::Listen(channel));
+    }
+
+    fn unlisten(&self, channel: Arc<str>) {
+        let _ = self.inner.control.send(Control::Unlisten(channel));
+    }
+
+    fn presence(&self) -> Option<Arc<dyn PresenceStore>> {
+        Some(Arc::new(RedisPresence::new(self.inner.conn.clone(), self.inner.config.presence_ttl)))
+    }
+
+    fn sync(
+        &self,
+        channel: Arc<str>,
+        had: Option<Position>,
+    ) -> BoxFuture<'static, Result<(Position, Vec<Event>), BusError>> {
+        let redis = self.clone();
+        async move { redis.position_and_fill(&channel, had).await }.boxed()
+    }
+
+    fn range(&self, channel: Arc<str>, after: u64, to: u64) -> BoxFuture<'static, Result<Vec<Event>, BusError>> {
+        let redis = self.clone();
+        async move { redis.read(&channel, after, to).await }.boxed()
+    }
+
+    fn history(
+        &self,
+        channel: Arc<str>,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+    ) -> BoxFuture<'static, Result<(Vec<Event>, Position), BusError>> {
+        let redis = self.clone();
+        async move { redis.history(&channel, since, limit, reverse).await }.boxed()
+    }
+
+    fn channels(&self, prefix: String) -> BoxFuture<'static, Result<Listed, BusError>> {
+        let redis = self.clone();
+        async move { redis.channels(&prefix).await }.boxed()
+    }
 }
 
 impl Redis {
@@ -278,57 +256,8 @@ impl Redis {
         self.inner.config.history_of(channel).ttl
     }
 
-    /// Queues an event for the publisher; `reply` gets its position.
-    pub(crate) async fn publish(&self, event: NewEvent, reply: Reply) -> Result<(), BusError> {
-        let cmd = self.call(&event)?;
-        self.inner.publish.send(Call { cmd, reply }).await.map_err(|_| BusError::ShuttingDown)
-    }
-
-    /// The engine's presence store, on its connection (see `presence.rs`).
-    pub(crate) fn presence_store(&self) -> Arc<dyn crate::presence::PresenceStore> {
-        Arc::new(crate::presence::RedisPresence::new(self.inner.conn.clone(), self.inner.config.presence_ttl))
-    }
-
-    /// Starts hearing a channel; `Bus::on_synced` follows.
-    pub(crate) fn listen(&self, channel: Arc<str>) {
-        let _ = self.inner.control.send(Control::Listen(channel));
-    }
-
-    /// Stops hearing a channel nobody on this node listens to.
-    pub(crate) fn unlisten(&self, channel: Arc<str>) {
-        let _ = self.inner.control.send(Control::Unlisten(channel));
-    }
-
-    /// Reads a channel's position and, when it had one in the same epoch,
-    /// the events after it; then hands both to `Bus::on_synced` as sync
-    /// `generation`. Retried with backoff while Redis cannot be reached,
-    /// until the channel is forgotten or a later sync has begun.
-    pub(crate) fn sync(&self, bus: Bus, ch: Arc<Channel>, generation: u64) {
-        let redis = self.clone();
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(50);
-            loop {
-                if !bus.channel(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, &ch)) {
-                    return;
-                }
-                let Some(had) = bus.sync_position(&ch, generation) else {
-                    return; // A later sync took over.
-                };
-                match redis.position_and_fill(&ch.name, had).await {
-                    Ok((position, fill)) => {
-                        bus.on_synced(&ch, generation, position, fill);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(cause = %e, channel = &*ch.name, "cannot sync channel; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
-    }
-
+    /// `Broker::sync`: the position from the meta hash (rotating the epoch
+    /// when Redis lost writes), and the events after `had`.
     async fn position_and_fill(
         &self,
         channel: &Arc<str>,
@@ -371,11 +300,6 @@ impl Redis {
         Ok((position, fill))
     }
 
-    /// Reads the events after `after` up to `to` (what a join replays).
-    pub(crate) async fn range(self, channel: Arc<str>, after: u64, to: u64) -> Result<Vec<Event>, BusError> {
-        self.read(&channel, after, to).await
-    }
-
     /// Reads the events after `after` up to `to`, leaving out those past
     /// their TTL, labelled with the epoch read in the same transaction: a
     /// channel that started again meanwhile shows in their epoch.
@@ -407,7 +331,7 @@ impl Redis {
     }
 
     /// Reads history for `Bus::history`.
-    pub(crate) async fn history(
+    async fn history(
         &self,
         channel: &str,
         since: Option<u64>,
@@ -433,7 +357,7 @@ impl Redis {
     }
 
     /// Lists channels with a position in Redis (at most `MAX_LISTED`).
-    pub(crate) async fn channels(&self, prefix: &str) -> Result<Vec<(Arc<str>, Position)>, BusError> {
+    async fn channels(&self, prefix: &str) -> Result<Vec<(Arc<str>, Position)>, BusError> {
         let mut conn = self.inner.conn.clone();
         let mut names = Vec::new();
         {
@@ -504,10 +428,7 @@ impl Redis {
 
 /// Sends queued publishes to Redis, everything queued at once in one
 /// pipeline, in queue order (so in the order they were submitted).
-async fn publisher(bus: Bus, mut rx: mpsc::Receiver<Call>, stop: CancellationToken) {
-    let Engine::Redis(redis) = &bus.shared.engine else {
-        return;
-    };
+async fn publisher(redis: Redis, mut rx: mpsc::Receiver<Call>, stop: CancellationToken) {
     let (script, mut conn) = (&redis.inner.publish_script, redis.inner.conn.clone());
     let mut queued = Vec::with_capacity(MAX_PIPELINE);
     loop {
@@ -519,7 +440,7 @@ async fn publisher(bus: Bus, mut rx: mpsc::Receiver<Call>, stop: CancellationTok
                     queued.push(call);
                 }
                 if !queued.is_empty() {
-                    publish_all(&bus, &mut conn, script, std::mem::take(&mut queued)).await;
+                    publish_all(&mut conn, script, std::mem::take(&mut queued)).await;
                 }
                 return;
             }
@@ -527,11 +448,11 @@ async fn publisher(bus: Bus, mut rx: mpsc::Receiver<Call>, stop: CancellationTok
         if n == 0 {
             return;
         }
-        publish_all(&bus, &mut conn, script, std::mem::take(&mut queued)).await;
+        publish_all(&mut conn, script, std::mem::take(&mut queued)).await;
     }
 }
 
-async fn publish_all(bus: &Bus, conn: &mut ConnectionManager, script: &redis::Script, mut calls: Vec<Call>) {
+async fn publish_all(conn: &mut ConnectionManager, script: &redis::Script, mut calls: Vec<Call>) {
     // Twice at most: a Redis that restarted has forgotten the script, and
     // the calls it refused for that have not run.
     for attempt in 0..2 {
@@ -554,11 +475,9 @@ async fn publish_all(bus: &Bus, conn: &mut ConnectionManager, script: &redis::Sc
             }
         };
         let mut retry = Vec::new();
-        let mut published = 0;
         for (call, result) in calls.into_iter().zip(results) {
             match result {
                 Ok((duplicate, offset, epoch, event_id)) => {
-                    published += u64::from(duplicate == 0);
                     let position = Position { offset, epoch: Arc::from(epoch) };
                     let _ = call.reply.send(Ok(Published { event_id, position, duplicate: duplicate == 1 }));
                 }
@@ -568,7 +487,6 @@ async fn publish_all(bus: &Bus, conn: &mut ConnectionManager, script: &redis::Sc
                 }
             }
         }
-        bus.shared.published_total.fetch_add(published, std::sync::atomic::Ordering::Relaxed);
         if !retry.is_empty()
             && let Err(e) = script.prepare_invoke().load_async(conn).await
         {

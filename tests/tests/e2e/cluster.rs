@@ -1,12 +1,15 @@
-//! Several bus nodes and gateways on a shared Redis (SPEC §10), through the
-//! real binary: events published on any node reach every gateway in order
-//! with gap-free offsets; history, recovery and idempotency across nodes; a
-//! gateway failing over when its bus node is killed; and a Redis that loses
-//! a channel or restarts under subscribed clients.
+//! Several bus nodes and gateways on a shared Redis or NATS JetStream (SPEC
+//! §10), through the real binary: events published on any node reach every
+//! gateway in order with gap-free offsets; history, recovery and
+//! idempotency across nodes; a gateway failing over when its bus node is
+//! killed; and a backend that loses a channel, loses writes, or restarts
+//! under subscribed clients.
 //!
 //! They use the Redis at `SWITCHBOARD_TEST_REDIS_URL` (default
-//! `redis://127.0.0.1:6379`; `.ci/run` starts one when none runs), each on
-//! channels of its own, and start their own `redis-server` when they restart it.
+//! `redis://127.0.0.1:6379`) and the NATS at `SWITCHBOARD_TEST_NATS_URL`
+//! (default `nats://127.0.0.1:4222`; `.ci/run` starts both when they do not
+//! run), each on channels of its own, and start their own `redis-server` or
+//! `nats-server` when they restart it.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -28,11 +31,30 @@ pub(crate) fn unique(namespace: &str) -> String {
     format!("{namespace}:{:x}{:x}", nanos, std::process::id())
 }
 
-fn bus_node(redis: &str) -> Process {
+fn nats_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A shared backend, by URL.
+#[derive(Clone, Copy)]
+enum Backend {
+    Redis,
+    Nats,
+}
+
+fn bus_node_on(backend: Backend, url: &str) -> Process {
+    let (name, key) = match backend {
+        Backend::Redis => ("redis", "SWITCHBOARD_EVENTBUS__REDIS_URL"),
+        Backend::Nats => ("nats", "SWITCHBOARD_EVENTBUS__NATS_URL"),
+    };
     Process::start_with(
-        &["eventbus", "--eventbus-listen", "127.0.0.1:0", "--backend", "redis"],
-        &[("SWITCHBOARD_EVENTBUS__REDIS_URL", redis), ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY)],
+        &["eventbus", "--eventbus-listen", "127.0.0.1:0", "--backend", name],
+        &[(key, url), ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY)],
     )
+}
+
+fn bus_node(redis: &str) -> Process {
+    bus_node_on(Backend::Redis, redis)
 }
 
 fn gateway_node(buses: &[&Process]) -> Process {
@@ -82,9 +104,17 @@ async fn publish_keyed(bus: &mut BusClient, channel: &str, key: &str) -> pb::Pub
 
 #[tokio::test]
 async fn redis_nodes_share_channels_history_recovery_and_idempotency() {
-    let redis = redis_url();
+    nodes_share_channels_history_recovery_and_idempotency(Backend::Redis, &redis_url()).await;
+}
+
+#[tokio::test]
+async fn nats_nodes_share_channels_history_recovery_and_idempotency() {
+    nodes_share_channels_history_recovery_and_idempotency(Backend::Nats, &nats_url()).await;
+}
+
+async fn nodes_share_channels_history_recovery_and_idempotency(backend: Backend, url: &str) {
     let channel = unique("task");
-    let (mut a, b) = (bus_node(&redis), bus_node(&redis));
+    let (mut a, b) = (bus_node_on(backend, url), bus_node_on(backend, url));
     let g1 = gateway_node(&[&a, &b]);
     let g2 = gateway_node(&[&b, &a]);
     let (mut c1, mut c2) = (client_of(&g1).await, client_of(&g2).await);
@@ -116,6 +146,13 @@ async fn redis_nodes_share_channels_history_recovery_and_idempotency() {
         let history = bus.history(request).await.unwrap().into_inner();
         assert_eq!(history.events.iter().map(|e| e.offset).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
         assert_eq!(history.position.unwrap(), pb::StreamPosition { offset: 40, epoch: epoch.clone() });
+        let newest = pb::HistoryRequest { channel: channel.clone(), limit: 3, reverse: true, ..Default::default() };
+        let newest = bus.history(newest).await.unwrap().into_inner();
+        assert_eq!(newest.events.iter().map(|e| e.offset).collect::<Vec<_>>(), [40, 39, 38]);
+        let listed = bus.channels(pb::ChannelsRequest { prefix: channel.clone() }).await.unwrap().into_inner();
+        let listed: Vec<_> =
+            listed.channels.iter().map(|c| (c.channel.as_str(), c.position.clone().unwrap().offset)).collect();
+        assert_eq!(listed, [(channel.as_str(), 40)]);
     }
 
     // Recovery on the other gateway.
@@ -148,6 +185,7 @@ async fn redis_nodes_share_channels_history_recovery_and_idempotency() {
 /// One bus node on the shared Redis, one gateway, a client on a fresh
 /// channel that has received its first three events.
 struct One {
+    /// The backend's URL.
     redis: String,
     channel: String,
     bus: Process,
@@ -160,9 +198,12 @@ struct One {
 
 impl One {
     async fn with_three_events() -> One {
-        let redis = redis_url();
+        One::on(Backend::Redis, redis_url()).await
+    }
+
+    async fn on(backend: Backend, redis: String) -> One {
         let channel = unique("task");
-        let bus = bus_node(&redis);
+        let bus = bus_node_on(backend, &redis);
         let gateway = gateway_node(&[&bus]);
         let mut ws = client_of(&gateway).await;
         ws.subscribe(&channel).await;
@@ -217,8 +258,18 @@ async fn offsets_redis_forgot_are_not_given_again_in_the_same_epoch() {
     assert_ne!(next.epoch, epoch);
 }
 
+/// A server process of a test's own, killed when dropped (also when the test fails).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `redis-server` of this test's own on `port`, keeping its data in `dir`.
-fn redis_server(port: u16, dir: &std::path::Path) -> Child {
+fn redis_server(port: u16, dir: &std::path::Path) -> Server {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
         .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
@@ -230,7 +281,7 @@ fn redis_server(port: u16, dir: &std::path::Path) -> Child {
         assert!(std::time::Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    Server(child)
 }
 
 #[tokio::test]
@@ -249,8 +300,7 @@ async fn redis_restarts_under_subscribed_clients() {
     assert_eq!(offsets(&events(&mut ws, 1).await), [1]);
 
     // Restarted with its data: the client goes on, with no gap.
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    drop(redis);
     redis = redis_server(port, dir.path());
     let deadline = tokio::time::Instant::now() + WAIT;
     let ack = loop {
@@ -271,8 +321,7 @@ async fn redis_restarts_under_subscribed_clients() {
     assert_eq!(offsets(&events(&mut ws, 1).await), [2]);
 
     // Restarted empty: the client is told it cannot go on.
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    drop(redis);
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
@@ -280,6 +329,126 @@ async fn redis_restarts_under_subscribed_clients() {
     redis = redis_server(port, dir.path());
     let (closed, _) = ws.closed().await;
     assert_eq!(closed, Closed::Code(4004));
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    drop(redis);
+}
+
+// === NATS JetStream: the same failures as Redis's ===
+
+/// The JetStream stream that holds `channel` (a name without `.` or `=`).
+fn stream_of(channel: &str) -> String {
+    format!("SB_{channel}")
+}
+
+async fn jetstream(url: &str) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(url).await.unwrap())
+}
+
+#[tokio::test]
+async fn a_channel_lost_by_nats_closes_its_subscribers_with_4004() {
+    let One { redis: url, channel, bus: _bus, gateway, mut ws, mut client, epoch } =
+        One::on(Backend::Nats, nats_url()).await;
+
+    // As if its stream were deleted: the channel starts again, in a new epoch.
+    let js = jetstream(&url).await;
+    assert!(js.delete_stream(stream_of(&channel)).await.unwrap().success);
+    let ack = publish(&mut client, &channel, "tick", json!(3)).await;
+    assert_eq!(ack.offset, 1);
+    assert_ne!(ack.epoch, epoch);
+    let (closed, _) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004));
+
+    // Coming back with its old position, it is told to reload its state.
+    let mut ws = client_of(&gateway).await;
+    ws.send(json!({"type": "subscribe", "channel": channel, "since": {"offset": 3, "epoch": epoch}})).await;
+    let subscribed = ws.expect("subscribed").await;
+    assert_eq!(subscribed["recovered"], false, "{subscribed}");
+    assert_eq!(subscribed["position"]["epoch"].as_str(), Some(ack.epoch.as_str()), "{subscribed}");
+}
+
+#[tokio::test]
+async fn offsets_nats_forgot_are_not_given_again_in_the_same_epoch() {
+    let One { redis: url, channel, bus: _bus, gateway: _gateway, mut ws, mut client, epoch } =
+        One::on(Backend::Nats, nats_url()).await;
+
+    // As if NATS lost the last two writes in a crash: the same stream, in
+    // the same epoch, holding only the first event.
+    let js = jetstream(&url).await;
+    let mut stream = js.get_stream(stream_of(&channel)).await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    let first = stream.get_raw_message(1).await.unwrap();
+    js.delete_stream(stream_of(&channel)).await.unwrap();
+    js.create_stream(config.clone()).await.unwrap();
+    js.publish(config.subjects[0].clone(), first.payload).await.unwrap().await.unwrap();
+
+    let again = publish(&mut client, &channel, "tick", json!("again")).await;
+    assert_eq!((again.offset, again.epoch.as_str()), (2, epoch.as_str()));
+    // The node notices, starts a new epoch, and the client is told.
+    let (closed, frames) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004), "{frames:?}");
+    let next = publish(&mut client, &channel, "tick", json!("next")).await;
+    assert_ne!(next.epoch, epoch);
+}
+
+/// A `nats-server` with JetStream of this test's own on `port`, keeping its data in `dir`.
+fn nats_server(port: u16, dir: &std::path::Path) -> Server {
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+#[tokio::test]
+async fn nats_restarts_under_subscribed_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut nats = nats_server(port, dir.path());
+    let channel = unique("task");
+    let bus = bus_node_on(Backend::Nats, &url);
+    let gateway = gateway_node(&[&bus]);
+    let mut ws = client_of(&gateway).await;
+    ws.subscribe(&channel).await;
+    let mut client = bus_of(&bus).await;
+    publish(&mut client, &channel, "tick", json!(1)).await;
+    assert_eq!(offsets(&events(&mut ws, 1).await), [1]);
+
+    // Restarted with its data: the client goes on, with no gap.
+    drop(nats);
+    nats = nats_server(port, dir.path());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ack = loop {
+        let request = pb::PublishRequest {
+            channel: channel.clone(),
+            event: "tick".into(),
+            data: b"2".to_vec().into(),
+            idempotency_key: "after-restart".into(),
+            ..Default::default()
+        };
+        match client.publish(request).await {
+            Ok(ack) => break ack.into_inner(),
+            Err(status) => assert!(tokio::time::Instant::now() < deadline, "publish after restart: {status}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ack.offset, 2);
+    assert_eq!(offsets(&events(&mut ws, 1).await), [2]);
+
+    // Restarted empty: the client is told it cannot go on.
+    drop(nats);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
+    }
+    nats = nats_server(port, dir.path());
+    let (closed, _) = ws.closed().await;
+    assert_eq!(closed, Closed::Code(4004));
+    drop(nats);
 }
