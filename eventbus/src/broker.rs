@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Event, Position, bus::NewEvent, error::BusError, writer::Published};
+use crate::{Event, NewEvent, Position, Published, error::BusError};
 
 /// Where a publish's result goes.
 pub(crate) type Reply = oneshot::Sender<Result<Published, BusError>>;

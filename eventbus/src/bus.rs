@@ -21,24 +21,24 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use futures::future::{BoxFuture, FutureExt};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Event, Position,
+    Event, NewEvent, Position, Published,
     broker::Broker,
+    channel::{Channel, ChannelState, Channels, Delivery, Feed, Joining, Subscriber, deliver_live},
     config::Config,
     error::BusError,
     store::Store,
-    writer::{Published, WriteRequest},
+    writer::WriteRequest,
 };
 
 /// How many deliveries a subscription stream may have queued before it is
@@ -56,13 +56,11 @@ pub(crate) struct Shared {
     pub(crate) engine: Engine,
     /// The epoch of a local store; a shared backend keeps one per channel.
     pub(crate) epoch: Arc<str>,
-    /// Every known channel. A std lock: it is held only to look up or insert.
-    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
-    pub(crate) published_total: AtomicU64,
+    /// Every channel this node knows.
+    pub(crate) channels: Arc<Channels>,
     pub(crate) metrics: crate::metrics::Metrics,
     /// Presence entries (see `presence.rs`).
     pub(crate) presence: Arc<crate::presence::Presence>,
-    subscriptions: AtomicU64,
     next_subscriber: AtomicU64,
     next_join: AtomicU64,
 }
@@ -73,100 +71,6 @@ pub(crate) enum Engine {
     Local { store: Arc<dyn Store>, writer: mpsc::Sender<WriteRequest> },
     /// A shared backend numbers and keeps them; every node hears them.
     Shared(Arc<dyn Broker>),
-}
-
-pub(crate) struct Channel {
-    pub(crate) name: Arc<str>,
-    /// Position and subscribers. The writer and joins take this lock without
-    /// any `.await` inside, so replay and live delivery cannot interleave.
-    pub(crate) state: Mutex<ChannelState>,
-}
-
-pub(crate) struct ChannelState {
-    /// Offset of the newest committed event (delivered, for a shared backend).
-    pub(crate) top: u64,
-    /// Offset of the oldest stored event (`top + 1` when none is).
-    pub(crate) first: u64,
-    pub(crate) epoch: Arc<str>,
-    pub(crate) subscribers: HashMap<u64, Subscriber>,
-    /// Commit groups of the writer that include this channel and have not
-    /// updated `top` yet: while any does, the channel is not forgotten.
-    pub(crate) writing: u32,
-    /// Whether `top` follows the live feed (always, for a local engine).
-    pub(crate) feed: Feed,
-    /// Subscribers waiting for the feed to sync or for their replay.
-    pub(crate) joining: HashMap<u64, Joining>,
-    /// Counts syncs started: only the latest one's result is taken.
-    pub(crate) sync_generation: u64,
-}
-
-/// The live feed of a channel on a shared backend.
-#[derive(Debug)]
-pub(crate) enum Feed {
-    /// `top` is the last event heard, and every later one will be heard.
-    Live,
-    /// Being (re)synced: events heard meanwhile wait here, in order.
-    Syncing { heard: Vec<Event> },
-}
-
-/// A subscriber not yet registered in `subscribers`.
-pub(crate) struct Joining {
-    /// This join's number: a replay answers only the join that started it.
-    seq: u64,
-    subscriber: Subscriber,
-    since: Option<Position>,
-    /// While its replay is read: the live events heard meanwhile.
-    replaying: Option<Vec<Event>>,
-}
-
-/// A new event, checked, before it has a position.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub channel: String,
-    pub name: String,
-    pub data: Bytes,
-    pub idempotency_key: Option<String>,
-    pub meta: Vec<(String, String)>,
-}
-
-/// What a subscription stream receives.
-#[derive(Debug, Clone)]
-pub enum Delivery {
-    Joined {
-        channel: Arc<str>,
-        position: Position,
-        recovered: bool,
-        missed: u64,
-    },
-    /// `code` is `invalid_argument` or `limit_exceeded`.
-    JoinFailed {
-        channel: String,
-        code: &'static str,
-        error: String,
-    },
-    Events(Arc<[Event]>),
-    Left {
-        channel: Arc<str>,
-    },
-}
-
-/// The sending half of one subscription stream, registered in each channel it joined.
-#[derive(Clone)]
-pub(crate) struct Subscriber {
-    tx: mpsc::Sender<Delivery>,
-    /// Cancelled when the stream's queue overflowed: the stream then ends.
-    lagged: CancellationToken,
-}
-
-impl Subscriber {
-    /// Queues a delivery without waiting; a full queue marks the stream as lagging.
-    pub(crate) fn deliver(&self, delivery: Delivery) -> bool {
-        if self.tx.try_send(delivery).is_ok() {
-            return true;
-        }
-        self.lagged.cancel();
-        false
-    }
 }
 
 /// One subscription stream: any number of channels, one queue.
@@ -230,21 +134,20 @@ impl Bus {
     }
 
     pub(crate) fn with_engine(config: Config, engine: Engine, epoch: Arc<str>) -> Bus {
-        let presence_store = match &engine {
+        let broker = match &engine {
             Engine::Local { .. } => None,
-            Engine::Shared(broker) => broker.presence(),
+            Engine::Shared(broker) => Some(broker.clone()),
         };
+        let presence_store = broker.as_ref().and_then(|broker| broker.presence());
         let presence = crate::presence::Presence::new(presence_store, config.presence_refresh);
         Bus {
             shared: Arc::new(Shared {
                 config,
                 engine,
+                channels: Arc::new(Channels::new(broker, epoch.clone())),
                 epoch,
-                channels: Mutex::default(),
-                published_total: AtomicU64::new(0),
                 metrics: crate::metrics::Metrics::new(),
                 presence,
-                subscriptions: AtomicU64::new(0),
                 next_subscriber: AtomicU64::new(1),
                 next_join: AtomicU64::new(1),
             }),
@@ -267,84 +170,9 @@ impl Bus {
         &self.shared.config
     }
 
-    /// Runs `f` on a channel's state, creating the channel when it is new.
-    ///
-    /// The state is locked before the channel map is released, so a channel
-    /// cannot be forgotten (`forget_if_idle`) between being looked up and
-    /// being joined or written to: locks are always taken map, then state.
-    pub(crate) fn with_channel<R>(&self, name: &str, f: impl FnOnce(&Arc<Channel>, &mut ChannelState) -> R) -> R {
-        let mut channels = self.shared.channels.lock().unwrap();
-        let ch = match channels.get(name) {
-            Some(ch) => ch.clone(),
-            None => {
-                let name: Arc<str> = Arc::from(name);
-                let feed = match self.shared.engine {
-                    Engine::Local { .. } => Feed::Live,
-                    Engine::Shared(_) => Feed::Syncing { heard: Vec::new() },
-                };
-                let state = ChannelState {
-                    top: 0,
-                    first: 1,
-                    epoch: self.shared.epoch.clone(),
-                    subscribers: HashMap::new(),
-                    writing: 0,
-                    feed,
-                    joining: HashMap::new(),
-                    sync_generation: 0,
-                };
-                let ch = Arc::new(Channel { name: name.clone(), state: Mutex::new(state) });
-                channels.insert(name.clone(), ch.clone());
-                if let Engine::Shared(broker) = &self.shared.engine {
-                    // Heard from now on; its position is read once it is.
-                    broker.listen(name);
-                }
-                ch
-            }
-        };
-        let mut st = ch.state.lock().unwrap();
-        drop(channels);
-        f(&ch, &mut st)
-    }
-
-    /// Forgets a channel that never stored an event once nobody listens or
-    /// writes to it (SPEC §9): joins of names that see no traffic must not
-    /// grow the bus. A channel that stored events locally keeps its
-    /// position, since offsets never restart within an epoch; with a shared
-    /// backend the position is the backend's, so every channel nobody
-    /// listens to is forgotten (and no longer heard).
-    pub(crate) fn forget_if_idle(&self, ch: &Arc<Channel>) {
-        let mut channels = self.shared.channels.lock().unwrap();
-        if !channels.get(&ch.name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
-            return;
-        }
-        let shared_backend = matches!(self.shared.engine, Engine::Shared(_));
-        let idle = {
-            let st = ch.state.lock().unwrap();
-            (st.top == 0 || shared_backend) && st.writing == 0 && st.subscribers.is_empty() && st.joining.is_empty()
-        };
-        if idle {
-            channels.remove(&ch.name);
-            if let Engine::Shared(broker) = &self.shared.engine {
-                broker.unlisten(ch.name.clone());
-            }
-        }
-    }
-
     /// Looks up a known channel.
     pub(crate) fn channel(&self, name: &str) -> Option<Arc<Channel>> {
-        self.shared.channels.lock().unwrap().get(name).cloned()
-    }
-
-    /// Restores a channel's position from storage at startup.
-    pub(crate) fn restore(&self, name: Arc<str>, top: u64, first: u64) {
-        self.with_channel(&name, |_, st| {
-            st.top = top;
-            st.first = first;
-        });
-    }
-
-    pub(crate) fn all_channels(&self) -> Vec<Arc<Channel>> {
-        self.shared.channels.lock().unwrap().values().cloned().collect()
+        self.shared.channels.get(name)
     }
 
     /// Checks an event against the contract (SPEC §5, §9).
@@ -428,7 +256,7 @@ impl Bus {
             let result = rx.await.map_err(|_| BusError::ShuttingDown)?;
             shared.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             if counted_here && result.as_ref().is_ok_and(|p| !p.duplicate) {
-                shared.published_total.fetch_add(1, Ordering::Relaxed);
+                shared.channels.published_total.fetch_add(1, Ordering::Relaxed);
             }
             result
         })
@@ -439,7 +267,7 @@ impl Bus {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let lagged = CancellationToken::new();
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
-        let subscriber = Subscriber { tx, lagged: lagged.clone() };
+        let subscriber = Subscriber::new(tx, lagged.clone());
         let presence = Default::default();
         (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new(), presence }, rx, lagged)
     }
@@ -480,7 +308,7 @@ impl Bus {
     }
 
     fn position_of(&self, channel: &str) -> (u64, u64) {
-        let ch = self.shared.channels.lock().unwrap().get(channel).cloned();
+        let ch = self.shared.channels.get(channel);
         match ch {
             Some(ch) => {
                 let st = ch.state.lock().unwrap();
@@ -497,7 +325,9 @@ impl Bus {
             |name: &str| self.channel(name).map_or(0, |ch| ch.state.lock().unwrap().subscribers.len() as u64);
         let mut out: Vec<_> = match &self.shared.engine {
             Engine::Local { .. } => self
-                .all_channels()
+                .shared
+                .channels
+                .all()
                 .into_iter()
                 .filter(|ch| ch.name.starts_with(prefix))
                 .map(|ch| {
@@ -522,9 +352,9 @@ impl Bus {
 
     pub fn stats(&self) -> (u64, u64, u64) {
         (
-            self.shared.channels.lock().unwrap().len() as u64,
-            self.shared.subscriptions.load(Ordering::Relaxed),
-            self.shared.published_total.load(Ordering::Relaxed),
+            self.shared.channels.len() as u64,
+            self.shared.channels.subscriptions.load(Ordering::Relaxed),
+            self.shared.channels.published_total.load(Ordering::Relaxed),
         )
     }
 }
@@ -566,7 +396,7 @@ impl Subscription {
         let (id, subscriber) = (self.id, self.subscriber.clone());
         let bus = self.bus.clone();
         let shared_backend = matches!(bus.shared.engine, Engine::Shared(_));
-        let (ch, replay, resync) = bus.with_channel(channel, |ch, st| {
+        let (ch, replay, resync) = bus.shared.channels.with_channel(channel, |ch, st| {
             // A position past what this node has heard, in its epoch: this
             // node lags behind the one the client (or a failed-over
             // gateway) came from, so it catches up before answering.
@@ -606,10 +436,10 @@ impl Subscription {
             let mut st = ch.state.lock().unwrap();
             st.joining.remove(&self.id);
             if st.subscribers.remove(&self.id).is_some() {
-                self.bus.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                self.bus.shared.channels.subscribed(false);
             }
         }
-        self.bus.forget_if_idle(ch);
+        self.bus.shared.channels.forget_if_idle(ch);
     }
 }
 
@@ -651,7 +481,7 @@ fn start_join(
             let joined = Delivery::Joined { channel: channel.clone(), position, recovered: recoverable, missed: 0 };
             if subscriber.deliver(joined) {
                 st.subscribers.insert(id, subscriber);
-                shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+                shared.channels.subscribed(true);
             }
             None
         }
@@ -667,17 +497,6 @@ fn begin_sync(st: &mut ChannelState, heard: Vec<Event>) -> u64 {
     }
     st.sync_generation += 1;
     st.sync_generation
-}
-
-/// Hands events to a channel's subscribers, and to the ones replaying,
-/// which get them after their replay.
-pub(crate) fn deliver_live(st: &mut ChannelState, events: Arc<[Event]>) {
-    st.subscribers.retain(|_, s| s.deliver(Delivery::Events(events.clone())));
-    for joining in st.joining.values_mut() {
-        if let Some(heard) = &mut joining.replaying {
-            heard.extend(events.iter().cloned());
-        }
-    }
 }
 
 /// Whether `events` are exactly the offsets `after + 1 ..= to` of `epoch`, in order.
@@ -742,7 +561,7 @@ impl Bus {
         };
         if ok {
             st.subscribers.insert(replay.id, subscriber);
-            self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+            self.shared.channels.subscribed(true);
         }
     }
 
@@ -805,7 +624,7 @@ impl Bus {
     /// feed was lost (a reconnect to the backend), whatever was published meanwhile
     /// is read from the stream.
     pub(crate) fn resync_all(&self) {
-        for ch in self.all_channels() {
+        for ch in self.shared.channels.all() {
             let generation = begin_sync(&mut ch.state.lock().unwrap(), Vec::new());
             self.resync(ch, generation);
         }

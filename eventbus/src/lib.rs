@@ -2,7 +2,11 @@
 //! served over gRPC (`switchboard.eventbus.v1.EventBus`).
 //!
 //! # Layout
-//! - `bus`: the core: channels, subscribers, joins with recovery, history.
+//! - `event`: what flows through: events, positions, publish answers.
+//! - `channel`: each channel's position, subscribers and waiting joins, and
+//!   the registry of them.
+//! - `bus`: the core: publishing, joins with recovery, a shared backend's
+//!   feed, history.
 //! - `writer`: the one thread that numbers, commits and announces events of
 //!   the local engine (`memory`, `embedded`).
 //! - `store`: the storage trait and its `memory` and `embedded` backends.
@@ -24,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 mod broker;
 pub mod bus;
+mod channel;
 pub mod config;
 pub mod error;
+mod event;
 pub mod metrics;
 mod nats;
 mod presence;
@@ -34,34 +40,13 @@ mod service;
 pub mod store;
 mod writer;
 
-pub use bus::{Bus, Delivery, NewEvent};
+pub use bus::Bus;
+pub use channel::Delivery;
 pub use config::{Backend, Config, Fsync, HistoryPolicy};
 pub use error::{BusError, StoreError};
+pub use event::{Event, NewEvent, Position, Published};
+pub(crate) use event::{IDEMPOTENCY_WINDOW, now_ms};
 pub use presence::PresenceEntry;
-pub use writer::Published;
-
-/// An event as stored and delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    /// UUID (v7) given by the bus.
-    pub id: String,
-    pub channel: Arc<str>,
-    /// The event's name (`mission_updated`).
-    pub name: String,
-    /// UTF-8 JSON, checked on the way in.
-    pub data: bytes::Bytes,
-    pub offset: u64,
-    pub epoch: Arc<str>,
-    pub timestamp_ms: i64,
-    pub meta: Vec<(String, String)>,
-}
-
-/// A place in a channel: the last offset seen, and the epoch of its history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: Arc<str>,
-}
 
 /// Opens the configured store (or connects to the shared backend) and
 /// returns a running bus core, without binding anything. The writer thread
@@ -90,12 +75,12 @@ pub async fn open(config: Config) -> Result<(Bus, BusHandle), StoreError> {
     let channels = store.channels()?;
     let (bus, rx) = Bus::local(config, store.clone());
     for meta in channels {
-        bus.restore(meta.channel, meta.top, meta.first);
+        bus.shared.channels.restore(meta.channel, meta.top, meta.first);
     }
-    let writer_bus = bus.clone();
+    let (channels, config, epoch) = (bus.shared.channels.clone(), bus.config().clone(), bus.shared.epoch.clone());
     let thread = std::thread::Builder::new()
         .name("eventbus-writer".into())
-        .spawn(move || writer::run(writer_bus, store, rx))
+        .spawn(move || writer::run(channels, config, epoch, store, rx))
         .map_err(|e| StoreError::Io(e.to_string()))?;
     Ok((bus.clone(), BusHandle { bus, thread: Some(thread), tasks: None }))
 }

@@ -52,12 +52,12 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Event, Position,
+    Event, IDEMPOTENCY_WINDOW, NewEvent, Position, Published,
     broker::{Broker, Listed, Reply, Tasks, decode, encode, new_epoch},
-    bus::{Bus, Engine, NewEvent},
+    bus::{Bus, Engine},
     config::Config,
     error::{BusError, StoreError},
-    writer::{IDEMPOTENCY_WINDOW, Published, now_ms},
+    now_ms,
 };
 
 /// How long a request to NATS may take before it counts as failed.

@@ -34,9 +34,10 @@ use tokio::sync::mpsc;
 
 use crate::{
     Event,
-    bus::{Bus, Subscription, deliver_live},
+    bus::{Bus, Subscription},
+    channel::deliver_live,
     error::{BusError, StoreError},
-    writer::now_ms,
+    now_ms,
 };
 
 /// Longest connection id, user id or node name an entry may carry.

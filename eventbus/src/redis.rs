@@ -33,13 +33,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Event, Position,
+    Event, IDEMPOTENCY_WINDOW, NewEvent, Position, Published,
     broker::{Broker, Listed, Reply, Tasks, decode, encode, new_epoch},
-    bus::{Bus, Engine, NewEvent},
+    bus::{Bus, Engine},
     config::Config,
     error::{BusError, StoreError},
+    now_ms,
     presence::{PresenceStore, RedisPresence},
-    writer::{IDEMPOTENCY_WINDOW, Published, now_ms},
 };
 
 /// Checks the idempotency key, numbers, stores, expires and publishes one event.

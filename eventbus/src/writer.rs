@@ -9,16 +9,16 @@
 use std::{
     collections::HashMap,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Event, Position,
-    bus::{Bus, Channel, NewEvent, deliver_live},
-    config::Fsync,
+    Event, IDEMPOTENCY_WINDOW, NewEvent, Position, Published,
+    channel::{Channel, Channels, deliver_live},
+    config::{Config, Fsync},
     error::BusError,
+    now_ms,
     store::{Batch, ChannelMeta, IdempotencyRecord, Store},
 };
 
@@ -27,17 +27,6 @@ use crate::{
 /// that a queue of large events does not become one huge transaction.
 const MAX_BATCH: usize = 8192;
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
-
-/// How long an idempotency key is remembered (SPEC §5).
-pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
-
-/// The answer to a publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub event_id: String,
-    pub position: Position,
-    pub duplicate: bool,
-}
 
 pub(crate) enum WriteRequest {
     Publish {
@@ -59,16 +48,18 @@ impl WriteRequest {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
-}
-
 /// Runs the writer until `Stop`; meant for a dedicated thread.
-pub(crate) fn run(bus: Bus, store: Arc<dyn Store>, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut writer = Writer { bus, store, idempotency: HashMap::new(), ids: Ids::default() };
+pub(crate) fn run(
+    channels: Arc<Channels>,
+    config: Config,
+    epoch: Arc<str>,
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<WriteRequest>,
+) {
+    let mut writer = Writer { channels, config, epoch, store, idempotency: HashMap::new(), ids: Ids::default() };
     writer.load_idempotency();
-    let fsync = writer.bus.config().fsync;
-    let interval = writer.bus.config().fsync_interval;
+    let fsync = writer.config.fsync;
+    let interval = writer.config.fsync_interval;
     let mut requests = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         if fsync == Fsync::Batch {
@@ -92,7 +83,10 @@ pub(crate) fn run(bus: Bus, store: Arc<dyn Store>, mut rx: mpsc::Receiver<WriteR
 }
 
 struct Writer {
-    bus: Bus,
+    channels: Arc<Channels>,
+    config: Config,
+    /// The store's epoch, which every event it numbers carries.
+    epoch: Arc<str>,
     store: Arc<dyn Store>,
     /// `(channel, key)` → the first result and when the key expires (Unix ms).
     idempotency: HashMap<(Arc<str>, String), (Published, i64)>,
@@ -147,7 +141,7 @@ impl Writer {
                 for r in records {
                     let published = Published {
                         event_id: r.event_id,
-                        position: Position { offset: r.offset, epoch: self.bus.shared.epoch.clone() },
+                        position: Position { offset: r.offset, epoch: self.epoch.clone() },
                         duplicate: true,
                     };
                     self.idempotency.insert((r.channel, r.key), (published, r.expires_ms));
@@ -160,7 +154,7 @@ impl Writer {
     /// Handles one group of requests; returns false when the writer must stop.
     fn process(&mut self, requests: &mut Vec<WriteRequest>) -> bool {
         let now = now_ms();
-        let epoch = self.bus.shared.epoch.clone();
+        let epoch = self.epoch.clone();
         let mut keep_going = true;
         let mut expire = false;
         let mut pending: Vec<Pending> = Vec::new();
@@ -185,7 +179,7 @@ impl Writer {
                 None => {
                     // Pinned (`writing`) until this group has updated it, so
                     // that it is not forgotten with a position in flight.
-                    let (channel, top, first) = self.bus.with_channel(&event.channel, |ch, st| {
+                    let (channel, top, first) = self.channels.with_channel(&event.channel, |ch, st| {
                         st.writing += 1;
                         (ch.clone(), st.top, st.first)
                     });
@@ -240,14 +234,14 @@ impl Writer {
             pending.into_iter().partition(|p| !p.events.is_empty());
         // Channels that only had duplicates are done; the others once updated.
         for p in &untouched {
-            unpin(&self.bus, &p.channel);
+            unpin(&self.channels, &p.channel);
         }
         if !touched.is_empty() {
             // The events move into the batch and back out after the commit: never copied.
             let mut batch = Batch { idempotency: records, ..Batch::default() };
             let mut counts = Vec::with_capacity(touched.len());
             for p in &mut touched {
-                let size = self.bus.config().history_of(&p.channel.name).size.max(1);
+                let size = self.config.history_of(&p.channel.name).size.max(1);
                 let first = p.first.max(p.top.saturating_sub(size) + 1);
                 batch.metas.push(ChannelMeta { channel: p.channel.name.clone(), top: p.top, first });
                 counts.push(p.events.len());
@@ -259,7 +253,7 @@ impl Writer {
                     self.idempotency.remove(&key);
                 }
                 for p in &touched {
-                    unpin(&self.bus, &p.channel);
+                    unpin(&self.channels, &p.channel);
                 }
                 let msg = e.to_string();
                 for (reply, _) in replies {
@@ -267,7 +261,7 @@ impl Writer {
                 }
                 return keep_going;
             }
-            self.bus.shared.published_total.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+            self.channels.published_total.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
             let mut events = batch.events.into_iter();
             for ((p, meta), count) in touched.into_iter().zip(batch.metas).zip(counts) {
                 let events: Arc<[Event]> = events.by_ref().take(count).collect();
@@ -291,10 +285,10 @@ impl Writer {
         self.idempotency.retain(|_, (_, expires)| *expires > now);
         let mut cutoffs = Vec::new();
         let mut channels = HashMap::new();
-        for ch in self.bus.all_channels() {
+        for ch in self.channels.all() {
             let st = ch.state.lock().unwrap();
             if st.first <= st.top {
-                let ttl = self.bus.config().history_of(&ch.name).ttl;
+                let ttl = self.config.history_of(&ch.name).ttl;
                 cutoffs.push((ch.name.clone(), now - ttl.as_millis() as i64));
                 drop(st);
                 channels.insert(ch.name.clone(), ch);
@@ -315,9 +309,9 @@ impl Writer {
 }
 
 /// Releases a channel a commit group pinned without updating it.
-fn unpin(bus: &Bus, channel: &Arc<Channel>) {
+fn unpin(channels: &Channels, channel: &Arc<Channel>) {
     channel.state.lock().unwrap().writing -= 1;
-    bus.forget_if_idle(channel);
+    channels.forget_if_idle(channel);
 }
 
 #[cfg(test)]

@@ -534,7 +534,10 @@ impl Session {
     /// Whether this connection may use `channel` under `access`, or why not.
     fn may(&self, channel: &str, access: &Access) -> Result<(), (&'static str, String)> {
         switchboard_proto::channel::validate(channel).map_err(|e| ("invalid_channel", e.to_string()))?;
-        if channel == BROADCAST_CHANNEL || !readable_by(channel, self.user_id()) || !self.allowed(access) {
+        // Without a token the connection is the user `anonymous`, whose runs'
+        // thread channels it may watch like any user its own.
+        let user = self.user_id().unwrap_or(crate::agent::ANONYMOUS);
+        if channel == BROADCAST_CHANNEL || !readable_by(channel, Some(user)) || !self.allowed(access) {
             return Err(("permission_denied", format!("not allowed on channel {channel:?}")));
         }
         Ok(())

@@ -242,6 +242,27 @@ async fn another_tab_watches_the_run_through_the_thread_channel() {
 }
 
 #[tokio::test]
+async fn an_anonymous_connection_may_watch_its_runs_thread_channel() {
+    // Runs of anonymous connections belong to the user `anonymous`
+    // (README): the thread channel they are named is theirs to subscribe to.
+    let s = stack(Duration::from_millis(20)).await;
+    let mut ws = Ws::connect(&s.gateway.ws_url("/ws")).await.unwrap();
+    ws.send(json!({ "type": "chat_message", "content": "anyone there", "on_disconnect": "continue" })).await;
+    let run = ws.expect("run").await;
+    let channel = run["channel"].as_str().unwrap().to_owned();
+    assert!(channel.ends_with("#anonymous"), "{channel}");
+    ws.send(json!({ "type": "subscribe", "channel": channel, "since": run["position"] })).await;
+    let reply = loop {
+        let frame = ws.recv().await.unwrap();
+        if frame["type"] != "agent_event" {
+            break frame;
+        }
+    };
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["recovered"], true, "{reply}");
+}
+
+#[tokio::test]
 async fn closing_a_connection_cancels_its_run_only_when_asked() {
     let s = stack(Duration::from_millis(50)).await;
     let url = s.gateway.ws_url(&format!("/ws?token={}", token("erin")));
