@@ -167,6 +167,7 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
         // `switchboard publish` and producers work out of the box in dev.
         api_key: s.auth.admin_key.clone(),
         node: "eventbus".into(),
+        ..switchboard_eventbus::Config::default()
     })
 }
 
@@ -272,6 +273,7 @@ fn access_rules(s: &Settings) -> Result<AccessRules, String> {
                     ns.publish.as_ref(),
                     switchboard_gateway::Access::None,
                 )?,
+                presence: ns.presence,
             },
         );
     }

@@ -63,6 +63,14 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Lists channels whose name starts with `prefix`, with their positions.
     fn channels(&self, prefix: String) -> BoxFuture<'static, Result<Listed, BusError>>;
+
+    /// Where every node's presence entries are kept, and joins and leaves
+    /// announced to every node (see `presence.rs`); the engine starts it,
+    /// once, when the bus is built. `None` keeps entries in this process,
+    /// seen by this node only: right for one bus node, not for several.
+    fn presence(&self) -> Option<Arc<dyn crate::presence::PresenceStore>> {
+        None
+    }
 }
 
 /// A shared backend's tasks, stopped by `BusHandle::stop`.

@@ -21,12 +21,12 @@ use switchboard_tests::*;
 
 use crate::cli::Process;
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("SWITCHBOARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
 /// A channel name no other test or run uses.
-fn unique(namespace: &str) -> String {
+pub(crate) fn unique(namespace: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{namespace}:{:x}{:x}", nanos, std::process::id())
 }
