@@ -66,7 +66,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         task.await?;
     }
     let n = acked.load(Ordering::Relaxed);
-    println!("{n} acked in {:.2} s: {:.0} messages/s", started.elapsed().as_secs_f64(), n as f64 / started.elapsed().as_secs_f64());
+    println!(
+        "{n} acked in {:.2} s: {:.0} messages/s",
+        started.elapsed().as_secs_f64(),
+        n as f64 / started.elapsed().as_secs_f64()
+    );
     js.delete_stream("SBCEILING").await?;
 
     let started = Instant::now();

@@ -276,10 +276,10 @@ async fn proxy(target: String) -> (String, CancellationToken) {
     (addr.to_string(), cut)
 }
 
-/// A bus node on Redis at `url` whose presence entries live `ttl`.
-async fn redis_bus(url: &str, ttl: Duration) -> BusServer {
+/// A bus node on a shared backend whose presence entries live `ttl`.
+async fn shared_bus(backend: eventbus::Backend, ttl: Duration) -> BusServer {
     BusServer::start(eventbus::Config {
-        backend: eventbus::Backend::Redis { url: url.to_owned() },
+        backend,
         presence_ttl: ttl,
         presence_refresh: ttl / 5,
         ..eventbus::Config::memory()
@@ -292,7 +292,26 @@ async fn presence_spans_bus_nodes_on_redis_and_a_lost_node_s_entries_expire() {
     let ttl = Duration::from_secs(2);
     let redis = redis_url();
     let (through, cut) = proxy(redis.trim_start_matches("redis://").trim_end_matches('/').to_owned()).await;
-    let (a, b) = (redis_bus(&redis, ttl).await, redis_bus(&format!("redis://{through}"), ttl).await);
+    let on = |url: String| eventbus::Backend::Redis { url };
+    let (a, b) = (shared_bus(on(redis), ttl).await, shared_bus(on(format!("redis://{through}")), ttl).await);
+    presence_spans_bus_nodes(a, b, cut, ttl).await;
+}
+
+#[tokio::test]
+async fn presence_spans_bus_nodes_on_nats_and_a_lost_node_s_entries_expire() {
+    // A nats-server of its own: the presence stream's TTL is the first node's.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _nats = crate::cluster::nats_server(port, dir.path());
+    let ttl = Duration::from_secs(2);
+    let (through, cut) = proxy(format!("127.0.0.1:{port}")).await;
+    let on = |url: String| eventbus::Backend::Nats { url };
+    let a = shared_bus(on(format!("nats://127.0.0.1:{port}")), ttl).await;
+    let b = shared_bus(on(format!("nats://{through}")), ttl).await;
+    presence_spans_bus_nodes(a, b, cut, ttl).await;
+}
+
+async fn presence_spans_bus_nodes(a: BusServer, b: BusServer, cut: CancellationToken, ttl: Duration) {
     let (ga, gb) = (gateway_with_presence(&a.url(), "ga").await, gateway_with_presence(&b.url(), "gb").await);
     let channel = unique("room");
 
@@ -314,7 +333,7 @@ async fn presence_spans_bus_nodes_on_redis_and_a_lost_node_s_entries_expire() {
     assert_eq!(listed(&ga, &channel).await, both);
     assert_eq!(listed(&gb, &channel).await, both);
 
-    // Bus node `b` loses Redis: it can neither refresh nor remove its
+    // Bus node `b` loses the backend: it can neither refresh nor remove its
     // entries, which the other node stops listing within the TTL.
     cut.cancel();
     let deadline = tokio::time::Instant::now() + ttl * 5;
