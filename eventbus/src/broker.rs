@@ -66,11 +66,8 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Where every node's presence entries are kept, and joins and leaves
     /// announced to every node (see `presence.rs`); the engine starts it,
-    /// once, when the bus is built. `None` keeps entries in this process,
-    /// seen by this node only: right for one bus node, not for several.
-    fn presence(&self) -> Option<Arc<dyn crate::presence::PresenceStore>> {
-        None
-    }
+    /// once, when the bus is built.
+    fn presence(&self) -> Arc<dyn crate::presence::PresenceStore>;
 }
 
 /// A shared backend's tasks, stopped by `BusHandle::stop`.

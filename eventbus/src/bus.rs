@@ -138,7 +138,7 @@ impl Bus {
             Engine::Local { .. } => None,
             Engine::Shared(broker) => Some(broker.clone()),
         };
-        let presence_store = broker.as_ref().and_then(|broker| broker.presence());
+        let presence_store = broker.as_ref().map(|broker| broker.presence());
         let presence = crate::presence::Presence::new(presence_store, config.presence_refresh);
         Bus {
             shared: Arc::new(Shared {

@@ -271,8 +271,8 @@ impl Broker for Nats {
         async move { nats.channels(&prefix).await }.boxed()
     }
 
-    fn presence(&self) -> Option<Arc<dyn PresenceStore>> {
-        Some(self.inner.presence.clone())
+    fn presence(&self) -> Arc<dyn PresenceStore> {
+        self.inner.presence.clone()
     }
 }
 

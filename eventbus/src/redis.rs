@@ -216,8 +216,8 @@ impl Broker for Redis {
         let _ = self.inner.control.send(Control::Unlisten(channel));
     }
 
-    fn presence(&self) -> Option<Arc<dyn PresenceStore>> {
-        Some(Arc::new(RedisPresence::new(self.inner.conn.clone(), self.inner.config.presence_ttl)))
+    fn presence(&self) -> Arc<dyn PresenceStore> {
+        Arc::new(RedisPresence::new(self.inner.conn.clone(), self.inner.config.presence_ttl))
     }
 
     fn sync(
