@@ -47,6 +47,7 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["publish", "c", "e", "{}"], &[("SWITCHBOARD_GATEWAY__LISTN", "x")], "SWITCHBOARD_GATEWAY__LISTN"),
         (&["up"], &[("SWITCHBOARD_GATEWAYS__LISTEN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAYS__LISTEN"),
         (&["up"], &[("SWITCHBOARD_RPC__GET_STATUS", "everyone")], "rpc.get_status"),
+        (&["up"], &[("SWITCHBOARD_AGENTS__THREAD_MAX_MESSAGES", "0")], "agents.thread_max_messages"),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
         (&["gateway"], &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")], "auth.hs256_secret"),
