@@ -5,6 +5,10 @@
 //! - `bench publish`: concurrent gRPC publishers, events/s and ack latency.
 //! - `bench fanout`: WebSocket subscribers and a paced gRPC publisher;
 //!   deliveries/s, publish-to-receipt latency, loss, server RSS.
+//! - `bench runs` (`bench/runs.rs`): concurrent agent runs over WebSocket,
+//!   served by workers it attaches; runs/s, events/s, token latency, loss.
+//! - `bench threads` (`bench/threads.rs`): appends to a long thread against
+//!   appends to new ones, on the bridge's thread store.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -22,12 +26,19 @@ use serde_json::{Value, json};
 use switchboard_proto::eventbus::v1 as pb;
 use tokio_tungstenite::tungstenite::Message;
 
+mod runs;
+mod threads;
+
 #[derive(Subcommand)]
 pub enum Bench {
     /// Publish throughput: concurrent publishers over gRPC.
     Publish(PublishArgs),
     /// Fan-out: WebSocket subscribers receiving from a gRPC publisher.
     Fanout(FanoutArgs),
+    /// Agent runs: concurrent runs over WebSocket, served by attached workers.
+    Runs(runs::RunsArgs),
+    /// Thread store: appends to a long thread against appends to new ones.
+    Threads(threads::ThreadsArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +114,8 @@ pub async fn run(bench: Bench) -> Result<(), String> {
     match bench {
         Bench::Publish(args) => publish(args).await,
         Bench::Fanout(args) => fanout(args).await,
+        Bench::Runs(args) => runs::runs(args).await,
+        Bench::Threads(args) => threads::threads(args).await,
     }
 }
 
