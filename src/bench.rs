@@ -5,6 +5,10 @@
 //! - `bench publish`: concurrent gRPC publishers, events/s and ack latency.
 //! - `bench fanout`: WebSocket subscribers and a paced gRPC publisher;
 //!   deliveries/s, publish-to-receipt latency, loss, server RSS.
+//! - `bench runs` (`bench/runs.rs`): concurrent agent runs over WebSocket,
+//!   served by workers it attaches; runs/s, events/s, token latency, loss.
+//! - `bench threads` (`bench/threads.rs`): appends to a long thread against
+//!   appends to new ones, on the bridge's thread store.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -23,12 +27,19 @@ use serde_json::{Value, json};
 use switchboard_proto::eventbus::v1 as pb;
 use tokio_tungstenite::tungstenite::Message;
 
+mod runs;
+mod threads;
+
 #[derive(Subcommand)]
 pub enum Bench {
     /// Publish throughput: concurrent publishers over gRPC.
     Publish(PublishArgs),
     /// Fan-out: WebSocket subscribers receiving from a gRPC publisher.
     Fanout(FanoutArgs),
+    /// Agent runs: concurrent runs over WebSocket, served by attached workers.
+    Runs(runs::RunsArgs),
+    /// Thread store: appends to a long thread against appends to new ones.
+    Threads(threads::ThreadsArgs),
 }
 
 #[derive(Args)]
@@ -105,6 +116,8 @@ pub async fn run(bench: Bench, tls: Option<ClientTlsConfig>) -> Result<(), Strin
     match bench {
         Bench::Publish(args) => publish(args, tls).await,
         Bench::Fanout(args) => fanout(args, tls).await,
+        Bench::Runs(args) => runs::runs(args).await,
+        Bench::Threads(args) => threads::threads(args).await,
     }
 }
 

@@ -86,7 +86,7 @@ enum Command {
         #[arg(long, env = "SWITCHBOARD_AUTH__HS256_SECRET", hide_env_values = true)]
         secret: String,
     },
-    /// Load generators: publish throughput and WebSocket fan-out (loopback only).
+    /// Load generators: publish throughput, WebSocket fan-out, agent runs (loopback only), and the thread store.
     #[command(subcommand)]
     Bench(bench::Bench),
     /// Prints a channel's events as they arrive, one JSON object per line.

@@ -233,7 +233,7 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
         // `switchboard publish` and producers work out of the box in dev.
         api_key: s.auth.admin_key.clone(),
         node: "eventbus".into(),
-        tls: None,
+        ..switchboard_eventbus::Config::default()
     })
 }
 
@@ -339,6 +339,7 @@ fn access_rules(s: &Settings) -> Result<AccessRules, String> {
                     ns.publish.as_ref(),
                     switchboard_gateway::Access::None,
                 )?,
+                presence: ns.presence,
             },
         );
     }
@@ -376,6 +377,9 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
     if !(s.agents.default == "echo" || (s.agents.default == "openai" && openai.is_some())) {
         return Err(format!("agents.default: {:?} is not an available built-in agent", s.agents.default));
     }
+    if s.agents.thread_max_messages == 0 {
+        return Err("agents.thread_max_messages: must be greater than 0".into());
+    }
     Ok(switchboard_agent_bridge::Config {
         data_dir: s.agent_bridge.data_dir.clone(),
         eventbus_url: Some(
@@ -389,6 +393,7 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
         echo_delay: Duration::from_millis(s.agents.echo.delay_ms),
         run_deadline: s.agents.run_deadline.0,
         max_enqueued: s.agents.max_enqueued,
+        thread_max_messages: s.agents.thread_max_messages,
         shutdown_grace: s.gateway.shutdown_grace.0,
         openai,
         tls: None,

@@ -278,6 +278,8 @@ pub struct Agents {
     pub run_deadline: Dur,
     /// Most runs waiting for one thread.
     pub max_enqueued: usize,
+    /// Messages each thread keeps (the newest; the agent gets at most these).
+    pub thread_max_messages: usize,
 }
 
 impl Default for Agents {
@@ -288,6 +290,7 @@ impl Default for Agents {
             openai: None,
             run_deadline: secs(300),
             max_enqueued: 16,
+            thread_max_messages: switchboard_agent_bridge::threads::DEFAULT_MAX_MESSAGES,
         }
     }
 }

@@ -7,7 +7,7 @@
 //!   `# Layout` lists its parts).
 //! - `agui`: AG-UI ordering rules and the repair of a broken run.
 //! - `echo`: the built-in `echo` agent.
-//! - `threads`: durable thread storage (redb).
+//! - `threads`: durable thread storage (redb), one row per message, bounded.
 //! - `service`: the tonic service; with `runs::bus` (bus messages), the only
 //!   modules that build or read proto messages.
 
@@ -71,6 +71,9 @@ pub struct Config {
     pub run_deadline: Duration,
     /// Most runs waiting for one thread (`agents.max_enqueued`).
     pub max_enqueued: usize,
+    /// Messages each thread keeps, the newest (`agents.thread_max_messages`):
+    /// older ones are dropped, and an agent gets at most this many.
+    pub thread_max_messages: usize,
     /// How long shutdown waits for cancelled runs to end.
     pub shutdown_grace: Duration,
     /// The `openai` agent, when configured.
@@ -93,6 +96,7 @@ impl Default for Config {
             echo_delay: Duration::from_millis(20),
             run_deadline: Duration::from_secs(300),
             max_enqueued: 16,
+            thread_max_messages: threads::DEFAULT_MAX_MESSAGES,
             shutdown_grace: Duration::from_secs(10),
             openai: None,
             tls: None,
@@ -106,7 +110,7 @@ impl Default for Config {
 /// # Errors
 /// When the thread store or the bus URL is unusable.
 pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send + Sync>> {
-    let threads = threads::Threads::open(&config.data_dir)?;
+    let threads = threads::Threads::open(&config.data_dir, config.thread_max_messages)?;
     let bus = match &config.eventbus_url {
         Some(url) => {
             let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;

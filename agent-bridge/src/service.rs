@@ -97,8 +97,8 @@ impl pb::agent_bridge_server::AgentBridge for AgentBridgeService {
         let req = request.into_inner();
         let caller = Caller { user_id: req.user_id, roles: Vec::new() };
         let stopped = match req.target {
-            Some(Target::RunId(r)) => self.bridge.cancel(Some(&r), None, &caller),
-            Some(Target::ThreadId(t)) => self.bridge.cancel(None, Some(&t), &caller),
+            Some(Target::RunId(r)) => self.bridge.cancel(Some(&r), None, &caller).await,
+            Some(Target::ThreadId(t)) => self.bridge.cancel(None, Some(&t), &caller).await,
             None => return Err(ErrorCode::InvalidFrame.status("run_id or thread_id is required")),
         }
         .map_err(status)?;

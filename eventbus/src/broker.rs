@@ -63,6 +63,11 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Lists channels whose name starts with `prefix`, with their positions.
     fn channels(&self, prefix: String) -> BoxFuture<'static, Result<Listed, BusError>>;
+
+    /// Where every node's presence entries are kept, and joins and leaves
+    /// announced to every node (see `presence.rs`); the engine starts it,
+    /// once, when the bus is built.
+    fn presence(&self) -> Arc<dyn crate::presence::PresenceStore>;
 }
 
 /// A shared backend's tasks, stopped by `BusHandle::stop`.

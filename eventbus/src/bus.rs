@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     /// Every channel this node knows.
     pub(crate) channels: Arc<Channels>,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Presence entries (see `presence.rs`).
+    pub(crate) presence: Arc<crate::presence::Presence>,
     next_subscriber: AtomicU64,
     next_join: AtomicU64,
 }
@@ -73,11 +75,14 @@ pub(crate) enum Engine {
 
 /// One subscription stream: any number of channels, one queue.
 pub struct Subscription {
-    bus: Bus,
-    id: u64,
+    pub(crate) bus: Bus,
+    pub(crate) id: u64,
     subscriber: Subscriber,
     /// By name: a stream may hold `max_stream_channels` of them.
     channels: HashMap<Arc<str>, Arc<Channel>>,
+    /// Presence entries this stream added, by channel and connection id;
+    /// removed when it ends (see `presence.rs`).
+    pub(crate) presence: std::collections::HashSet<(Arc<str>, String)>,
 }
 
 /// Deepest nesting of arrays and objects accepted in event data: every
@@ -133,6 +138,8 @@ impl Bus {
             Engine::Local { .. } => None,
             Engine::Shared(broker) => Some(broker.clone()),
         };
+        let presence_store = broker.as_ref().map(|broker| broker.presence());
+        let presence = crate::presence::Presence::new(presence_store, config.presence_refresh);
         Bus {
             shared: Arc::new(Shared {
                 config,
@@ -140,6 +147,7 @@ impl Bus {
                 channels: Arc::new(Channels::new(broker, epoch.clone())),
                 epoch,
                 metrics: crate::metrics::Metrics::new(),
+                presence,
                 next_subscriber: AtomicU64::new(1),
                 next_join: AtomicU64::new(1),
             }),
@@ -260,7 +268,8 @@ impl Bus {
         let lagged = CancellationToken::new();
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber::new(tx, lagged.clone());
-        (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new() }, rx, lagged)
+        let presence = Default::default();
+        (Subscription { bus: self.clone(), id, subscriber, channels: HashMap::new(), presence }, rx, lagged)
     }
 
     /// Returns stored events after `since` (or from the oldest), and the channel's position.
@@ -733,6 +742,8 @@ impl Bus {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        // Entries first: their `leave` reaches the channels' subscribers.
+        self.drop_presence();
         for ch in std::mem::take(&mut self.channels).into_values() {
             self.detach(&ch);
         }

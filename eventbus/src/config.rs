@@ -77,6 +77,14 @@ pub struct Config {
     /// gRPC over TLS (`eventbus.tls_cert`, `eventbus.tls_key`), requiring
     /// client certificates with `eventbus.tls_client_ca`.
     pub tls: Option<switchboard_tls::ServerTls>,
+    /// How long a presence entry lives in a shared backend without being
+    /// refreshed: the entries of a bus node that vanished without removing
+    /// them are gone after this (SPEC §6: 30 s). Not a setting; tests shorten it.
+    pub presence_ttl: Duration,
+    /// How often a bus node refreshes the presence entries it owns in a
+    /// shared backend: well within `presence_ttl`, so that a live node's
+    /// entries never expire between two refreshes.
+    pub presence_refresh: Duration,
 }
 
 impl Default for Config {
@@ -95,6 +103,8 @@ impl Default for Config {
             api_key: None,
             node: "eventbus".to_owned(),
             tls: None,
+            presence_ttl: Duration::from_secs(30),
+            presence_refresh: Duration::from_secs(10),
         }
     }
 }

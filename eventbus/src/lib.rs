@@ -13,6 +13,8 @@
 //! - `broker`: the seam of the shared engines, and the record they keep.
 //! - `redis`: the shared engine on Redis (streams, a Lua script, Pub/Sub).
 //! - `nats`: the shared engine on NATS JetStream (a stream per channel).
+//! - `presence`: who is subscribed to a channel across nodes, and its
+//!   `join`/`leave` events; kept in process, or in a shared engine's store.
 //! - `service`: the tonic service, the only module that sees proto types.
 //! - `config`, `error`.
 
@@ -32,6 +34,7 @@ pub mod error;
 mod event;
 pub mod metrics;
 mod nats;
+mod presence;
 mod redis;
 mod service;
 pub mod store;
@@ -43,6 +46,7 @@ pub use config::{Backend, Config, Fsync, HistoryPolicy};
 pub use error::{BusError, StoreError};
 pub use event::{Event, NewEvent, Position, Published};
 pub(crate) use event::{IDEMPOTENCY_WINDOW, now_ms};
+pub use presence::PresenceEntry;
 
 /// Opens the configured store (or connects to the shared backend) and
 /// returns a running bus core, without binding anything. The writer thread

@@ -24,6 +24,13 @@
 //!   `sb.live.t.*` once per channel it has subscribers for, and the bus core
 //!   checks every offset against the one before it (`Bus::on_live`).
 //!
+//! Presence entries of every node are in one memory stream, `SB_PRESENCE`,
+//! which keeps the last message of each subject `sbp.t.<connection>` for
+//! `presence_ttl`: a node refreshes its entries by publishing them again,
+//! so those of a node that vanished go by themselves. Joins and leaves are
+//! published on `sb.live.t.~presence`, which every node hearing the channel
+//! already subscribes to (`~` is in no epoch).
+//!
 //! The epoch is chosen by the node that creates the stream. A stream deleted
 //! and created again (its history lost) has a new one; a node that finds the
 //! stream holding fewer events than it delivered (NATS lost writes in a
@@ -58,6 +65,7 @@ use crate::{
     config::Config,
     error::{BusError, StoreError},
     now_ms,
+    presence::{Change, PresenceEntry, PresenceStore},
 };
 
 /// How long a request to NATS may take before it counts as failed.
@@ -147,6 +155,7 @@ struct Inner {
     /// when its stream is deleted (the server's advisory) or found missing.
     known: Mutex<HashMap<Arc<str>, Arc<str>>>,
     control: mpsc::UnboundedSender<Control>,
+    presence: Arc<NatsPresence>,
 }
 
 /// Connects to NATS at `url` and returns a bus on it.
@@ -176,7 +185,8 @@ pub(crate) async fn open(config: Config, url: &str) -> Result<(Bus, Tasks), Stor
     }
     let deleted = client.subscribe("$JS.EVENT.ADVISORY.STREAM.DELETED.*").await.map_err(|e| unreachable(&e))?;
     let (control, control_rx) = mpsc::unbounded_channel();
-    let inner = Inner { config: config.clone(), client, js, known: Mutex::new(HashMap::new()), control };
+    let presence = Arc::new(NatsPresence::open(client.clone(), js.clone(), config.presence_ttl).await?);
+    let inner = Inner { config: config.clone(), client, js, known: Mutex::new(HashMap::new()), control, presence };
     let nats = Nats { inner: Arc::new(inner) };
     let bus = Bus::with_engine(config, Engine::Shared(Arc::new(nats.clone())), Arc::from(""));
     let stop = CancellationToken::new();
@@ -259,6 +269,10 @@ impl Broker for Nats {
     fn channels(&self, prefix: String) -> BoxFuture<'static, Result<Listed, BusError>> {
         let nats = self.clone();
         async move { nats.channels(&prefix).await }.boxed()
+    }
+
+    fn presence(&self) -> Arc<dyn PresenceStore> {
+        self.inner.presence.clone()
     }
 }
 
@@ -530,6 +544,13 @@ async fn feed(bus: Bus, nats: Nats, mut control: mpsc::UnboundedReceiver<Control
 /// Hands a channel's live messages to the bus, in the order they came.
 async fn hear(bus: Bus, channel: Arc<str>, mut subscriber: async_nats::Subscriber) {
     while let Some(message) = subscriber.next().await {
+        if message.subject.ends_with(PRESENCE_TOKEN) {
+            match crate::presence::decode_message(&message.payload) {
+                Some((change, data)) => bus.on_presence(&channel, change, data),
+                None => tracing::error!(channel = &*channel, "undecodable presence change on the live feed"),
+            }
+            continue;
+        }
         match decode_live(&channel, &message) {
             Some(event) => bus.on_live(&channel, vec![event]),
             None => tracing::error!(channel = &*channel, "undecodable event on the live feed"),
@@ -574,6 +595,201 @@ async fn connection_events(
             }
         }
     }
+}
+
+// === presence ===
+
+const PRESENCE_STREAM: &str = "SB_PRESENCE";
+
+/// Last token of the subject joins and leaves are announced on.
+const PRESENCE_TOKEN: &str = ".~presence";
+
+fn presence_subject(channel: &str, connection_id: &str) -> String {
+    format!("sbp.{}.{}", token(channel), token(connection_id))
+}
+
+/// Presence in NATS (see the module's doc): entries kept as `<owner> <entry
+/// JSON>` messages, one subject per channel and connection; one task applies
+/// a node's changes in the order they were made.
+pub(crate) struct NatsPresence {
+    ops: mpsc::Sender<PresenceOp>,
+    stream: jetstream::stream::Stream,
+}
+
+enum PresenceOp {
+    Add { channel: Arc<str>, owner: String, entry: PresenceEntry },
+    Remove { channel: Arc<str>, owner: String, entry: PresenceEntry },
+    Refresh(Vec<(Arc<str>, String, PresenceEntry)>),
+}
+
+/// Changes queued past this many are dropped with a warning: a lost add
+/// comes back with the next refresh, a lost removal expires.
+const PRESENCE_QUEUE: usize = 65_536;
+
+impl NatsPresence {
+    async fn open(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        ttl: Duration,
+    ) -> Result<NatsPresence, StoreError> {
+        let config = stream::Config {
+            name: PRESENCE_STREAM.to_owned(),
+            description: Some("Switchboard presence entries".to_owned()),
+            subjects: vec!["sbp.>".to_owned()],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            storage: StorageType::Memory,
+            ..Default::default()
+        };
+        let unusable = |e: &dyn std::fmt::Display| StoreError::Io(format!("nats: presence stream: {e}"));
+        let stream = match js.get_stream(PRESENCE_STREAM).await {
+            // Made with another TTL (the setting changed): this node's it is.
+            Ok(stream) if stream.cached_info().config.max_age != ttl => {
+                js.update_stream(config).await.map_err(|e| unusable(&e))?;
+                js.get_stream(PRESENCE_STREAM).await.map_err(|e| unusable(&e))?
+            }
+            Ok(stream) => stream,
+            Err(e) if not_found(&e) => match js.create_stream(config).await {
+                Ok(stream) => stream,
+                Err(_) => js.get_stream(PRESENCE_STREAM).await.map_err(|e| unusable(&e))?,
+            },
+            Err(e) => return Err(unusable(&e)),
+        };
+        let (ops, rx) = mpsc::channel(PRESENCE_QUEUE);
+        tokio::spawn(apply_presence(client, js, stream.clone(), rx));
+        Ok(NatsPresence { ops, stream })
+    }
+
+    fn queue(&self, op: PresenceOp) {
+        if self.ops.try_send(op).is_err() {
+            tracing::warn!("presence queue full; a change was dropped");
+        }
+    }
+}
+
+impl PresenceStore for NatsPresence {
+    fn add(&self, channel: &Arc<str>, owner: &str, entry: &PresenceEntry) {
+        self.queue(PresenceOp::Add { channel: channel.clone(), owner: owner.to_owned(), entry: entry.clone() });
+    }
+
+    fn remove(&self, channel: &Arc<str>, owner: &str, entry: &PresenceEntry) {
+        self.queue(PresenceOp::Remove { channel: channel.clone(), owner: owner.to_owned(), entry: entry.clone() });
+    }
+
+    fn refresh(&self, entries: Vec<(Arc<str>, String, PresenceEntry)>) {
+        self.queue(PresenceOp::Refresh(entries));
+    }
+
+    fn list(&self, channel: Arc<str>) -> BoxFuture<'static, Result<Vec<PresenceEntry>, BusError>> {
+        let stream = self.stream.clone();
+        async move {
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    filter_subject: format!("sbp.{}.*", token(&channel)),
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    ack_policy: AckPolicy::None,
+                    inactive_threshold: Duration::from_secs(30),
+                    memory_storage: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats_error)?;
+            let mut want = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
+            let mut entries = Vec::with_capacity(want.min(FETCH_BATCH));
+            while want > 0 {
+                let mut batch =
+                    consumer.fetch().max_messages(want.min(FETCH_BATCH)).messages().await.map_err(nats_error)?;
+                let mut got = 0;
+                while let Some(message) = batch.try_next().await.map_err(nats_error)? {
+                    got += 1;
+                    if let Some((_, entry)) = held(&message.payload) {
+                        entries.push(entry);
+                    }
+                }
+                if got == 0 {
+                    break;
+                }
+                want = want.saturating_sub(got);
+            }
+            let name = consumer.cached_info().name.clone();
+            let _ = stream.delete_consumer(&name).await;
+            Ok(entries)
+        }
+        .boxed()
+    }
+}
+
+/// Parses a kept entry: its owner and the entry.
+fn held(payload: &[u8]) -> Option<(&str, PresenceEntry)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (owner, json) = text.split_once(' ')?;
+    Some((owner, serde_json::from_str(json).ok()?))
+}
+
+/// The owner of a connection's live entry in a channel, if it has one.
+async fn owner_of(stream: &jetstream::stream::Stream, subject: &str) -> Option<String> {
+    let message = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+    held(&message.payload).map(|(owner, _)| owner.to_owned())
+}
+
+/// Applies presence changes in the order they were queued.
+async fn apply_presence(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    mut rx: mpsc::Receiver<PresenceOp>,
+) {
+    while let Some(op) = rx.recv().await {
+        let result = match op {
+            PresenceOp::Add { channel, owner, entry } => {
+                let new = owner_of(&stream, &presence_subject(&channel, &entry.connection_id)).await.is_none();
+                match keep(&js, &channel, &owner, &entry).await {
+                    Ok(()) if new => announce(&client, &channel, Change::Join, &entry).await,
+                    other => other,
+                }
+            }
+            PresenceOp::Remove { channel, owner, entry } => {
+                let subject = presence_subject(&channel, &entry.connection_id);
+                if owner_of(&stream, &subject).await.is_some_and(|o| o == owner) {
+                    match stream.purge().filter(subject).await {
+                        Ok(_) => announce(&client, &channel, Change::Leave, &entry).await,
+                        Err(e) => Err(nats_error(e)),
+                    }
+                } else {
+                    Ok(())
+                }
+            }
+            PresenceOp::Refresh(entries) => {
+                let kept = entries.iter().map(|(channel, owner, entry)| keep(&js, channel, owner, entry));
+                futures::future::try_join_all(kept).await.map(|_| ())
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(cause = %e, "presence update failed");
+        }
+    }
+}
+
+/// Keeps (or refreshes) an entry as `owner`'s.
+async fn keep(js: &jetstream::Context, channel: &str, owner: &str, entry: &PresenceEntry) -> Result<(), BusError> {
+    let mut payload = format!("{owner} ").into_bytes();
+    payload.extend_from_slice(&entry.data());
+    let subject = presence_subject(channel, &entry.connection_id);
+    js.publish(subject, payload.into()).await.map_err(nats_error)?.await.map_err(nats_error)?;
+    Ok(())
+}
+
+/// Tells every node hearing the channel of a join or leave.
+async fn announce(
+    client: &async_nats::Client,
+    channel: &str,
+    change: Change,
+    entry: &PresenceEntry,
+) -> Result<(), BusError> {
+    let subject = format!("{LIVE_PREFIX}{}{PRESENCE_TOKEN}", token(channel));
+    let mut payload = format!("presence {} ", change.name()).into_bytes();
+    payload.extend_from_slice(&entry.data());
+    client.publish(subject, payload.into()).await.map_err(nats_error)
 }
 
 #[cfg(test)]

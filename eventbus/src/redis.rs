@@ -5,7 +5,8 @@
 //! - `sb:{c}:m`, a hash: `top` (the newest offset) and `epoch`;
 //! - `sb:{c}:s`, a stream whose entry ids are `<offset>-1`, one field `e`
 //!   holding the encoded event, trimmed to the history size (`MAXLEN`);
-//! - `sb:{c}:i:<key>`, a hash per idempotency key, for five minutes.
+//! - `sb:{c}:i:<key>`, a hash per idempotency key, for five minutes;
+//! - `sb:{c}:presence`, a hash of presence entries (see `presence.rs`).
 //!
 //! One Lua script (`PUBLISH_LUA`) checks the idempotency key, increments the
 //! offset, appends to the stream, sets the TTLs and publishes the event with
@@ -38,6 +39,7 @@ use crate::{
     config::Config,
     error::{BusError, StoreError},
     now_ms,
+    presence::{PresenceStore, RedisPresence},
 };
 
 /// Checks the idempotency key, numbers, stores, expires and publishes one event.
@@ -119,7 +121,7 @@ fn idempotency_key(channel: &str, key: &str) -> String {
     format!("sb:{{{channel}}}:i:{key}")
 }
 
-fn pubsub_channel(channel: &str) -> String {
+pub(crate) fn pubsub_channel(channel: &str) -> String {
     format!("sb:{{{channel}}}:p")
 }
 
@@ -212,6 +214,10 @@ impl Broker for Redis {
 
     fn unlisten(&self, channel: Arc<str>) {
         let _ = self.inner.control.send(Control::Unlisten(channel));
+    }
+
+    fn presence(&self) -> Arc<dyn PresenceStore> {
+        Arc::new(RedisPresence::new(self.inner.conn.clone(), self.inner.config.presence_ttl))
     }
 
     fn sync(
@@ -545,6 +551,11 @@ async fn feed(
                 Some(message) => {
                     let Some(name) = channel_of_pubsub(message.get_channel_name()) else { continue };
                     let Some(ch) = bus.channel(name) else { continue };
+                    // Joins and leaves: transient, outside the offset checks.
+                    if let Some((change, data)) = crate::presence::decode_message(message.get_payload_bytes()) {
+                        bus.on_presence(&ch.name, change, data);
+                        continue;
+                    }
                     match decode_message(&ch.name, message.get_payload_bytes()) {
                         Some(event) => bus.on_live(&ch.name, vec![event]),
                         None => tracing::error!(channel = name, "undecodable event on the live feed"),

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming, service::interceptor::Intercep
 
 use switchboard_proto::eventbus::v1 as pb;
 
-use crate::{Bus, Delivery, Event, NewEvent, Position, Published};
+use crate::{Bus, Delivery, Event, NewEvent, Position, PresenceEntry, Published};
 
 /// Most publishes of one `PublishStream` in flight at once.
 const PUBLISH_PIPELINE: usize = 256;
@@ -206,6 +206,15 @@ impl pb::event_bus_server::EventBus for EventBusService {
                             Some(Ok(pb::SubscribeRequest { request: Some(R::Leave(leave)) })) => {
                                 subscription.leave(&leave.channel);
                             }
+                            Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceJoin(join)) })) => {
+                                let entry = PresenceEntry { connection_id: join.connection_id, user_id: join.user_id, node: join.node };
+                                if let Err(e) = subscription.presence_join(&join.channel, entry) {
+                                    tracing::warn!(cause = %e, channel = %join.channel, "presence join refused");
+                                }
+                            }
+                            Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceLeave(leave)) })) => {
+                                subscription.presence_leave(&leave.channel, &leave.connection_id);
+                            }
                             Some(Ok(pb::SubscribeRequest { request: None })) => {
                                 let _ = tx.send(Err(Status::invalid_argument("empty subscribe request"))).await;
                                 return;
@@ -247,6 +256,18 @@ impl pb::event_bus_server::EventBus for EventBusService {
             })
             .collect();
         Ok(Response::new(pb::ChannelsResponse { channels }))
+    }
+
+    async fn presence(&self, request: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
+        let channel = request.into_inner().channel;
+        let entries = self
+            .bus
+            .presence(&channel)
+            .await?
+            .into_iter()
+            .map(|e| pb::PresenceEntry { connection_id: e.connection_id, user_id: e.user_id, node: e.node })
+            .collect();
+        Ok(Response::new(pb::PresenceResponse { entries }))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {

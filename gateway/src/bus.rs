@@ -36,6 +36,15 @@ pub struct Published {
     pub event_id: String,
 }
 
+/// A connection subscribed to a presence channel, on some gateway node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresenceEntry {
+    pub connection_id: String,
+    /// `None` for an anonymous connection.
+    pub user_id: Option<String>,
+    pub node: String,
+}
+
 /// A page of a channel's history, read in place from the bus's answer so
 /// that no event is copied on its way to a frame.
 pub struct History(pb::HistoryResponse);
@@ -112,6 +121,24 @@ impl Bus {
         let request = pb::HistoryRequest { channel: channel.to_owned(), limit: 1, reverse: true, ..Default::default() };
         let resp = self.0.clone().history(request).await.map_err(|s| status_error(&s))?.into_inner();
         Ok(resp.position.map(position))
+    }
+
+    /// Who is subscribed to `channel` on every gateway node (SPEC §6).
+    ///
+    /// # Errors
+    /// What to tell the client when the bus refused the read or did not answer.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, CallError> {
+        let request = pb::PresenceRequest { channel: channel.to_owned() };
+        let resp = self.0.clone().presence(request).await.map_err(|s| status_error(&s))?.into_inner();
+        Ok(resp
+            .entries
+            .into_iter()
+            .map(|e| PresenceEntry {
+                connection_id: e.connection_id,
+                user_id: Some(e.user_id).filter(|u| !u.is_empty()),
+                node: e.node,
+            })
+            .collect())
     }
 
     /// The gRPC client, for the link's `Subscribe` stream.

@@ -65,11 +65,14 @@ pub struct Namespace {
     pub subscribe: Access,
     /// Client publishing; off unless a namespace allows it.
     pub publish: Access,
+    /// Whether its channels list who is subscribed, across nodes, and send
+    /// `join` and `leave` events to their subscribers.
+    pub presence: bool,
 }
 
 impl Default for Namespace {
     fn default() -> Self {
-        Namespace { subscribe: Access::Anonymous, publish: Access::None }
+        Namespace { subscribe: Access::Anonymous, publish: Access::None, presence: false }
     }
 }
 
@@ -160,6 +163,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The namespaces with `presence = true`.
+    pub fn presence_namespaces(&self) -> std::collections::HashSet<String> {
+        self.namespaces.iter().filter(|(_, ns)| ns.presence).map(|(name, _)| name.clone()).collect()
+    }
+
     pub fn namespace(&self, channel: &str) -> Namespace {
         let ns = switchboard_proto::channel::namespace(channel);
         self.namespaces.get(ns).cloned().unwrap_or_default()

@@ -410,12 +410,17 @@ async fn channel_info(State(node): State<Arc<Node>>, headers: HeaderMap, Path(ch
         // Not subscribed on this node: ask the bus where the channel stands.
         None => json!(node.bus.current().position(&channel).await?),
     };
-    ok(json!({
+    let mut info = json!({
         "channel": channel,
         "subscribers": listeners.len(),
         "connection_ids": listeners,
         "position": position,
-    }))
+    });
+    if node.config.namespace(&channel).presence {
+        // Every node's connections, as the bus keeps them.
+        info["presence"] = json!(node.bus.current().presence(&channel).await?);
+    }
+    ok(info)
 }
 
 #[derive(Deserialize)]

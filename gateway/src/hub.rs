@@ -39,8 +39,25 @@ pub const BROADCAST_CHANNEL: &str = "broadcast";
 /// What the hub asks of the bus link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkCommand {
-    Join { channel: Arc<str>, since: Option<Position> },
-    Leave { channel: Arc<str> },
+    Join {
+        channel: Arc<str>,
+        since: Option<Position>,
+    },
+    Leave {
+        channel: Arc<str>,
+    },
+    /// A connection of this node listens to a presence channel (SPEC §6).
+    PresenceJoin {
+        channel: Arc<str>,
+        connection: Uuid,
+        user_id: Option<String>,
+        node: Arc<str>,
+    },
+    /// It no longer does.
+    PresenceLeave {
+        channel: Arc<str>,
+        connection: Uuid,
+    },
 }
 
 /// A subscribe that failed, with its `error.code`.
@@ -94,6 +111,10 @@ pub struct Hub {
     recovery_max: u64,
     max_subscriptions: usize,
     metrics: Arc<Metrics>,
+    /// Namespaces with `presence = true`: their listeners are announced to
+    /// the bus, as connections of `node`.
+    presence: HashSet<String>,
+    node: Arc<str>,
 }
 
 #[derive(Default)]
@@ -203,6 +224,33 @@ impl Hub {
             recovery_max,
             max_subscriptions,
             metrics,
+            presence: HashSet::new(),
+            node: Arc::from("gateway"),
+        }
+    }
+
+    /// Announces the listeners of channels in `namespaces` to the bus as
+    /// connections of `node` (presence, SPEC §6).
+    pub fn with_presence(mut self, node: &str, namespaces: HashSet<String>) -> Self {
+        self.node = Arc::from(node);
+        self.presence = namespaces;
+        self
+    }
+
+    /// Whether `channel`'s namespace tracks presence.
+    pub fn has_presence(&self, channel: &str) -> bool {
+        !self.presence.is_empty() && self.presence.contains(switchboard_proto::channel::namespace(channel))
+    }
+
+    fn presence_join(&self, channel: &Arc<str>, connection: Uuid, user_id: Option<String>) -> LinkCommand {
+        LinkCommand::PresenceJoin { channel: channel.clone(), connection, user_id, node: self.node.clone() }
+    }
+
+    /// Tells the bus about a presence change; when the link cannot take it,
+    /// the next relink sends every entry again.
+    fn send_presence(&self, command: LinkCommand) {
+        if self.link.try_send(command).is_err() {
+            tracing::warn!("bus link saturated; a presence change waits for the next relink");
         }
     }
 
@@ -252,6 +300,10 @@ impl Hub {
         }
         *n += 1;
         conn.user_id = Some(user.to_owned());
+        // Its presence entries now name the user.
+        for channel in conn.channels.iter().filter(|c| self.has_presence(c)) {
+            self.send_presence(self.presence_join(channel, id, conn.user_id.clone()));
+        }
         true
     }
 
@@ -323,7 +375,7 @@ impl Hub {
         if !self.link_is_up() {
             return Err(SubscribeError::Unavailable);
         }
-        let queue = connection.queue.clone();
+        let (queue, user_id) = (connection.queue.clone(), connection.user_id.clone());
         let name: Arc<str> = match inner.channels.get_key_value(channel) {
             Some((name, _)) => name.clone(),
             None => {
@@ -357,6 +409,10 @@ impl Hub {
         ch.listeners.insert(conn, listener);
         inner.subscriptions += 1;
         self.update_gauges(inner);
+        if self.has_presence(&name) {
+            // After the channel's join: the bus announces it to the channel.
+            self.send_presence(self.presence_join(&name, conn, user_id));
+        }
         Ok(job)
     }
 
@@ -403,16 +459,20 @@ impl Hub {
     }
 
     fn detach(&self, inner: &mut Inner, channel: &str, conn: Uuid) {
-        let Some(ch) = inner.channels.get_mut(channel) else {
+        let Some(name) = inner.channels.get_key_value(channel).map(|(k, _)| k.clone()) else {
             return;
         };
+        let ch = inner.channels.get_mut(channel).expect("present");
         if ch.listeners.remove(&conn).is_some() {
             inner.subscriptions -= 1;
+            if self.has_presence(channel) {
+                // Before the channel's leave, so that this node hears it too.
+                self.send_presence(LinkCommand::PresenceLeave { channel: name.clone(), connection: conn });
+            }
         }
         if ch.listeners.is_empty() {
             match ch.link {
                 LinkState::Active | LinkState::Pending { .. } => {
-                    let name = inner.channels.get_key_value(channel).map(|(k, _)| k.clone()).expect("present");
                     if self.link.try_send(LinkCommand::Leave { channel: name }).is_ok() {
                         inner.channels.get_mut(channel).expect("present").link = LinkState::Leaving;
                     } else {
@@ -551,6 +611,23 @@ impl Hub {
         self.metrics.messages_sent.inc_by(sent);
     }
 
+    /// Delivers transient events of a channel (offset 0: presence `join`
+    /// and `leave`) to its live listeners, outside of positions and gap checks.
+    pub fn on_transient(&self, channel: &str, frames: &[Frame]) {
+        let inner = self.inner.lock().unwrap();
+        let Some(ch) = inner.channels.get(channel) else {
+            return;
+        };
+        let mut sent = 0u64;
+        for listener in ch.listeners.values().filter(|l| matches!(l.phase, Phase::Live)) {
+            for frame in frames {
+                listener.queue.push(frame.text.clone());
+                sent += 1;
+            }
+        }
+        self.metrics.messages_sent.inc_by(sent);
+    }
+
     /// Delivers frames to every connection (the `broadcast` channel).
     pub fn on_broadcast(&self, frames: &[Frame]) {
         let inner = self.inner.lock().unwrap();
@@ -655,6 +732,14 @@ impl Hub {
             };
             ch.link = LinkState::Pending { resuming: since.is_some() };
             joins.push(LinkCommand::Join { channel: name.clone(), since });
+        }
+        // The presence entries of this node's connections, which the bus
+        // dropped with the old stream, after the joins of their channels.
+        for (name, ch) in inner.channels.iter().filter(|(name, _)| self.has_presence(name)) {
+            for conn in ch.listeners.keys() {
+                let user_id = inner.connections.get(conn).and_then(|c| c.user_id.clone());
+                joins.push(self.presence_join(name, *conn, user_id));
+            }
         }
         self.link_up.store(true, Ordering::Release);
         self.link_watch.send_replace(true);

@@ -108,8 +108,9 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     // Room for a burst of joins and leaves; the hub answers `unavailable` past it.
     let (link_tx, link_rx) = mpsc::channel(65_536);
-    let hub =
-        Arc::new(hub::Hub::new(link_tx, config.limits.recovery_max, config.limits.max_subscriptions, metrics.clone()));
+    let hub = hub::Hub::new(link_tx, config.limits.recovery_max, config.limits.max_subscriptions, metrics.clone())
+        .with_presence(&config.node, config.presence_namespaces());
+    let hub = Arc::new(hub);
     let grace = config.shutdown_grace;
     let node = Arc::new(Node {
         config,

@@ -39,6 +39,20 @@ fn command(cmd: LinkCommand) -> pb::SubscribeRequest {
         LinkCommand::Leave { channel } => pb::SubscribeRequest {
             request: Some(pb::subscribe_request::Request::Leave(pb::Leave { channel: channel.to_string() })),
         },
+        LinkCommand::PresenceJoin { channel, connection, user_id, node } => pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::PresenceJoin(pb::PresenceJoin {
+                channel: channel.to_string(),
+                connection_id: connection.to_string(),
+                user_id: user_id.unwrap_or_default(),
+                node: node.to_string(),
+            })),
+        },
+        LinkCommand::PresenceLeave { channel, connection } => pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::PresenceLeave(pb::PresenceLeave {
+                channel: channel.to_string(),
+                connection_id: connection.to_string(),
+            })),
+        },
     }
 }
 
@@ -143,10 +157,15 @@ fn handle(hub: &Arc<Hub>, bus: &Bus, metrics: &Metrics, broadcast: &mut Option<P
             let started = std::time::Instant::now();
             let mut i = 0;
             while i < batch.events.len() {
-                // Runs of one channel share one pass over the hub.
+                // Runs of one channel share one pass over the hub; events
+                // with offset 0 (presence `join` and `leave`) are not stored
+                // and move no position, so they run apart.
                 let channel = &batch.events[i].channel;
-                let end =
-                    batch.events[i..].iter().position(|e| &e.channel != channel).map_or(batch.events.len(), |n| i + n);
+                let transient = batch.events[i].offset == 0;
+                let end = batch.events[i..]
+                    .iter()
+                    .position(|e| &e.channel != channel || (e.offset == 0) != transient)
+                    .map_or(batch.events.len(), |n| i + n);
                 let frames: Vec<Frame> = batch.events[i..end].iter().map(|e| frame(&bus::event_ref(e))).collect();
                 if let Some(last) = frames.last() {
                     let lag = (protocol::now() - last.timestamp_ms as f64 / 1000.0).max(0.0);
@@ -157,6 +176,8 @@ fn handle(hub: &Arc<Hub>, bus: &Bus, metrics: &Metrics, broadcast: &mut Option<P
                         *broadcast = Some(Position { offset: last.offset, epoch: last.epoch.clone() });
                     }
                     hub.on_broadcast(&frames);
+                } else if transient {
+                    hub.on_transient(channel, &frames);
                 } else {
                     hub.on_events(channel, &frames);
                 }

@@ -171,7 +171,7 @@ impl Run {
             out.publish(event, *seq).await;
         }
         out.flush().await;
-        if let Err(e) = self.bridge.shared.threads.append(&self.thread_id, &self.user, &out.take_messages()) {
+        if let Err(e) = self.bridge.shared.threads.append(&self.thread_id, &self.user, out.take_messages()).await {
             tracing::error!(cause = %e, "cannot store the run's messages");
         }
         self.bridge.release(&self.thread_id, &self.run_id, done);

@@ -237,16 +237,14 @@ impl Bridge {
     pub async fn start(&self, spec: RunSpec) -> Result<Started, BridgeError> {
         let user = spec.user_id.clone();
         let multitask = spec.multitask.clone();
-        let Admitted { agent, input, thread_id, run_id } = self.admit(spec)?;
+        let Admitted { agent, input, thread_id, run_id } = self.admit(spec).await?;
         let Claim { cancel, done } = self.claim(&thread_id, &run_id, &user, &multitask).await?;
         // The thread is taken from here on: any refusal must give it back,
         // or the runs waiting for it would wait forever.
-        let joined = self
-            .shared
-            .threads
-            .messages(&thread_id)
-            .map_err(|e| BridgeError::Internal(e.to_string()))
-            .and_then(|history| self.join_thread(input, history, &thread_id, &run_id, &user));
+        let joined = match self.shared.threads.messages(&thread_id).await {
+            Ok(history) => self.join_thread(input, history, &thread_id, &run_id, &user).await,
+            Err(e) => Err(BridgeError::Internal(e.to_string())),
+        };
         let input = match joined {
             Ok(input) => input,
             Err(e) => {
@@ -279,7 +277,7 @@ impl Bridge {
 
     /// Checks what can be checked before the run takes its thread, and
     /// settles its agent, thread id and run id.
-    fn admit(&self, spec: RunSpec) -> Result<Admitted, BridgeError> {
+    async fn admit(&self, spec: RunSpec) -> Result<Admitted, BridgeError> {
         if self.shared.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(BridgeError::Unavailable("the agent bridge is shutting down".into()));
         }
@@ -304,7 +302,7 @@ impl Bridge {
         if switchboard_proto::channel::validate(&format!("thread:{thread_id}#{}", spec.user_id)).is_err() {
             return Err(BridgeError::InvalidInput("thread id or user id has characters a channel cannot".into()));
         }
-        match self.shared.threads.owner(&thread_id).map_err(|e| BridgeError::Internal(e.to_string()))? {
+        match self.shared.threads.owner(&thread_id).await.map_err(|e| BridgeError::Internal(e.to_string()))? {
             Some(owner) if owner != spec.user_id => return Err(BridgeError::not_yours(&thread_id)),
             _ => {}
         }
@@ -317,11 +315,17 @@ impl Bridge {
     }
 
     /// Stores the input's messages the thread does not have yet, and
-    /// returns the input the agent gets: the whole thread, and the ids.
+    /// returns the input the agent gets: the thread's newest
+    /// `agents.thread_max_messages`, and the ids.
+    ///
+    /// A message is new when the thread does not know its id and it comes
+    /// after every message the thread knows: a client that sends the whole
+    /// history back (AG-UI clients do) also sends what the thread trimmed,
+    /// which must not come back as new.
     ///
     /// # Errors
     /// `PermissionDenied` when another user appended to the thread first.
-    fn join_thread(
+    async fn join_thread(
         &self,
         mut input: Value,
         history: Vec<Value>,
@@ -329,19 +333,25 @@ impl Bridge {
         run_id: &str,
         user: &str,
     ) -> Result<Value, BridgeError> {
-        let known: HashSet<&str> = history.iter().filter_map(|m| m["id"].as_str()).collect();
-        let new: Vec<Value> = input["messages"]
-            .as_array()
-            .map(|m| m.iter().filter(|m| m["id"].as_str().is_none_or(|id| !known.contains(id))).cloned().collect())
-            .unwrap_or_default();
+        let new: Vec<Value> = {
+            let known: HashSet<&str> = history.iter().filter_map(|m| m["id"].as_str()).collect();
+            let sent = input["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let is_known = |m: &Value| m["id"].as_str().is_some_and(|id| known.contains(id));
+            let after_known = sent.iter().rposition(is_known).map_or(0, |i| i + 1);
+            sent[after_known..].to_vec()
+        };
         // The owner is checked once more with the append, atomically: a new
         // thread is claimed by whoever appends first.
-        self.shared.threads.append(thread_id, user, &new).map_err(|e| match e {
+        self.shared.threads.append(thread_id, user, new.clone()).await.map_err(|e| match e {
             ThreadError::NotOwner(_) => BridgeError::not_yours(thread_id),
             e => BridgeError::Internal(e.to_string()),
         })?;
         let mut messages = history;
         messages.extend(new);
+        let max = self.shared.threads.max_messages();
+        if messages.len() > max {
+            messages.drain(..messages.len() - max);
+        }
         input["messages"] = Value::Array(messages);
         input["threadId"] = json!(thread_id);
         input["runId"] = json!(run_id);

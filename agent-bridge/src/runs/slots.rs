@@ -205,7 +205,7 @@ impl Bridge {
     /// # Errors
     /// `PermissionDenied` when the run or the thread is another user's;
     /// nothing is cancelled then.
-    pub fn cancel(
+    pub async fn cancel(
         &self,
         run_id: Option<&str>,
         thread_id: Option<&str>,
@@ -258,7 +258,7 @@ impl Bridge {
         }
         // Nothing running: say so, unless the thread is someone else's.
         if let Some(thread) = thread_id {
-            let owner = self.shared.threads.owner(thread).map_err(|e| BridgeError::Internal(e.to_string()))?;
+            let owner = self.shared.threads.owner(thread).await.map_err(|e| BridgeError::Internal(e.to_string()))?;
             if owner.is_some_and(|o| !allowed(&o)) {
                 return Err(BridgeError::not_yours(thread));
             }
@@ -286,7 +286,7 @@ mod tests {
 
     fn bridge(dir: &std::path::Path) -> Bridge {
         let config = Config { echo_delay: std::time::Duration::ZERO, eventbus_url: None, ..Config::default() };
-        Bridge::new(config, Threads::open(dir).unwrap(), None, None)
+        Bridge::new(config, Threads::open(dir, crate::threads::DEFAULT_MAX_MESSAGES).unwrap(), None, None)
     }
 
     fn spec(user: &str, thread: &str, multitask: &str) -> RunSpec {
@@ -323,7 +323,7 @@ mod tests {
             assert_eq!(bob.err().map(|e| e.code().to_owned()).as_deref(), Some("permission_denied"), "{multitask}");
         }
         assert!(!cancel.is_cancelled(), "bob's `interrupt` did not stop alice's run");
-        assert_eq!(b.shared.threads.owner("t").unwrap(), None, "bob did not claim the thread");
+        assert_eq!(b.shared.threads.owner("t").await.unwrap(), None, "bob did not claim the thread");
     }
 
     /// Runs enqueued on a busy thread start in the order they came (they
@@ -333,7 +333,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = Arc::new(Bridge::new(
             Config { echo_delay: std::time::Duration::from_millis(5), eventbus_url: None, ..Config::default() },
-            Threads::open(dir.path()).unwrap(),
+            Threads::open(dir.path(), crate::threads::DEFAULT_MAX_MESSAGES).unwrap(),
             None,
             None,
         ));
@@ -369,25 +369,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = Bridge::new(
             Config { echo_delay: std::time::Duration::from_secs(1), eventbus_url: None, ..Config::default() },
-            Threads::open(dir.path()).unwrap(),
+            Threads::open(dir.path(), crate::threads::DEFAULT_MAX_MESSAGES).unwrap(),
             None,
             None,
         );
         let started = b.start(spec("alice", "t", "")).await.unwrap();
         let bob = Caller { user_id: "bob".into(), roles: vec!["admin".into()] };
         for (run, thread) in [(Some(started.run_id.as_str()), None), (None, Some("t"))] {
-            assert!(matches!(b.cancel(run, thread, &bob), Err(BridgeError::PermissionDenied(_))));
+            assert!(matches!(b.cancel(run, thread, &bob).await, Err(BridgeError::PermissionDenied(_))));
         }
         let alice = Caller { user_id: "alice".into(), roles: vec![] };
-        let stopped = b.cancel(None, Some("t"), &alice).unwrap();
+        let stopped = b.cancel(None, Some("t"), &alice).await.unwrap();
         assert_eq!((stopped.run_id.as_str(), stopped.cancelled), (started.run_id.as_str(), true));
         let run_id = started.run_id.clone();
         finish(started).await;
         // Ended: nothing to cancel, but still not bob's to ask about, by thread or by run.
-        assert!(matches!(b.cancel(None, Some("t"), &bob), Err(BridgeError::PermissionDenied(_))));
-        assert!(matches!(b.cancel(Some(&run_id), None, &bob), Err(BridgeError::PermissionDenied(_))));
-        let ended = b.cancel(Some(&run_id), None, &alice).unwrap();
+        assert!(matches!(b.cancel(None, Some("t"), &bob).await, Err(BridgeError::PermissionDenied(_))));
+        assert!(matches!(b.cancel(Some(&run_id), None, &bob).await, Err(BridgeError::PermissionDenied(_))));
+        let ended = b.cancel(Some(&run_id), None, &alice).await.unwrap();
         assert_eq!((ended.thread_id.as_str(), ended.cancelled), ("t", false));
-        assert!(!b.cancel(None, Some("t"), &Caller::service()).unwrap().cancelled);
+        assert!(!b.cancel(None, Some("t"), &Caller::service()).await.unwrap().cancelled);
     }
 }

@@ -285,3 +285,60 @@ fn a_recovery_job_that_is_not_the_listeners_own_leaves_it_to_be_answered() {
         assert_eq!(received(&queue), (lines(&expected), None), "relinked: {relinked}");
     }
 }
+
+fn presence_join(channel: &str, connection: Uuid, user: Option<&str>) -> LinkCommand {
+    let (channel, node) = (Arc::from(channel), Arc::from("g1"));
+    LinkCommand::PresenceJoin { channel, connection, user_id: user.map(str::to_owned), node }
+}
+
+fn presence_leave(channel: &str, connection: Uuid) -> LinkCommand {
+    LinkCommand::PresenceLeave { channel: Arc::from(channel), connection }
+}
+
+#[test]
+fn listeners_of_presence_namespaces_are_announced_after_the_join_and_withdrawn_before_the_leave() {
+    let (tx, mut link) = mpsc::channel(64);
+    let hub = Hub::new(tx, RECOVERY_MAX, 16, Arc::new(Metrics::new()))
+        .with_presence("g1", HashSet::from(["room".to_owned()]));
+    hub.relink();
+    let (a, queue) = connect(&hub);
+    let (b, _) = connect(&hub);
+    hub.subscribe(a, "room:1", None, None).unwrap();
+    hub.subscribe(a, "plain", None, None).unwrap();
+    assert_eq!(sent(&mut link), vec![join("room:1", None), presence_join("room:1", a, None), join("plain", None)]);
+    hub.on_joined("room:1", position(3, "e"), false);
+    hub.subscribe(b, "room:1", None, None).unwrap();
+    assert_eq!(sent(&mut link), vec![presence_join("room:1", b, None)]);
+    // Its user, once known, is announced again.
+    assert!(hub.set_user(b, "bob", 16));
+    assert_eq!(sent(&mut link), vec![presence_join("room:1", b, Some("bob"))]);
+
+    // A transient event reaches live listeners and moves no position.
+    received(&queue);
+    let mut join_frame = event(0, "e");
+    join_frame.offset = 0;
+    hub.on_transient("room:1", &[join_frame]);
+    hub.on_events("room:1", &events(4..=4));
+    assert_eq!(received(&queue), (lines(&["event 0", "event 4"]), None));
+
+    // After a relink, every entry again, after the joins.
+    hub.link_down();
+    let mut relinked = hub.relink();
+    let presence = relinked.split_off(2);
+    assert!(relinked.iter().all(|c| matches!(c, LinkCommand::Join { .. })), "{relinked:?}");
+    assert_eq!(presence.len(), 2, "{presence:?}");
+    for expected in [presence_join("room:1", a, None), presence_join("room:1", b, Some("bob"))] {
+        assert!(presence.contains(&expected), "{presence:?}");
+    }
+
+    // Leaving: the entry goes before the channel does.
+    hub.on_joined("room:1", position(4, "e"), true);
+    hub.on_joined("plain", position(0, "e"), true);
+    assert_eq!(hub.unsubscribe(b, "room:1", None), Unsubscribed::Now);
+    assert_eq!(sent(&mut link), vec![presence_leave("room:1", b)]);
+    hub.remove_connection(a);
+    let gone = sent(&mut link);
+    let at = |c: &LinkCommand| gone.iter().position(|g| g == c).unwrap_or_else(|| panic!("{c:?} not in {gone:?}"));
+    assert!(at(&presence_leave("room:1", a)) < at(&leave("room:1")), "{gone:?}");
+    assert_eq!(gone.len(), 3, "nothing for the plain channel but its leave: {gone:?}");
+}

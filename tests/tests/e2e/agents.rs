@@ -184,8 +184,8 @@ async fn threads_keep_history_across_runs_and_restarts() {
     run_events(&mut ws).await;
 
     s.bridge.stop().await;
-    let threads = agent_bridge::threads::Threads::open(s.data.path()).unwrap();
-    let history = threads.messages(&thread).unwrap();
+    let threads = agent_bridge::threads::Threads::open(s.data.path(), 1000).unwrap();
+    let history = threads.messages(&thread).await.unwrap();
     let summary: Vec<(&str, &str)> =
         history.iter().take(4).map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();
     assert_eq!(
@@ -197,7 +197,7 @@ async fn threads_keep_history_across_runs_and_restarts() {
             ("assistant", "second message")
         ]
     );
-    assert_eq!(threads.owner(&thread).unwrap().as_deref(), Some("alice"));
+    assert_eq!(threads.owner(&thread).await.unwrap().as_deref(), Some("alice"));
     // The tool call and its result are kept as AG-UI messages too, in order.
     let roles: Vec<&str> = history[4..].iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);

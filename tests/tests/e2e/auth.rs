@@ -177,6 +177,7 @@ async fn permissions_follow_users_roles_and_namespaces() {
             gateway::Namespace {
                 subscribe: gateway::Access::Roles(vec!["ops".into()]),
                 publish: gateway::Access::Roles(vec!["ops".into()]),
+                ..Default::default()
             },
         );
     })

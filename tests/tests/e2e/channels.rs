@@ -138,7 +138,11 @@ async fn client_publish_only_where_the_namespace_allows_it() {
     let gw = GatewayServer::start_with(&bus.url(), |c| {
         c.namespaces.insert(
             "chat".into(),
-            gateway::Namespace { subscribe: gateway::Access::Anonymous, publish: gateway::Access::Anonymous },
+            gateway::Namespace {
+                subscribe: gateway::Access::Anonymous,
+                publish: gateway::Access::Anonymous,
+                ..Default::default()
+            },
         );
     })
     .await;

@@ -47,6 +47,7 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["publish", "c", "e", "{}"], &[("SWITCHBOARD_GATEWAY__LISTN", "x")], "SWITCHBOARD_GATEWAY__LISTN"),
         (&["up"], &[("SWITCHBOARD_GATEWAYS__LISTEN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAYS__LISTEN"),
         (&["up"], &[("SWITCHBOARD_RPC__GET_STATUS", "everyone")], "rpc.get_status"),
+        (&["up"], &[("SWITCHBOARD_AGENTS__THREAD_MAX_MESSAGES", "0")], "agents.thread_max_messages"),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
         (&["gateway"], &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")], "auth.hs256_secret"),
@@ -492,4 +493,71 @@ async fn sigterm_during_runs_ends_them_and_exits_within_the_grace_period() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+}
+
+/// Runs `switchboard bench …` to completion and returns its JSON report.
+async fn bench_report(args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(switchboard_bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run switchboard bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+#[tokio::test]
+async fn bench_threads_times_each_kind_of_append_on_threads_of_the_asked_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let args = ["threads", "--dir", dir_arg, "--messages", "150", "--appends", "10", "--bound", "20"];
+    let report = bench_report(&args).await;
+    assert_eq!(report["long_thread_messages"], 160, "{report}");
+    assert_eq!(report["bound_thread_messages"], 20, "{report}");
+    assert_eq!(report["appends_per_kind"], 10, "{report}");
+    for kind in ["new_thread", "long_thread", "at_bound"] {
+        assert!(report[kind]["p50_ms"].as_f64().unwrap() > 0.0, "{kind}: {report}");
+    }
+    assert!(report["ratio_long_over_new_mean"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench removed its directory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_counts_every_token_of_runs_its_workers_serve() {
+    let s = AgentStack::start(|_| {}, |_| {}).await;
+    let (ws, bridge) = (s.gateway.ws_url("/ws/connect"), s.bridge.url());
+    let args = [
+        "runs",
+        "--ws",
+        &ws,
+        "--bridge",
+        &bridge,
+        "--runs",
+        "6",
+        "--connections",
+        "2",
+        "--tokens",
+        "5",
+        "--rate",
+        "0",
+        "--workers",
+        "2",
+        "--duration",
+        "300ms",
+    ];
+    let report = bench_report(&args).await;
+    let finished = report["runs_finished"].as_u64().unwrap();
+    assert!(finished >= 6, "every slot ran at least once: {report}");
+    assert_eq!(report["runs_started"], finished, "{report}");
+    assert_eq!(report["tokens"], finished * 5, "{report}");
+    // Four events around the tokens: RUN_STARTED, TEXT_MESSAGE_START, _END, RUN_FINISHED.
+    assert_eq!(report["events"], finished * 9, "{report}");
+    for zero in ["lost", "misordered", "unfinished", "runs_failed", "refused", "closed_by_server"] {
+        assert_eq!(report[zero], 0, "{zero}: {report}");
+    }
+    assert!(report["token_latency"]["max_ms"].as_f64().unwrap() > 0.0, "{report}");
 }

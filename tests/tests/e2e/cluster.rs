@@ -21,12 +21,12 @@ use switchboard_tests::*;
 
 use crate::cli::Process;
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("SWITCHBOARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
 /// A channel name no other test or run uses.
-fn unique(namespace: &str) -> String {
+pub(crate) fn unique(namespace: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{namespace}:{:x}{:x}", nanos, std::process::id())
 }
@@ -259,7 +259,7 @@ async fn offsets_redis_forgot_are_not_given_again_in_the_same_epoch() {
 }
 
 /// A server process of a test's own, killed when dropped (also when the test fails).
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -390,7 +390,7 @@ async fn offsets_nats_forgot_are_not_given_again_in_the_same_epoch() {
 }
 
 /// A `nats-server` with JetStream of this test's own on `port`, keeping its data in `dir`.
-fn nats_server(port: u16, dir: &std::path::Path) -> Server {
+pub(crate) fn nats_server(port: u16, dir: &std::path::Path) -> Server {
     let child = Command::new("nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", dir.to_str().unwrap()])
         .stdout(Stdio::null())

@@ -104,7 +104,11 @@ fn arbitrary_frame_sequences_never_break_a_connection() {
         let gateway = GatewayServer::start_with(&bus.url(), |c| {
             c.namespaces.insert(
                 "chat".into(),
-                gateway::Namespace { subscribe: gateway::Access::Anonymous, publish: gateway::Access::Anonymous },
+                gateway::Namespace {
+                    subscribe: gateway::Access::Anonymous,
+                    publish: gateway::Access::Anonymous,
+                    ..Default::default()
+                },
             );
         })
         .await;

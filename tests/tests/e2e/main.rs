@@ -13,6 +13,7 @@ mod existing_clients;
 mod frames_prop;
 mod http_api;
 mod openai;
+mod presence;
 mod recovery;
 mod relink;
 mod security;

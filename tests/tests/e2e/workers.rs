@@ -268,3 +268,91 @@ async fn runs_go_to_the_least_loaded_worker_within_capacity() {
     let err = ws.expect("error").await;
     assert_eq!((err["code"].as_str(), &err["id"]), (Some("unavailable"), &json!(3)), "both are at capacity");
 }
+
+/// A thread past `agents.thread_max_messages` keeps its newest messages, and
+/// its agent gets only those, oldest first; a client that sends the whole
+/// history back (as AG-UI clients do) does not bring the trimmed ones back.
+#[tokio::test]
+async fn a_thread_over_its_bound_hands_the_agent_only_its_newest_messages() {
+    let e = AgentStack::start(
+        |b| {
+            b.thread_max_messages = 5;
+            b.echo_delay = Duration::ZERO;
+        },
+        |_| {},
+    )
+    .await;
+    let mut worker = TestWorker::attach(&e.bridge.url(), "bounded", &["scripted"], &[], 1).await;
+    let mut ws = Ws::connect(&e.gateway.ws_url("/ws")).await.unwrap();
+    // Four echo turns: eight messages, three more than the bound.
+    let mut thread = String::new();
+    for i in 0..4 {
+        let mut frame = json!({ "type": "chat_message", "content": format!("turn {i}"), "agent": "echo" });
+        if !thread.is_empty() {
+            frame["thread_id"] = json!(thread);
+        }
+        ws.send(frame).await;
+        thread = ws.expect("run").await["thread_id"].as_str().unwrap().to_owned();
+        assert_eq!(until_end(&mut ws).await.last().unwrap()["type"], "RUN_FINISHED");
+    }
+    let summary = |input: &Value| -> Vec<(String, String)> {
+        input["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect()
+    };
+
+    ws.send(json!({ "type": "chat_message", "content": "turn 4", "agent": "scripted", "thread_id": thread })).await;
+    ws.expect("run").await;
+    let start = worker.start_run().await;
+    let input: Value = serde_json::from_slice(&start.input).unwrap();
+    assert_eq!(
+        summary(&input),
+        pairs(&[
+            ("user", "turn 2"),
+            ("assistant", "turn 2"),
+            ("user", "turn 3"),
+            ("assistant", "turn 3"),
+            ("user", "turn 4")
+        ]),
+        "the newest five, oldest first"
+    );
+    let (r, t) = (start.run_id.as_str(), start.thread_id.as_str());
+    for ev in [
+        json!({ "type": "RUN_STARTED", "threadId": t, "runId": r }),
+        json!({ "type": "TEXT_MESSAGE_START", "messageId": "reply-4", "role": "assistant" }),
+        json!({ "type": "TEXT_MESSAGE_CONTENT", "messageId": "reply-4", "delta": "reply 4" }),
+        json!({ "type": "TEXT_MESSAGE_END", "messageId": "reply-4" }),
+        json!({ "type": "RUN_FINISHED", "threadId": t, "runId": r }),
+    ] {
+        worker.event(r, ev).await;
+    }
+    assert_eq!(until_end(&mut ws).await.last().unwrap()["type"], "RUN_FINISHED");
+
+    // The whole history as a client remembers it, with a message the thread
+    // trimmed long ago in front, and one new message.
+    let mut history = vec![json!({ "id": "gone", "role": "user", "content": "trimmed long ago" })];
+    history.extend(input["messages"].as_array().unwrap().iter().cloned());
+    history.push(json!({ "id": "reply-4", "role": "assistant", "content": "reply 4" }));
+    history.push(json!({ "id": "turn-5", "role": "user", "content": "turn 5" }));
+    let input = json!({ "threadId": thread, "messages": history, "tools": [], "context": [], "state": {} });
+    ws.send(json!({ "type": "run_agent", "agent": "scripted", "input": input })).await;
+    ws.expect("run").await;
+    let start = worker.start_run().await;
+    let input: Value = serde_json::from_slice(&start.input).unwrap();
+    assert_eq!(
+        summary(&input),
+        pairs(&[
+            ("user", "turn 3"),
+            ("assistant", "turn 3"),
+            ("user", "turn 4"),
+            ("assistant", "reply 4"),
+            ("user", "turn 5")
+        ]),
+    );
+}
