@@ -128,7 +128,7 @@ impl Process {
     }
 
     /// The gateway's address, from the WebSocket URL it printed.
-    fn gateway_addr(&self) -> std::net::SocketAddr {
+    pub(crate) fn gateway_addr(&self) -> std::net::SocketAddr {
         let ws = self.ws.as_deref().expect("a gateway");
         ws.trim_start_matches("ws://").trim_end_matches("/ws/connect").parse().unwrap()
     }

@@ -347,3 +347,45 @@ async fn presence_spans_bus_nodes(a: BusServer, b: BusServer, cut: CancellationT
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A gateway process of the real binary on `bus`, configured by `config`.
+fn gateway_process(bus: &crate::cli::Process, config: &std::path::Path) -> crate::cli::Process {
+    crate::cli::Process::start_with(
+        &["gateway", "--gateway-listen", "127.0.0.1:0", "--config", config.to_str().unwrap()],
+        &[
+            ("SWITCHBOARD_GATEWAY__EVENTBUS_URL", &bus.grpc),
+            ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY),
+            ("SWITCHBOARD_AUTH__HS256_SECRET", "a-secret-of-at-least-32-characters-0"),
+            ("SWITCHBOARD_AUTH__ANONYMOUS", "true"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_killed_gateways_entries_are_dropped_with_leave_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(&config, "[namespaces.room]\npresence = true\n").unwrap();
+    let bus = crate::cli::Process::start_with(
+        &["eventbus", "--eventbus-listen", "127.0.0.1:0", "--backend", "memory"],
+        &[("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY)],
+    );
+    let (survivor, mut doomed) = (gateway_process(&bus, &config), gateway_process(&bus, &config));
+    let channel = unique("room");
+    let mut watcher = Ws::connect(survivor.ws.as_deref().unwrap()).await.unwrap();
+    watcher.subscribe(&channel).await;
+    let mut victim = Ws::connect(doomed.ws.as_deref().unwrap()).await.unwrap();
+    victim.subscribe(&channel).await;
+    let victim_id = id_of(&victim);
+    await_presence(&mut watcher, "join", &victim_id).await;
+
+    // SIGKILL: its bus stream ends, and the bus drops what it owned.
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    await_presence(&mut watcher, "leave", &victim_id).await;
+    let path = format!("/api/ws/channels/{channel}");
+    let (status, info) = http(survivor.gateway_addr(), "GET", &path, Some(ADMIN_KEY), None).await.unwrap();
+    assert_eq!(status, 200, "{info}");
+    let listed: Vec<_> = info["presence"].as_array().unwrap().iter().map(|e| e["connection_id"].clone()).collect();
+    assert_eq!(listed, [json!(id_of(&watcher))], "{info}");
+}
