@@ -403,42 +403,19 @@ impl Nats {
         let Some(epoch) = describe(stream.cached_info()).map(|d| Arc::<str>::from(d.epoch)) else {
             return Ok(Vec::new());
         };
-        let consumer = stream
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats_error)?;
+        let start = DeliverPolicy::ByStartSequence { start_sequence: after + 1 };
         let want = usize::try_from(to - after).unwrap_or(usize::MAX);
         let mut events = Vec::with_capacity(want.min(FETCH_BATCH));
-        'fetch: while events.len() < want {
-            let mut batch = consumer
-                .fetch()
-                .max_messages((want - events.len()).min(FETCH_BATCH))
-                .messages()
-                .await
-                .map_err(nats_error)?;
-            let before = events.len();
-            while let Some(message) = batch.try_next().await.map_err(nats_error)? {
-                let offset = message.info().map_err(nats_error)?.stream_sequence;
-                if offset > to {
-                    break 'fetch;
-                }
-                match decode(channel, offset, &epoch, &message.payload) {
-                    Some(event) => events.push(event),
-                    None => tracing::error!(channel = &**channel, offset, "undecodable event in the stream"),
-                }
+        for message in fetch(&stream, String::new(), start, Some(want)).await? {
+            let offset = message.info().map_err(nats_error)?.stream_sequence;
+            if offset > to {
+                break;
             }
-            if events.len() == before {
-                break; // Nothing more is stored.
+            match decode(channel, offset, &epoch, &message.payload) {
+                Some(event) => events.push(event),
+                None => tracing::error!(channel = &**channel, offset, "undecodable event in the stream"),
             }
         }
-        let name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&name).await;
         Ok(events)
     }
 
@@ -483,6 +460,45 @@ impl Nats {
         }
         Ok(out)
     }
+}
+
+/// Reads messages of `stream` through an ephemeral consumer (of the
+/// subjects `filter`, all when empty) from `start`: `want` of them, or with
+/// `None` as many as it had pending when created. The consumer is deleted
+/// after (and expires by itself if that fails).
+async fn fetch(
+    stream: &jetstream::stream::Stream,
+    filter: String,
+    start: DeliverPolicy,
+    want: Option<usize>,
+) -> Result<Vec<jetstream::Message>, BusError> {
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: filter,
+            deliver_policy: start,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats_error)?;
+    let want = want.unwrap_or_else(|| usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX));
+    let mut messages = Vec::with_capacity(want.min(FETCH_BATCH));
+    while messages.len() < want {
+        let asked = (want - messages.len()).min(FETCH_BATCH);
+        let mut batch = consumer.fetch().max_messages(asked).messages().await.map_err(nats_error)?;
+        let before = messages.len();
+        while let Some(message) = batch.try_next().await.map_err(nats_error)? {
+            messages.push(message);
+        }
+        if messages.len() == before {
+            break; // Nothing more is stored.
+        }
+    }
+    let name = consumer.cached_info().name.clone();
+    let _ = stream.delete_consumer(&name).await;
+    Ok(messages)
 }
 
 /// Parses a live message: the epoch from its subject, the offset from
@@ -683,36 +699,9 @@ impl PresenceStore for NatsPresence {
     fn list(&self, channel: Arc<str>) -> BoxFuture<'static, Result<Vec<PresenceEntry>, BusError>> {
         let stream = self.stream.clone();
         async move {
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    filter_subject: format!("sbp.{}.*", token(&channel)),
-                    deliver_policy: DeliverPolicy::LastPerSubject,
-                    ack_policy: AckPolicy::None,
-                    inactive_threshold: Duration::from_secs(30),
-                    memory_storage: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats_error)?;
-            let mut want = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
-            let mut entries = Vec::with_capacity(want.min(FETCH_BATCH));
-            while want > 0 {
-                let mut batch =
-                    consumer.fetch().max_messages(want.min(FETCH_BATCH)).messages().await.map_err(nats_error)?;
-                let mut got = 0;
-                while let Some(message) = batch.try_next().await.map_err(nats_error)? {
-                    got += 1;
-                    if let Some((_, entry)) = held(&message.payload) {
-                        entries.push(entry);
-                    }
-                }
-                if got == 0 {
-                    break;
-                }
-                want = want.saturating_sub(got);
-            }
-            let name = consumer.cached_info().name.clone();
-            let _ = stream.delete_consumer(&name).await;
+            let subject = format!("sbp.{}.*", token(&channel));
+            let kept = fetch(&stream, subject, DeliverPolicy::LastPerSubject, None).await?;
+            let entries = kept.iter().filter_map(|message| held(&message.payload).map(|(_, entry)| entry)).collect();
             Ok(entries)
         }
         .boxed()

@@ -53,10 +53,6 @@ fn bus_node_on(backend: Backend, url: &str) -> Process {
     )
 }
 
-fn bus_node(redis: &str) -> Process {
-    bus_node_on(Backend::Redis, redis)
-}
-
 fn gateway_node(buses: &[&Process]) -> Process {
     let urls: Vec<&str> = buses.iter().map(|b| b.grpc.as_str()).collect();
     Process::start_with(
@@ -286,12 +282,24 @@ fn redis_server(port: u16, dir: &std::path::Path) -> Server {
 
 #[tokio::test]
 async fn redis_restarts_under_subscribed_clients() {
+    restarts_under_subscribed_clients(Backend::Redis, "redis", redis_server).await;
+}
+
+#[tokio::test]
+async fn nats_restarts_under_subscribed_clients() {
+    restarts_under_subscribed_clients(Backend::Nats, "nats", nats_server).await;
+}
+
+/// The backend's server of the test's own (`start`, on a port, keeping its
+/// data in a directory) restarted under a subscribed client: with its data
+/// the client goes on with no gap; empty, the client is told with `4004`.
+async fn restarts_under_subscribed_clients(backend: Backend, scheme: &str, start: fn(u16, &std::path::Path) -> Server) {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut redis = redis_server(port, dir.path());
+    let url = format!("{scheme}://127.0.0.1:{port}");
+    let mut server = start(port, dir.path());
     let channel = unique("task");
-    let bus = bus_node(&url);
+    let bus = bus_node_on(backend, &url);
     let gateway = gateway_node(&[&bus]);
     let mut ws = client_of(&gateway).await;
     ws.subscribe(&channel).await;
@@ -300,8 +308,8 @@ async fn redis_restarts_under_subscribed_clients() {
     assert_eq!(offsets(&events(&mut ws, 1).await), [1]);
 
     // Restarted with its data: the client goes on, with no gap.
-    drop(redis);
-    redis = redis_server(port, dir.path());
+    drop(server);
+    server = start(port, dir.path());
     let deadline = tokio::time::Instant::now() + WAIT;
     let ack = loop {
         let request = pb::PublishRequest {
@@ -321,15 +329,15 @@ async fn redis_restarts_under_subscribed_clients() {
     assert_eq!(offsets(&events(&mut ws, 1).await), [2]);
 
     // Restarted empty: the client is told it cannot go on.
-    drop(redis);
+    drop(server);
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
     }
-    redis = redis_server(port, dir.path());
+    server = start(port, dir.path());
     let (closed, _) = ws.closed().await;
     assert_eq!(closed, Closed::Code(4004));
-    drop(redis);
+    drop(server);
 }
 
 // === NATS JetStream: the same failures as Redis's ===
@@ -404,52 +412,4 @@ pub(crate) fn nats_server(port: u16, dir: &std::path::Path) -> Server {
         std::thread::sleep(Duration::from_millis(20));
     }
     Server(child)
-}
-
-#[tokio::test]
-async fn nats_restarts_under_subscribed_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("nats://127.0.0.1:{port}");
-    let mut nats = nats_server(port, dir.path());
-    let channel = unique("task");
-    let bus = bus_node_on(Backend::Nats, &url);
-    let gateway = gateway_node(&[&bus]);
-    let mut ws = client_of(&gateway).await;
-    ws.subscribe(&channel).await;
-    let mut client = bus_of(&bus).await;
-    publish(&mut client, &channel, "tick", json!(1)).await;
-    assert_eq!(offsets(&events(&mut ws, 1).await), [1]);
-
-    // Restarted with its data: the client goes on, with no gap.
-    drop(nats);
-    nats = nats_server(port, dir.path());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let ack = loop {
-        let request = pb::PublishRequest {
-            channel: channel.clone(),
-            event: "tick".into(),
-            data: b"2".to_vec().into(),
-            idempotency_key: "after-restart".into(),
-            ..Default::default()
-        };
-        match client.publish(request).await {
-            Ok(ack) => break ack.into_inner(),
-            Err(status) => assert!(tokio::time::Instant::now() < deadline, "publish after restart: {status}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(ack.offset, 2);
-    assert_eq!(offsets(&events(&mut ws, 1).await), [2]);
-
-    // Restarted empty: the client is told it cannot go on.
-    drop(nats);
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
-    }
-    nats = nats_server(port, dir.path());
-    let (closed, _) = ws.closed().await;
-    assert_eq!(closed, Closed::Code(4004));
-    drop(nats);
 }
