@@ -203,28 +203,32 @@ impl Broker for Nats {
             let id = uuid::Uuid::now_v7().to_string();
             let payload = encode(&id, &event, now_ms())?;
             let channel: Arc<str> = Arc::from(event.channel.as_str());
-            let epoch = self.ensure(&channel).await?;
-            let mut message = PublishMessage::build().payload(payload.into());
-            if let Some(key) = &event.idempotency_key {
-                message = message.message_id(key);
-            }
+            let (payload, key) = (bytes::Bytes::from(payload), event.idempotency_key);
             // Sent here, in the caller's order; the ack is awaited apart,
             // so that publishes are pipelined.
-            let ack = self.inner.js.send_publish(ingest_subject(&channel), message).await.map_err(nats_error)?;
+            let (epoch, ack) = self.send(&channel, payload.clone(), key.as_deref()).await?;
             let nats = self.clone();
             tokio::spawn(async move {
-                let result = match ack.await {
-                    Ok(ack) if ack.duplicate => nats.duplicate(&channel, ack.sequence, epoch).await,
-                    Ok(ack) => {
+                let mut acked = ack.await.map(|ack| (epoch, ack));
+                if acked.as_ref().is_err_and(|e| e.kind() == PublishErrorKind::StreamNotFound) {
+                    // Its stream was deleted since this node learnt its
+                    // epoch: sent once more, to the stream made anew.
+                    nats.forget(&channel);
+                    acked = match nats.send(&channel, payload, key.as_deref()).await {
+                        Ok((epoch, ack)) => ack.await.map(|ack| (epoch, ack)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    };
+                }
+                let result = match acked {
+                    Ok((epoch, ack)) if ack.duplicate => nats.duplicate(&channel, ack.sequence, epoch).await,
+                    Ok((epoch, ack)) => {
                         let position = Position { offset: ack.sequence, epoch };
                         Ok(Published { event_id: id, position, duplicate: false })
                     }
-                    Err(e) => {
-                        if e.kind() == PublishErrorKind::StreamNotFound {
-                            nats.forget(&channel);
-                        }
-                        Err(nats_error(e))
-                    }
+                    Err(e) => Err(nats_error(e)),
                 };
                 let _ = reply.send(result);
             });
@@ -309,6 +313,23 @@ impl Nats {
         }
         let (_, epoch) = self.stream(channel, true).await?.expect("created when missing");
         Ok(epoch)
+    }
+
+    /// Sends an event to its channel's stream (made first, when this node
+    /// knows of none); returns the stream's epoch and the ack to come.
+    async fn send(
+        &self,
+        channel: &Arc<str>,
+        payload: bytes::Bytes,
+        key: Option<&str>,
+    ) -> Result<(Arc<str>, jetstream::context::PublishAckFuture), BusError> {
+        let epoch = self.ensure(channel).await?;
+        let mut message = PublishMessage::build().payload(payload);
+        if let Some(key) = key {
+            message = message.message_id(key);
+        }
+        let ack = self.inner.js.send_publish(ingest_subject(channel), message).await.map_err(nats_error)?;
+        Ok((epoch, ack))
     }
 
     fn forget(&self, channel: &str) {
