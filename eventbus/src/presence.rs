@@ -18,7 +18,7 @@
 //!   the owning node refreshes its entries every `presence_refresh`, and
 //!   readers drop entries past their expiry, so the entries of a bus node
 //!   that vanished without removing them are gone within `presence_ttl`.
-//!   `RedisPresence` (below) is the Redis one.
+//!   `RedisPresence` (below) is the Redis one; `NatsPresence` is in `nats.rs`.
 
 use std::{
     collections::HashMap,
