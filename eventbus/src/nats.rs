@@ -65,7 +65,7 @@ use crate::{
     config::Config,
     error::{BusError, StoreError},
     now_ms,
-    presence::{Change, PresenceEntry, PresenceStore},
+    presence::{Change, PRESENCE_QUEUE, PresenceEntry, PresenceStore, change_message},
 };
 
 /// How long a request to NATS may take before it counts as failed.
@@ -659,10 +659,6 @@ enum PresenceOp {
     Refresh(Vec<(Arc<str>, String, PresenceEntry)>),
 }
 
-/// Changes queued past this many are dropped with a warning: a lost add
-/// comes back with the next refresh, a lost removal expires.
-const PRESENCE_QUEUE: usize = 65_536;
-
 impl NatsPresence {
     async fn open(
         client: async_nats::Client,
@@ -797,9 +793,7 @@ async fn announce(
     entry: &PresenceEntry,
 ) -> Result<(), BusError> {
     let subject = format!("{LIVE_PREFIX}{}{PRESENCE_TOKEN}", token(channel));
-    let mut payload = format!("presence {} ", change.name()).into_bytes();
-    payload.extend_from_slice(&entry.data());
-    client.publish(subject, payload.into()).await.map_err(nats_error)
+    client.publish(subject, change_message(change, entry).into()).await.map_err(nats_error)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! - `sb:{c}:s`, a stream whose entry ids are `<offset>-1`, one field `e`
 //!   holding the encoded event, trimmed to the history size (`MAXLEN`);
 //! - `sb:{c}:i:<key>`, a hash per idempotency key, for five minutes;
-//! - `sb:{c}:presence`, a hash of presence entries (see `presence.rs`).
+//! - `sb:{c}:presence`, a hash of presence entries (`RedisPresence`, at the end).
 //!
 //! One Lua script (`PUBLISH_LUA`) checks the idempotency key, increments the
 //! offset, appends to the stream, sets the TTLs and publishes the event with
@@ -22,7 +22,11 @@
 //! served only within its TTL; the meta hash lives twice as long (at least
 //! two days), so offsets do not restart while clients may hold positions.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::{
     StreamExt,
@@ -39,7 +43,7 @@ use crate::{
     config::Config,
     error::{BusError, StoreError},
     now_ms,
-    presence::{PresenceStore, RedisPresence},
+    presence::{PRESENCE_QUEUE, PresenceEntry, PresenceStore},
 };
 
 /// Checks the idempotency key, numbers, stores, expires and publishes one event.
@@ -600,4 +604,195 @@ async fn reconnect(
         }
         delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+// === presence ===
+
+/// Records entries and, for a new one, announces the join.
+///
+/// KEYS: the presence hash. ARGV: TTL (ms), `add` or `refresh`, Pub/Sub
+/// channel, owner, then pairs of connection id and entry JSON. A field holds
+/// `<expires ms> <owner> <entry JSON>`, by Redis's clock, so the nodes'
+/// clocks do not matter. `refresh` leaves entries another owner holds
+/// alone; `add` takes them over (a gateway that relinked) without a join.
+const SET_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = string.format('%.0f', now + tonumber(ARGV[1]))
+for i = 5, #ARGV, 2 do
+  local live = nil
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then
+    local e, o = string.match(old, '^(%d+) (%S+) ')
+    if e and tonumber(e) >= now then live = o end
+  end
+  if ARGV[2] == 'add' or live == nil or live == ARGV[4] then
+    redis.call('HSET', KEYS[1], ARGV[i], expires .. ' ' .. ARGV[4] .. ' ' .. ARGV[i + 1])
+  end
+  if ARGV[2] == 'add' and live == nil then
+    redis.call('PUBLISH', ARGV[3], 'presence join ' .. ARGV[i + 1])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 0
+";
+
+/// Removes an entry its owner still holds, and announces the leave.
+///
+/// KEYS: the presence hash. ARGV: Pub/Sub channel, owner, connection id.
+const REMOVE_LUA: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[3])
+if not old then return 0 end
+local _, o, entry = string.match(old, '^(%d+) (%S+) (.*)$')
+if o ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[1], 'presence leave ' .. entry)
+return 1
+";
+
+/// Returns the live entries' JSON, deleting those past their expiry.
+///
+/// KEYS: the presence hash.
+const LIST_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local live = {}
+for i = 1, #all, 2 do
+  local e, _, entry = string.match(all[i + 1], '^(%d+) (%S+) (.*)$')
+  if e and tonumber(e) >= now then
+    table.insert(live, entry)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return live
+";
+
+/// A channel's presence hash, in the slot of its other keys .
+fn presence_key(channel: &str) -> String {
+    format!("sb:{{{channel}}}:presence")
+}
+
+/// The entry as kept in Redis and announced: the event data itself.
+fn entry_json(entry: &PresenceEntry) -> String {
+    String::from_utf8(entry.data().to_vec()).expect("JSON is UTF-8")
+}
+
+enum Op {
+    Add { channel: Arc<str>, owner: String, connection_id: String, entry: String },
+    Remove { channel: Arc<str>, owner: String, connection_id: String },
+    Refresh(Vec<(Arc<str>, String, PresenceEntry)>),
+}
+
+/// Presence in Redis: a hash per channel (`sb:{c}:presence`), joins and
+/// leaves published on the channel's Pub/Sub channel with its events, and
+/// one task that applies operations in order.
+pub(crate) struct RedisPresence {
+    ops: mpsc::Sender<Op>,
+    conn: ConnectionManager,
+    list: Arc<redis::Script>,
+}
+
+impl RedisPresence {
+    /// Starts the task that applies operations on `conn`; it ends, after
+    /// what is queued, when the store is dropped.
+    pub(crate) fn new(conn: ConnectionManager, ttl: Duration) -> RedisPresence {
+        let (ops, rx) = mpsc::channel(PRESENCE_QUEUE);
+        tokio::spawn(apply(conn.clone(), rx, ttl));
+        RedisPresence { ops, conn, list: Arc::new(redis::Script::new(LIST_LUA)) }
+    }
+
+    fn queue(&self, op: Op) {
+        if self.ops.try_send(op).is_err() {
+            tracing::warn!("presence queue full; an operation was dropped");
+        }
+    }
+}
+
+impl PresenceStore for RedisPresence {
+    fn add(&self, channel: &Arc<str>, owner: &str, entry: &PresenceEntry) {
+        let (channel, owner, connection_id) = (channel.clone(), owner.to_owned(), entry.connection_id.clone());
+        self.queue(Op::Add { channel, owner, connection_id, entry: entry_json(entry) });
+    }
+
+    fn remove(&self, channel: &Arc<str>, owner: &str, entry: &PresenceEntry) {
+        let connection_id = entry.connection_id.clone();
+        self.queue(Op::Remove { channel: channel.clone(), owner: owner.to_owned(), connection_id });
+    }
+
+    fn refresh(&self, entries: Vec<(Arc<str>, String, PresenceEntry)>) {
+        self.queue(Op::Refresh(entries));
+    }
+
+    fn list(&self, channel: Arc<str>) -> BoxFuture<'static, Result<Vec<PresenceEntry>, BusError>> {
+        let (mut conn, script) = (self.conn.clone(), self.list.clone());
+        async move {
+            let raw: Vec<String> =
+                script.key(presence_key(&channel)).invoke_async(&mut conn).await.map_err(redis_error)?;
+            Ok(raw.iter().filter_map(|json| serde_json::from_str(json).ok()).collect())
+        }
+        .boxed()
+    }
+}
+
+/// Applies presence operations in the order they were queued.
+async fn apply(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Op>, ttl: Duration) {
+    let (set, remove) = (redis::Script::new(SET_LUA), redis::Script::new(REMOVE_LUA));
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    while let Some(op) = rx.recv().await {
+        let result = match op {
+            Op::Add { channel, owner, connection_id, entry } => {
+                let mut call = set_call(&set, ttl_ms, &channel, "add", &owner);
+                call.arg(connection_id).arg(entry);
+                call.invoke_async::<()>(&mut conn).await
+            }
+            Op::Remove { channel, owner, connection_id } => {
+                let mut call = remove.key(presence_key(&channel));
+                call.arg(crate::redis::pubsub_channel(&channel)).arg(owner).arg(connection_id);
+                call.invoke_async::<()>(&mut conn).await
+            }
+            Op::Refresh(entries) => refresh(&mut conn, &set, ttl_ms, entries).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(cause = %e, "presence update failed");
+        }
+    }
+}
+
+/// A call of `SET_LUA` without its entries.
+fn set_call<'s>(
+    set: &'s redis::Script,
+    ttl_ms: u64,
+    channel: &str,
+    mode: &str,
+    owner: &str,
+) -> redis::ScriptInvocation<'s> {
+    let mut call = set.key(presence_key(channel));
+    call.arg(ttl_ms).arg(mode).arg(crate::redis::pubsub_channel(channel)).arg(owner);
+    call
+}
+
+/// Refreshes entries, one script call per channel and owner.
+async fn refresh(
+    conn: &mut ConnectionManager,
+    set: &redis::Script,
+    ttl_ms: u64,
+    entries: Vec<(Arc<str>, String, PresenceEntry)>,
+) -> redis::RedisResult<()> {
+    let mut grouped: HashMap<(Arc<str>, String), Vec<PresenceEntry>> = HashMap::new();
+    for (channel, owner, entry) in entries {
+        grouped.entry((channel, owner)).or_default().push(entry);
+    }
+    let mut result = Ok(());
+    for ((channel, owner), entries) in grouped {
+        let mut call = set_call(set, ttl_ms, &channel, "refresh", &owner);
+        for entry in &entries {
+            call.arg(&entry.connection_id).arg(entry_json(entry));
+        }
+        if let Err(e) = call.invoke_async::<()>(conn).await {
+            result = Err(e);
+        }
+    }
+    result
 }

@@ -224,14 +224,20 @@ async fn a_channel_lost_by_redis_closes_its_subscribers_with_4004() {
     assert_eq!(String::from_utf8_lossy(&deleted.stdout).trim(), "2");
     let ack = publish(&mut client, &channel, "tick", json!(3)).await;
     assert_ne!(ack.epoch, epoch);
+    told_to_reload(&mut ws, &gateway, &channel, &epoch).await;
+}
+
+/// A client whose channel lost its history in `epoch` (after offset 3): it
+/// is closed with `4004`, and coming back with its old position it is told
+/// to reload its state. Returns that `subscribed` frame.
+async fn told_to_reload(ws: &mut Ws, gateway: &Process, channel: &str, epoch: &str) -> Value {
     let (closed, _) = ws.closed().await;
     assert_eq!(closed, Closed::Code(4004));
-
-    // Coming back with its old position, it is told to reload its state.
-    let mut ws = client_of(&gateway).await;
+    let mut ws = client_of(gateway).await;
     ws.send(json!({"type": "subscribe", "channel": channel, "since": {"offset": 3, "epoch": epoch}})).await;
     let subscribed = ws.expect("subscribed").await;
     assert_eq!(subscribed["recovered"], false, "{subscribed}");
+    subscribed
 }
 
 #[tokio::test]
@@ -362,14 +368,7 @@ async fn a_channel_lost_by_nats_closes_its_subscribers_with_4004() {
     let ack = publish(&mut client, &channel, "tick", json!(3)).await;
     assert_eq!(ack.offset, 1);
     assert_ne!(ack.epoch, epoch);
-    let (closed, _) = ws.closed().await;
-    assert_eq!(closed, Closed::Code(4004));
-
-    // Coming back with its old position, it is told to reload its state.
-    let mut ws = client_of(&gateway).await;
-    ws.send(json!({"type": "subscribe", "channel": channel, "since": {"offset": 3, "epoch": epoch}})).await;
-    let subscribed = ws.expect("subscribed").await;
-    assert_eq!(subscribed["recovered"], false, "{subscribed}");
+    let subscribed = told_to_reload(&mut ws, &gateway, &channel, &epoch).await;
     assert_eq!(subscribed["position"]["epoch"].as_str(), Some(ack.epoch.as_str()), "{subscribed}");
 }
 
