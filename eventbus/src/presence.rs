@@ -29,7 +29,6 @@ use std::{
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use crate::{
     Event,
@@ -321,6 +320,8 @@ pub(crate) fn decode_message(payload: &[u8]) -> Option<(Change, Bytes)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
+
     use crate::{Config, Delivery, store::memory::MemoryStore};
 
     fn entry(connection_id: &str) -> PresenceEntry {
