@@ -769,4 +769,91 @@ mod tests {
         assert!(!nested_deeper_than(format!("{}{}", "[".repeat(64), "]".repeat(64)).as_bytes(), 64));
         assert!(nested_deeper_than(format!("{}{}", "[".repeat(65), "]".repeat(65)).as_bytes(), 64));
     }
+
+    /// A store whose next read waits until it is let go: a recovering
+    /// join's replay held open, at the edge of this unit test.
+    struct HeldRead {
+        inner: crate::store::memory::MemoryStore,
+        release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl crate::store::Store for HeldRead {
+        fn epoch(&self) -> std::sync::Arc<str> {
+            self.inner.epoch()
+        }
+        fn channels(&self) -> Result<Vec<crate::store::ChannelMeta>, crate::StoreError> {
+            self.inner.channels()
+        }
+        fn idempotency(&self, now_ms: i64) -> Result<Vec<crate::store::IdempotencyRecord>, crate::StoreError> {
+            self.inner.idempotency(now_ms)
+        }
+        fn commit(&self, batch: &crate::store::Batch) -> Result<(), crate::StoreError> {
+            self.inner.commit(batch)
+        }
+        fn read(&self, channel: &str, after: u64, limit: usize) -> Result<Vec<crate::Event>, crate::StoreError> {
+            let held = self.release.lock().unwrap().take();
+            if let Some(release) = held {
+                let _ = release.recv();
+            }
+            self.inner.read(channel, after, limit)
+        }
+        fn expire(
+            &self,
+            channels: &[(std::sync::Arc<str>, i64)],
+            now_ms: i64,
+        ) -> Result<Vec<(std::sync::Arc<str>, u64)>, crate::StoreError> {
+            self.inner.expire(channels, now_ms)
+        }
+    }
+
+    fn tick(channel: &str, i: u64) -> crate::NewEvent {
+        let data = bytes::Bytes::from(i.to_string());
+        crate::NewEvent { channel: channel.into(), name: "tick".into(), data, idempotency_key: None, meta: Vec::new() }
+    }
+
+    fn offsets(delivery: crate::Delivery) -> Vec<u64> {
+        match delivery {
+            crate::Delivery::Events(events) => events.iter().map(|e| e.offset).collect(),
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+
+    /// While a recovering join's replay is being read, the writer goes on
+    /// committing (to that channel too) and other channels' subscribers get
+    /// their live events; the recovery then gets its gap and what came meanwhile.
+    #[tokio::test]
+    async fn a_replay_being_read_stalls_no_live_delivery() {
+        use crate::{Delivery, Position};
+        let store = std::sync::Arc::new(HeldRead {
+            inner: crate::store::memory::MemoryStore::new(),
+            release: Default::default(),
+        });
+        let (bus, rx) = super::Bus::local(crate::Config::memory(), store.clone());
+        let (channels, config, epoch) = (bus.shared.channels.clone(), bus.config().clone(), bus.shared.epoch.clone());
+        let writer_store: std::sync::Arc<dyn crate::store::Store> = store.clone();
+        std::thread::spawn(move || crate::writer::run(channels, config, epoch, writer_store, rx));
+        for i in 1..=3 {
+            bus.publish(tick("a", i)).await.unwrap();
+        }
+        let (release, held) = std::sync::mpsc::channel();
+        *store.release.lock().unwrap() = Some(held);
+        let (mut recovering, mut recovered, _) = bus.subscribe();
+        recovering.join("a", Some(Position { offset: 1, epoch: bus.shared.epoch.clone() }));
+
+        let (mut live, mut heard, _) = bus.subscribe();
+        live.join("b", None);
+        assert!(matches!(heard.recv().await.unwrap(), Delivery::Joined { recovered: false, .. }));
+        assert_eq!(bus.publish(tick("b", 1)).await.unwrap().position.offset, 1);
+        assert_eq!(offsets(heard.recv().await.unwrap()), [1]);
+        assert_eq!(bus.publish(tick("a", 4)).await.unwrap().position.offset, 4);
+        assert!(recovered.try_recv().is_err(), "answered before its replay was read");
+
+        release.send(()).unwrap();
+        match recovered.recv().await.unwrap() {
+            Delivery::Joined { recovered, position, .. } => assert!(recovered && position.offset == 3),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(offsets(recovered.recv().await.unwrap()), [2, 3]);
+        assert_eq!(offsets(recovered.recv().await.unwrap()), [4]);
+    }
 }
