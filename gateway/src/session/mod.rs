@@ -1,14 +1,17 @@
-//! One connection: its protocol state machine (SPEC §3), heartbeat, limits,
-//! and the writer task that drains its outbound queue into the socket.
+//! The protocol state machine of one connection (SPEC §3), whatever
+//! carries its frames: opening, authentication and expiry, the frames a
+//! client sends and the answers queued on its outbound queue. Its
+//! transports (`ws`) read the client's frames into it and drain the queue.
 
-use std::{collections::VecDeque, future::Future, sync::Arc, time::Duration};
+mod access;
+mod limits;
+mod ws;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt, stream::SplitSink};
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -22,6 +25,9 @@ use crate::{
     protocol::{self, ClientFrame, Request, Since},
     queue::Outbound,
 };
+use limits::Budget;
+
+pub use ws::run;
 
 /// Who is on the other end, as established before the upgrade.
 #[derive(Debug, Clone, Default)]
@@ -36,13 +42,7 @@ pub struct Params {
     pub since: Option<Since>,
 }
 
-/// Rate-limited frames in a row after which the connection is closed with `4006`.
-const RATE_STRIKES: u32 = 10;
-
-/// How long a closing connection's writer may take to flush before it is dropped.
-const CLOSE_FLUSH: Duration = Duration::from_secs(5);
-
-struct Session {
+pub(crate) struct Session {
     node: Arc<Node>,
     id: Uuid,
     queue: Arc<Outbound>,
@@ -54,45 +54,55 @@ struct Session {
     expires: Option<Instant>,
     /// Cancelled when the connection ends (runs with `on_disconnect: cancel` stop).
     gone: tokio_util::sync::CancellationToken,
-    bucket: TokenBucket,
-    strikes: u32,
-    /// Times of recent protocol errors, for the per-minute budget.
-    errors: VecDeque<Instant>,
+    budget: Budget,
     /// The path form's channel, held back until the connection may
     /// subscribe: nothing of it is sent before `authorize` succeeds.
     pending: Option<(String, Option<Since>)>,
 }
 
-/// Runs a connection until it closes.
-pub async fn run(node: Arc<Node>, socket: WebSocket, params: Params) {
-    let id = Uuid::new_v4();
-    let user = params.credentials.as_ref().map(|c| c.user_id.clone());
-    let span = tracing::info_span!("connection", connection_id = %id, user_id = ?user);
-    run_inner(node, socket, params, id).instrument(span).await
+/// What closes a connection when, as of now: the server shutting down, an
+/// `authorize` that did not come in time, the token's expiry and grace.
+pub(crate) struct Clock<'a> {
+    shutdown: &'a tokio_util::sync::CancellationToken,
+    authorize_by: Option<Instant>,
+    expires: Option<Instant>,
 }
 
-async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid) {
-    let limits = node.config.limits.clone();
-    let queue = Arc::new(Outbound::new(limits.outbound_queue_bytes));
-    let (sink, mut stream) = socket.split();
-    let mut writer =
-        tokio::spawn(write_loop(sink, queue.clone(), node.config.heartbeat_interval, limits.write_timeout));
-    let mut session = Session {
-        node: node.clone(),
-        id,
-        queue: queue.clone(),
-        credentials: None,
-        authorize_by: params.must_authorize.then(|| Instant::now() + node.config.auth.authorize_timeout),
-        expires: None,
-        gone: tokio_util::sync::CancellationToken::new(),
-        bucket: TokenBucket::new(limits.rate_per_second, limits.rate_burst),
-        strikes: 0,
-        errors: VecDeque::new(),
-        pending: None,
-    };
-    let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
-    let registered = node.hub.add_connection(id, queue.clone(), user_id.clone(), limits.max_connections_per_user);
-    if registered {
+impl Clock<'_> {
+    /// Resolves with the close that comes first.
+    pub(crate) async fn fired(self) -> Disconnect {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Disconnect::SHUTDOWN,
+            _ = sleep_until(self.authorize_by) => Disconnect::UNAUTHORIZED,
+            _ = sleep_until(self.expires) => Disconnect::TOKEN_EXPIRED,
+        }
+    }
+}
+
+// === impl Session ===
+
+impl Session {
+    /// Opens a connection: registers it with the hub (or closes its queue
+    /// with `4502` over the user's limit), queues `connected`, and
+    /// subscribes what it gets on open once it may.
+    pub(crate) fn open(node: Arc<Node>, id: Uuid, queue: Arc<Outbound>, params: Params) -> Session {
+        let limits = &node.config.limits;
+        let mut session = Session {
+            node: node.clone(),
+            id,
+            queue: queue.clone(),
+            credentials: None,
+            authorize_by: params.must_authorize.then(|| Instant::now() + node.config.auth.authorize_timeout),
+            expires: None,
+            gone: tokio_util::sync::CancellationToken::new(),
+            budget: Budget::new(limits),
+            pending: None,
+        };
+        let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
+        if !node.hub.add_connection(id, queue.clone(), user_id.clone(), limits.max_connections_per_user) {
+            queue.close(Disconnect::USER_LIMIT);
+            return session;
+        }
         node.metrics.connections_accepted.inc();
         session.push(protocol::frame(
             "connected",
@@ -117,169 +127,30 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
             None if !params.must_authorize => session.subscribe_pending(),
             None => {}
         }
-    } else {
-        queue.close(Disconnect::USER_LIMIT);
+        session
     }
 
-    let window = node.config.heartbeat_interval + node.config.heartbeat_timeout;
-    let mut last_seen = Instant::now();
-    let mut writer_done = None;
-    let mut client_gone = false;
-    while writer_done.is_none() {
-        let open = queue.closing().is_none();
-        tokio::select! {
-            _ = node.shutdown.cancelled(), if open => queue.close(Disconnect::SHUTDOWN),
-            // Whatever closes it, a closing connection gets no more events
-            // and leaves the stats and its channels now, not when its socket
-            // has taken the rest (it may never).
-            _ = queue.closed(), if open => node.hub.remove_connection(id),
-            end = &mut writer => writer_done = Some(end.unwrap_or(WriterEnd::Broken)),
-            _ = tokio::time::sleep_until(last_seen + window), if open => queue.close(Disconnect::NO_PONG),
-            _ = sleep_until(session.authorize_by), if open => queue.close(Disconnect::UNAUTHORIZED),
-            _ = sleep_until(session.expires.map(|t| t + node.config.auth.expiry_grace)), if open => {
-                queue.close(Disconnect::TOKEN_EXPIRED)
-            }
-            msg = stream.next(), if !client_gone => match msg {
-                Some(Ok(msg)) => {
-                    last_seen = Instant::now();
-                    if !session.on_message(msg) {
-                        client_gone = true;
-                    }
-                }
-                Some(Err(err)) => {
-                    client_gone = true;
-                    if let Some(reason) = read_error(err) {
-                        queue.close(reason);
-                    }
-                }
-                None => client_gone = true,
-            },
-        }
-        if client_gone && queue.closing().is_none() {
-            // The peer left without a close we asked for: nothing more to send.
-            break;
+    /// The connection's clock as it stands: what closes it when, apart
+    /// from its transport's heartbeat.
+    pub(crate) fn clock(&self) -> Clock<'_> {
+        Clock {
+            shutdown: &self.node.shutdown,
+            authorize_by: self.authorize_by,
+            expires: self.expires.map(|t| t + self.node.config.auth.expiry_grace),
         }
     }
-    node.hub.remove_connection(id);
-    session.gone.cancel();
-    let code = queue.closing().map_or(1000, |d| d.code);
-    node.metrics.disconnects.get_or_create(&CodeLabel { code }).inc();
-    if writer_done.is_none() {
-        if client_gone && queue.closing().is_none() {
-            writer.abort();
-        } else {
-            // The writer has its own deadline per write, so this ends.
-            writer_done = Some(writer.await.unwrap_or(WriterEnd::Broken));
-        }
+
+    /// Takes the connection out of the hub (it gets nothing more and leaves
+    /// its channels), ends its runs that stop on disconnect, and counts the
+    /// close; returns its code. Called once its transport is done.
+    pub(crate) fn end(&self) -> u16 {
+        self.node.hub.remove_connection(self.id);
+        self.gone.cancel();
+        let code = self.queue.closing().map_or(1000, |d| d.code);
+        self.node.metrics.disconnects.get_or_create(&CodeLabel { code }).inc();
+        code
     }
-    // A socket that took nothing is dropped now: no closing handshake.
-    if !client_gone && writer_done == Some(WriterEnd::Closed) {
-        // The closing handshake: read until the client's close, so that it
-        // reads everything we sent before the socket goes away.
-        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    tracing::debug!(code, "connection closed");
-}
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Converts a token's `exp` (Unix seconds) to an instant.
-fn instant_of(exp: Option<u64>) -> Option<Instant> {
-    let exp = exp?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
-}
-
-/// The close a read error calls for (SPEC §9), when the socket can still
-/// take one: a frame over the limit, invalid UTF-8 in a text frame, or a
-/// WebSocket protocol violation. Other errors are a connection that broke.
-fn read_error(err: axum::Error) -> Option<Disconnect> {
-    match err.into_inner().downcast_ref::<tungstenite::Error>()? {
-        tungstenite::Error::Capacity(_) => Some(Disconnect::MESSAGE_TOO_BIG),
-        tungstenite::Error::Utf8(_) => Some(Disconnect::INVALID_UTF8),
-        tungstenite::Error::Protocol(_) => Some(Disconnect::PROTOCOL_VIOLATION),
-        _ => None,
-    }
-}
-
-/// How the writer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WriterEnd {
-    /// It sent the `disconnect` and close frames.
-    Closed,
-    /// The socket broke, or took nothing for `write_timeout`.
-    Broken,
-}
-
-/// Drains the queue into the socket, sends heartbeats, and sends the
-/// `disconnect` frame and the close frame when the queue is closed. Every
-/// write has `write_timeout` to complete: a socket that takes nothing for
-/// that long is given up (SPEC §9), and dropping it closes the TCP connection.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    queue: Arc<Outbound>,
-    interval: Duration,
-    write_timeout: Duration,
-) -> WriterEnd {
-    let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
-    loop {
-        tokio::select! {
-            _ = queue.notified() => {}
-            _ = ping.tick() => {
-                queue.push(Utf8Bytes::from(protocol::frame("ping", None, json!({}))));
-                if !within(write_timeout, sink.feed(Message::Ping(Bytes::new()))).await {
-                    return WriterEnd::Broken;
-                }
-            }
-        }
-        let drained = queue.drain();
-        for frame in drained.frames {
-            if !within(write_timeout, sink.feed(Message::Text(frame))).await {
-                return WriterEnd::Broken;
-            }
-        }
-        if drained.close == Some(Disconnect::CLIENT_CLOSED) {
-            // Sends the answer to the client's close frame, queued by the socket.
-            return if within(write_timeout, sink.close()).await { WriterEnd::Closed } else { WriterEnd::Broken };
-        }
-        if let Some(d) = drained.close {
-            let bye = protocol::frame(
-                "disconnect",
-                None,
-                json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() }),
-            );
-            let close = CloseFrame { code: d.code, reason: Utf8Bytes::from(d.reason) };
-            let sent = within(write_timeout, sink.feed(Message::Text(bye.into()))).await
-                && within(write_timeout, sink.send(Message::Close(Some(close)))).await;
-            return if sent { WriterEnd::Closed } else { WriterEnd::Broken };
-        }
-        if !within(write_timeout, sink.flush()).await {
-            return WriterEnd::Broken;
-        }
-    }
-}
-
-/// Whether a write completed, without error, within `limit`.
-async fn within(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
-    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
-}
-
-// === impl Session ===
-
-impl Session {
     fn push(&self, frame: String) {
         self.queue.push(Utf8Bytes::from(frame));
     }
@@ -288,58 +159,45 @@ impl Session {
         self.push(protocol::error(code, message, id));
     }
 
-    /// Handles one message; returns false when the client closed.
-    fn on_message(&mut self, msg: Message) -> bool {
-        match msg {
-            Message::Text(text) => {
-                if self.admit() {
-                    match protocol::parse(&text) {
-                        Ok(frame) => self.on_frame(frame),
-                        Err(e) => {
-                            self.error(e.code(), &e.message(), e.id());
-                            self.protocol_error();
-                        }
-                    }
-                }
-            }
-            Message::Binary(_) => {
-                if self.admit() {
-                    self.error("binary_not_supported", "binary frames are not supported; send JSON text", None);
+    /// Handles one text frame of the client.
+    pub(crate) fn on_text(&mut self, text: &str) {
+        if self.admit() {
+            match protocol::parse(text) {
+                Ok(frame) => self.on_frame(frame),
+                Err(e) => {
+                    self.error(e.code(), &e.message(), e.id());
                     self.protocol_error();
                 }
             }
-            Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(_) => {
-                self.queue.close(Disconnect::CLIENT_CLOSED);
-                return false;
-            }
         }
-        true
+    }
+
+    /// Handles a binary frame: the protocol is JSON text.
+    pub(crate) fn on_binary(&mut self) {
+        if self.admit() {
+            self.error("binary_not_supported", "binary frames are not supported; send JSON text", None);
+            self.protocol_error();
+        }
     }
 
     /// Applies the frame rate limit; returns whether the frame may be handled.
     fn admit(&mut self) -> bool {
         self.node.metrics.messages_received.inc();
-        if self.bucket.take(Instant::now()) {
-            self.strikes = 0;
-            return true;
+        match self.budget.admit(Instant::now()) {
+            Ok(()) => true,
+            Err(close) => {
+                self.error("rate_limited", "too many frames; slow down", None);
+                if let Some(d) = close {
+                    self.queue.close(d);
+                }
+                false
+            }
         }
-        self.strikes += 1;
-        self.error("rate_limited", "too many frames; slow down", None);
-        if self.strikes > RATE_STRIKES {
-            self.queue.close(Disconnect::TOO_MANY_REQUESTS);
-        }
-        false
     }
 
     fn protocol_error(&mut self) {
-        let now = Instant::now();
-        self.errors.push_back(now);
-        while self.errors.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
-            self.errors.pop_front();
-        }
-        if self.errors.len() >= self.node.config.limits.protocol_errors_per_minute {
-            self.queue.close(Disconnect::PROTOCOL_ERRORS);
+        if let Some(d) = self.budget.protocol_error(Instant::now()) {
+            self.queue.close(d);
         }
     }
 
@@ -401,14 +259,7 @@ impl Session {
     }
 
     fn allowed(&self, access: &Access) -> bool {
-        match access {
-            Access::None => false,
-            Access::Anonymous => true,
-            Access::Authenticated => self.credentials.is_some(),
-            Access::Roles(roles) => {
-                self.credentials.as_ref().is_some_and(|c| c.roles.iter().any(|r| roles.contains(r)))
-            }
-        }
+        access::allowed(self.credentials.as_ref(), access)
     }
 
     /// Takes the credentials of a valid token: the personal channel and the
@@ -430,7 +281,7 @@ impl Session {
                 let ok = switchboard_proto::channel::validate(c).is_ok()
                     && c.as_str() != BROADCAST_CHANNEL
                     && *c != &personal
-                    && readable_by(c, Some(&credentials.user_id));
+                    && access::readable_by(c, Some(&credentials.user_id));
                 if !ok {
                     tracing::warn!(channel = %c, "a token's `channels` claim names a channel it cannot grant");
                 }
@@ -533,14 +384,7 @@ impl Session {
 
     /// Whether this connection may use `channel` under `access`, or why not.
     fn may(&self, channel: &str, access: &Access) -> Result<(), (&'static str, String)> {
-        switchboard_proto::channel::validate(channel).map_err(|e| ("invalid_channel", e.to_string()))?;
-        // Without a token the connection is the user `anonymous`, whose runs'
-        // thread channels it may watch like any user its own.
-        let user = self.user_id().unwrap_or(crate::agent::ANONYMOUS);
-        if channel == BROADCAST_CHANNEL || !readable_by(channel, Some(user)) || !self.allowed(access) {
-            return Err(("permission_denied", format!("not allowed on channel {channel:?}")));
-        }
-        Ok(())
+        access::may(self.credentials.as_ref(), channel, access)
     }
 
     fn subscribe(&mut self, channel: String, since: Option<Since>, id: Option<Value>) {
@@ -620,49 +464,17 @@ fn subscribed_or_error(
     }
 }
 
-/// The user-limited `#` rule (SPEC §6): whether `user` is among the users a
-/// channel name lists, or the channel lists none.
-fn readable_by(channel: &str, user: Option<&str>) -> bool {
-    switchboard_proto::channel::allowed_users(channel).is_none_or(|mut users| users.any(|u| Some(u) == user))
-}
-
-/// Frames per second with a burst allowance.
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: Instant::now() }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_allows_the_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut b = TokenBucket { tokens: 3.0, rate: 10.0, burst: 3.0, last: start };
-        assert!(b.take(start) && b.take(start) && b.take(start));
-        assert!(!b.take(start));
-        assert!(b.take(start + Duration::from_millis(100)));
-        assert!(!b.take(start + Duration::from_millis(100)));
-    }
+/// Converts a token's `exp` (Unix seconds) to an instant.
+fn instant_of(exp: Option<u64>) -> Option<Instant> {
+    let exp = exp?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
 }
