@@ -23,6 +23,22 @@ async fn admin_endpoints_need_the_key() {
             assert_eq!(body["error"]["code"], "unauthorized");
         }
     }
+    // The key is checked before the body is read: a body announced over the
+    // limit gets 401 without the key (413 is for those who hold it).
+    let announce = |key: Option<&str>| {
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        format!(
+            "POST /api/ws/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n{auth}Connection: close\r\n\r\n"
+        )
+    };
+    for (key, expected) in [(None, "401"), (Some(ADMIN_KEY), "413")] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(announce(key).as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head[9..12], expected.as_bytes(), "an oversized body with key {key:?}");
+    }
     let (status, info) = http(addr, "GET", "/api/ws/info", None, None).await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(info["limits"]["max_message_bytes"], 65536);
