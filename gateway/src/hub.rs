@@ -675,37 +675,15 @@ impl Hub {
             }
             return;
         };
-        let gap = fetched.position.offset.saturating_sub(since.offset);
-        let complete = fetched.position.epoch == since.epoch
-            && fetched.position.epoch == current.epoch
-            && since.offset <= fetched.position.offset
-            && gap <= self.recovery_max
-            && fetched.frames.len() as u64 == gap
-            && fetched.frames.first().is_none_or(|f| f.offset == since.offset + 1);
-        let mut out = Vec::new();
-        let mut last = since.offset;
-        if complete {
-            for f in fetched.frames {
-                last = f.offset;
-                out.push(f.text);
-            }
-            for (offset, text) in buffer {
-                if offset > last {
-                    last = offset;
-                    out.push(text);
-                }
-            }
-        } else {
-            last = current.offset;
-        }
-        let position = Position { offset: last.max(current.offset), epoch: current.epoch.clone() };
-        let missed = out.len() as u64;
+        let merged = recovery::merge(since, &current, fetched, buffer, self.recovery_max);
+        let position = Position { offset: merged.last, epoch: current.epoch.clone() };
+        let missed = merged.frames.len() as u64;
         listener.answer_earlier(&job.channel, &position);
-        listener.queue.push(subscribed(&job.channel, id.as_ref(), &position, Some((complete, missed))));
-        for text in out {
+        listener.queue.push(subscribed(&job.channel, id.as_ref(), &position, Some((merged.complete, missed))));
+        for text in merged.frames {
             listener.queue.push(text);
         }
-        listener.last_offset = last.max(current.offset);
+        listener.last_offset = merged.last;
         listener.phase = Phase::Live;
         if listener.answer_leave(&job.channel) {
             self.leave_answered(&mut inner, &job.channel, job.connection);
@@ -863,6 +841,8 @@ impl Listener {
         }
     }
 }
+
+mod recovery;
 
 #[cfg(test)]
 mod tests;
