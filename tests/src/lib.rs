@@ -236,6 +236,13 @@ pub struct Ws {
     pub connected: Value,
 }
 
+/// What `Ws::next_within` read.
+#[derive(Debug)]
+pub enum Next {
+    Frame(Value),
+    Closed(Closed),
+}
+
 /// How a connection ended, as seen by the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Closed {
@@ -281,21 +288,30 @@ impl Ws {
     }
 
     pub async fn recv_within(&mut self, wait: Duration) -> Result<Value> {
+        match self.next_within(wait).await? {
+            Next::Frame(v) => Ok(v),
+            Next::Closed(c) => bail!("closed: {c:?}"),
+        }
+    }
+
+    /// The next frame other than `ping`, or the close that ends the connection.
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Next> {
         loop {
             let msg = tokio::time::timeout(wait, self.stream.next())
                 .await
-                .map_err(|_| anyhow!("no frame within {wait:?}"))?
-                .ok_or_else(|| anyhow!("connection ended"))??;
+                .map_err(|_| anyhow!("no frame within {wait:?}"))?;
             match msg {
-                Message::Text(t) => {
+                None | Some(Err(_)) => return Ok(Next::Closed(Closed::Abrupt)),
+                Some(Ok(Message::Text(t))) => {
                     let v: Value = serde_json::from_str(&t)?;
-                    if v["type"] == "ping" {
-                        continue;
+                    if v["type"] != "ping" {
+                        return Ok(Next::Frame(v));
                     }
-                    return Ok(v);
                 }
-                Message::Close(c) => bail!("closed: {c:?}"),
-                _ => continue,
+                Some(Ok(Message::Close(c))) => {
+                    return Ok(Next::Closed(c.map_or(Closed::Code(1005), |c| Closed::Code(u16::from(c.code)))));
+                }
+                Some(Ok(_)) => {}
             }
         }
     }

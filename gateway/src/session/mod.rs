@@ -474,7 +474,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Converts a token's `exp` (Unix seconds) to an instant.
 fn instant_of(exp: Option<u64>) -> Option<Instant> {
-    let exp = exp?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
+    // To the nanosecond, not the second: connections holding one token
+    // expire at one instant.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Some(Instant::now() + Duration::from_secs(exp?).saturating_sub(now))
 }

@@ -123,6 +123,9 @@ async fn algorithm_confusion_is_refused() {
 async fn authorize_frame_within_the_timeout() {
     let (_bus, gw) = secured(|c| c.auth.authorize_timeout = Duration::from_millis(1500)).await;
     let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
+    // Opened after `ws`: once it is closed for not authorizing, `ws`'s
+    // authorize deadline has passed too.
+    let mut silent = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     assert_eq!(ws.connected["user_id"], Value::Null);
     ws.send(json!({ "type": "subscribe", "channel": "missions", "id": 1 })).await;
     let err = ws.expect("error").await;
@@ -132,14 +135,11 @@ async fn authorize_frame_within_the_timeout() {
     assert_eq!((ok["user_id"].as_str(), &ok["id"]), (Some("bob"), &json!(2)));
     assert_eq!(ws.expect("subscribed").await["channel"], "user#bob");
     ws.subscribe("missions").await;
-    // Past the authorize timeout it stays open: it did authorize.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    ws.send(json!({ "type": "ping", "id": 3 })).await;
-    assert_eq!(ws.expect("pong").await["id"], 3);
-
-    let mut silent = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     let (closed, _) = silent.closed().await;
     assert_eq!(closed, Closed::Code(4500), "no authorize within the timeout");
+    // Past the authorize timeout `ws` stays open: it did authorize.
+    ws.send(json!({ "type": "ping", "id": 3 })).await;
+    assert_eq!(ws.expect("pong").await["id"], 3);
 
     let mut wrong = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     wrong.send(json!({ "type": "authorize", "token": "garbage" })).await;
@@ -151,8 +151,10 @@ async fn authorize_frame_within_the_timeout() {
 async fn expiry_is_enforced_unless_refreshed() {
     let (_bus, gw) = secured(|c| c.auth.expiry_grace = Duration::from_millis(300)).await;
     let short = hs256(json!({ "sub": "carol", "exp": now() + 2 }));
-    let mut lapsing = Ws::connect(&gw.ws_url(&format!("/ws?token={short}"))).await.unwrap();
     let mut refreshed = Ws::connect(&gw.ws_url(&format!("/ws?token={short}"))).await.unwrap();
+    // Both expire at the same instant (`exp` is absolute): once `lapsing` is
+    // closed, `refreshed` is past the expiry its refresh replaced.
+    let mut lapsing = Ws::connect(&gw.ws_url(&format!("/ws?token={short}"))).await.unwrap();
     refreshed.expect("subscribed").await;
     refreshed.send(json!({ "type": "refresh", "token": user("carol"), "id": "r" })).await;
     let ok = refreshed.expect("authorized").await;
@@ -164,7 +166,6 @@ async fn expiry_is_enforced_unless_refreshed() {
     let (closed, frames) = lapsing.closed().await;
     assert_eq!(closed, Closed::Code(4005));
     assert_eq!(frames.last().unwrap()["reconnect"], true);
-    tokio::time::sleep(Duration::from_millis(500)).await;
     refreshed.send(json!({ "type": "ping", "id": 1 })).await;
     assert_eq!(refreshed.expect("pong").await["id"], 1);
 }

@@ -277,8 +277,10 @@ async fn acknowledged_events_survive_sigkill() {
     // Eight publishers on two channels record every acknowledgement until the
     // process dies under them.
     let mut publishers = Vec::new();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in 0..8u64 {
         let url = url.clone();
+        let count = count.clone();
         publishers.push(tokio::spawn(async move {
             let mut client = bus_client(&url).await;
             let channel = if p % 2 == 0 { "crash:a" } else { "crash:b" };
@@ -291,14 +293,20 @@ async fn acknowledged_events_survive_sigkill() {
                     ..Default::default()
                 };
                 match client.publish(req).await {
-                    Ok(r) => acked.push((channel, r.into_inner(), p, i)),
+                    Ok(r) => {
+                        acked.push((channel, r.into_inner(), p, i));
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(_) => break,
                 }
             }
             acked
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The kill comes mid-stream, once a few hundred events are acknowledged.
+    while count.load(std::sync::atomic::Ordering::Relaxed) < 400 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut bus = bus;
     bus.child.kill().unwrap(); // SIGKILL
     bus.child.wait().unwrap();

@@ -78,20 +78,28 @@ async fn drive(stack: &Stack, frames: Vec<Message>) -> Result<(), TestCaseError>
         ws.send_message(f).await;
     }
     ws.send(json!({ "type": "ping", "id": "end" })).await;
+    // The closes a frame sequence may earn; any other end is a defect.
+    const EARNED: [u16; 3] = [1009, 4006, 4501];
+    let mut announced = None;
     loop {
-        match ws.recv_within(Duration::from_secs(10)).await {
-            Ok(v) if v["type"] == "pong" && v["id"] == "end" => return Ok(()),
-            Ok(v) if v["type"] == "disconnect" => {
-                let code = v["code"].as_u64().unwrap_or(0);
-                prop_assert!([1009, 4006, 4501].contains(&code), "unexpected close {code}");
+        match ws.next_within(Duration::from_secs(10)).await {
+            Ok(Next::Frame(v)) if v["type"] == "pong" && v["id"] == "end" => return Ok(()),
+            Ok(Next::Frame(v)) if v["type"] == "disconnect" => {
+                let code = v["code"].as_u64().unwrap_or(0) as u16;
+                prop_assert!(EARNED.contains(&code), "unexpected disconnect {code}");
+                announced = Some(code);
+            }
+            Ok(Next::Frame(_)) => continue,
+            Ok(Next::Closed(Closed::Code(code))) => {
+                // The close that ends it is the one its `disconnect` announced.
+                prop_assert!(EARNED.contains(&code), "unexpected close {code}");
+                prop_assert!(announced.is_none_or(|a| a == code), "disconnect {announced:?} then close {code}");
                 return Ok(());
             }
-            Ok(_) => continue,
-            // A protocol-error or rate close can race the final ping.
-            Err(e) if e.to_string().contains("closed") => return Ok(()),
-            Err(e) => {
-                return Err(TestCaseError::fail(format!("connection hung or broke: {e}")));
+            Ok(Next::Closed(Closed::Abrupt)) => {
+                return Err(TestCaseError::fail("the connection broke without a close frame"));
             }
+            Err(e) => return Err(TestCaseError::fail(format!("connection hung: {e}"))),
         }
     }
 }
