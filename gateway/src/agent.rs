@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Node,
-    bridge::{AgentEvent, CallAnswer, CancelTarget, RunRequest},
-    protocol::{self, ChatMessage},
+    bridge::{CallAnswer, CancelTarget, RunRequest},
+    protocol::{self, ChatMessage, RpcError, ServerFrame, agent_event_frame},
     queue::Outbound,
 };
 
@@ -107,16 +107,13 @@ impl Context {
                     return;
                 }
             };
-            ctx.push(protocol::frame(
-                "run",
-                id.as_ref(),
-                json!({
-                    "thread_id": run.thread_id,
-                    "run_id": run.run_id,
-                    "channel": run.channel,
-                    "position": run.position,
-                }),
-            ));
+            let frame = ServerFrame::Run {
+                thread_id: &run.thread_id,
+                run_id: &run.run_id,
+                channel: &run.channel,
+                position: run.position.as_ref(),
+            };
+            ctx.push(frame.to_json(id.as_ref()));
             let mut stopping = false;
             loop {
                 let next = tokio::select! {
@@ -135,7 +132,7 @@ impl Context {
                     next = run.next() => next,
                 };
                 match next {
-                    Ok(Some(e)) => ctx.push(agent_event_frame(&e)),
+                    Ok(Some(e)) => ctx.push(agent_event_frame(&e.thread_id, &e.run_id, e.seq, &e.json)),
                     Ok(None) => return,
                     Err(e) => {
                         ctx.push(e.frame(id.as_ref()));
@@ -165,11 +162,10 @@ impl Context {
         self.node.tasks.spawn(async move {
             let bridge = ctx.node.bridge.clone().expect("checked above");
             let frame = match bridge.cancel(target, ctx.user.clone()).await {
-                Ok(r) => protocol::frame(
-                    "interrupted",
-                    id.as_ref(),
-                    json!({ "run_id": r.run_id, "thread_id": r.thread_id, "cancelled": r.cancelled }),
-                ),
+                Ok(r) => {
+                    ServerFrame::Interrupted { run_id: &r.run_id, thread_id: &r.thread_id, cancelled: r.cancelled }
+                        .to_json(id.as_ref())
+                }
                 Err(e) => e.frame(id.as_ref()),
             };
             ctx.push(frame);
@@ -185,12 +181,12 @@ impl Context {
         self.node.tasks.spawn(async move {
             let bridge = ctx.node.bridge.clone().expect("checked above");
             let status = method == "get_status";
-            let mut body = match bridge.call(method, &params, ctx.user.clone(), ctx.roles.clone()).await {
-                Ok(CallAnswer::Result(result)) => json!({ "result": result }),
-                Ok(CallAnswer::Error { code, message }) => json!({ "error": { "code": code, "message": message } }),
-                Err(e) => json!({ "error": { "code": e.code.as_str(), "message": e.message } }),
+            let (mut result, error) = match bridge.call(method, &params, ctx.user.clone(), ctx.roles.clone()).await {
+                Ok(CallAnswer::Result(result)) => (Some(result), None),
+                Ok(CallAnswer::Error { code, message }) => (None, Some((code, message))),
+                Err(e) => (None, Some((e.code.as_str().to_owned(), e.message))),
             };
-            if let (true, Some(result)) = (status, body.get_mut("result").and_then(Value::as_object_mut)) {
+            if let (true, Some(result)) = (status, result.as_mut().and_then(Value::as_object_mut)) {
                 // The bridge knows agents, workers and modules; the gateway adds
                 // itself: readiness for everyone, counts for admins (SPEC §7.5).
                 let (ready, bus_linked) = (ctx.node.ready(), ctx.node.hub.link_is_up());
@@ -209,20 +205,8 @@ impl Context {
                 };
                 result.insert("gateway".into(), gateway);
             }
-            ctx.push(protocol::frame("rpc_response", id.as_ref(), body));
+            let error = error.as_ref().map(|(code, message)| RpcError { code, message });
+            ctx.push(ServerFrame::RpcResponse { result, error }.to_json(id.as_ref()));
         });
     }
-}
-
-/// Writes an `agent_event` frame, splicing the AG-UI event as the bridge sent it.
-fn agent_event_frame(e: &AgentEvent) -> String {
-    let event = if serde_json::from_str::<serde::de::IgnoredAny>(&e.json).is_ok() { e.json.as_str() } else { "null" };
-    format!(
-        r#"{{"type":"agent_event","thread_id":{},"run_id":{},"seq":{},"event":{},"timestamp":{}}}"#,
-        json!(e.thread_id),
-        json!(e.run_id),
-        e.seq,
-        event,
-        protocol::now()
-    )
 }

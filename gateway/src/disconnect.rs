@@ -1,6 +1,8 @@
 //! Close codes (SPEC §3.4). 4000–4499: the client should reconnect, with
 //! backoff and its `since` positions; 4500–4999: it should not without a change.
 
+use crate::protocol::ServerFrame;
+
 /// Why the server closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Disconnect {
@@ -25,6 +27,11 @@ impl Disconnect {
     pub const PROTOCOL_ERRORS: Disconnect = Disconnect { code: 4501, reason: "too many protocol errors" };
     pub const USER_LIMIT: Disconnect = Disconnect { code: 4502, reason: "connection limit for this user" };
     pub const FORBIDDEN: Disconnect = Disconnect { code: 4503, reason: "forbidden" };
+
+    /// The `disconnect` frame that precedes the close.
+    pub fn frame(&self) -> String {
+        ServerFrame::Disconnect { code: self.code, reason: self.reason, reconnect: self.reconnect() }.to_json(None)
+    }
 
     /// Whether the client should reconnect.
     pub fn reconnect(&self) -> bool {

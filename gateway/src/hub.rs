@@ -20,7 +20,7 @@ use std::{
 };
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use switchboard_proto::error::ErrorCode;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::{
     disconnect::Disconnect,
     metrics::Metrics,
-    protocol::{self, Position, Since},
+    protocol::{self, Position, Recovery, ServerFrame, Since},
     queue::Outbound,
 };
 
@@ -195,16 +195,11 @@ enum Phase {
 
 /// The `unsubscribed` frame a client's `unsubscribe` is answered with.
 pub fn unsubscribed(channel: &str, id: Option<&Value>) -> Utf8Bytes {
-    Utf8Bytes::from(protocol::frame("unsubscribed", id, json!({ "channel": channel, "reason": "client" })))
+    Utf8Bytes::from(ServerFrame::Unsubscribed { channel, reason: "client" }.to_json(id))
 }
 
-fn subscribed(channel: &str, id: Option<&Value>, position: &Position, recovery: Option<(bool, u64)>) -> Utf8Bytes {
-    let mut fields = json!({ "channel": channel, "position": position });
-    if let Some((recovered, missed)) = recovery {
-        fields["recovered"] = json!(recovered);
-        fields["missed"] = json!(missed);
-    }
-    Utf8Bytes::from(protocol::frame("subscribed", id, fields))
+fn subscribed(channel: &str, id: Option<&Value>, position: &Position, recovery: Option<Recovery>) -> Utf8Bytes {
+    Utf8Bytes::from(ServerFrame::Subscribed { channel, position, recovery }.to_json(id))
 }
 
 // === impl Hub ===
@@ -679,7 +674,12 @@ impl Hub {
         let position = Position { offset: merged.last, epoch: current.epoch.clone() };
         let missed = merged.frames.len() as u64;
         listener.answer_earlier(&job.channel, &position);
-        listener.queue.push(subscribed(&job.channel, id.as_ref(), &position, Some((merged.complete, missed))));
+        listener.queue.push(subscribed(
+            &job.channel,
+            id.as_ref(),
+            &position,
+            Some(Recovery { recovered: merged.complete, missed }),
+        ));
         for text in merged.frames {
             listener.queue.push(text);
         }

@@ -12,7 +12,6 @@ use axum::{
     routing::any,
 };
 use serde::Deserialize;
-use serde_json::json;
 
 use super::extract::ApiError;
 use crate::{
@@ -129,12 +128,7 @@ fn upgrade(node: Arc<Node>, headers: HeaderMap, q: WsQuery, ws: WebSocketUpgrade
 async fn refuse(mut socket: axum::extract::ws::WebSocket, reason: Disconnect, message: String) {
     use axum::extract::ws::{CloseFrame, Message};
     let error = protocol::error("unauthorized", &message, None);
-    let bye = protocol::frame(
-        "disconnect",
-        None,
-        json!({ "code": reason.code, "reason": reason.reason, "reconnect": reason.reconnect() }),
-    );
-    for frame in [error, bye] {
+    for frame in [error, reason.frame()] {
         let _ = socket.send(Message::Text(frame.into())).await;
     }
     let close = CloseFrame { code: reason.code, reason: reason.reason.into() };

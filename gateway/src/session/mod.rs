@@ -10,7 +10,8 @@ mod ws;
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
+use switchboard_proto::error::ErrorCode;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -22,7 +23,7 @@ use crate::{
     hub::{self, BROADCAST_CHANNEL, RecoveryJob, SubscribeError, Unsubscribed},
     link,
     metrics::CodeLabel,
-    protocol::{self, ClientFrame, Request, Since},
+    protocol::{self, ClientFrame, ConnectedHeartbeat, ConnectedLimits, Request, RpcError, ServerFrame, Since},
     queue::Outbound,
 };
 use limits::Budget;
@@ -104,23 +105,22 @@ impl Session {
             return session;
         }
         node.metrics.connections_accepted.inc();
-        session.push(protocol::frame(
-            "connected",
-            None,
-            json!({
-                "connection_id": id,
-                "user_id": user_id,
-                "node": node.config.node,
-                "heartbeat": {
-                    "interval": node.config.heartbeat_interval.as_secs_f64(),
-                    "timeout": node.config.heartbeat_timeout.as_secs_f64(),
+        session.push(
+            ServerFrame::Connected {
+                connection_id: id,
+                user_id: user_id.as_deref(),
+                node: &node.config.node,
+                heartbeat: ConnectedHeartbeat {
+                    interval: node.config.heartbeat_interval.as_secs_f64(),
+                    timeout: node.config.heartbeat_timeout.as_secs_f64(),
                 },
-                "limits": {
-                    "max_message_bytes": limits.max_message_bytes,
-                    "max_subscriptions": limits.max_subscriptions,
+                limits: ConnectedLimits {
+                    max_message_bytes: limits.max_message_bytes,
+                    max_subscriptions: limits.max_subscriptions,
                 },
-            }),
-        ));
+            }
+            .to_json(None),
+        );
         session.pending = params.channel.map(|channel| (channel, params.since));
         match params.credentials {
             Some(credentials) => session.authenticated(credentials),
@@ -220,7 +220,7 @@ impl Session {
                 }
             },
             Request::Publish { channel, event, data } => self.publish(channel, event, data, id),
-            Request::Ping => self.push(protocol::frame("pong", id.as_ref(), json!({}))),
+            Request::Ping => self.push(ServerFrame::Pong {}.to_json(id.as_ref())),
             Request::Pong => {}
             Request::Authorize { token } => self.authorize(&token, id),
             Request::Refresh { token } => self.refresh(&token, id),
@@ -231,9 +231,9 @@ impl Session {
                 if permitted(&method) && command.is_none_or(permitted) {
                     self.agent().rpc(method, params, id);
                 } else {
-                    let error =
-                        json!({ "code": "permission_denied", "message": format!("not allowed to call {method:?}") });
-                    self.push(protocol::frame("rpc_response", id.as_ref(), json!({ "error": error })));
+                    let message = format!("not allowed to call {method:?}");
+                    let error = RpcError { code: ErrorCode::PermissionDenied.as_str(), message: &message };
+                    self.push(ServerFrame::RpcResponse { result: None, error: Some(error) }.to_json(id.as_ref()));
                 }
             }
             Request::ChatMessage(msg) => self.agent().chat(msg, id),
@@ -313,11 +313,11 @@ impl Session {
 
     fn authorized_frame(&self, id: Option<&Value>) {
         let c = self.credentials.as_ref();
-        self.push(protocol::frame(
-            "authorized",
-            id,
-            json!({ "user_id": c.map(|c| &c.user_id), "expires_at": c.and_then(|c| c.expires_at) }),
-        ));
+        let frame = ServerFrame::Authorized {
+            user_id: c.map(|c| c.user_id.as_str()),
+            expires_at: c.and_then(|c| c.expires_at),
+        };
+        self.push(frame.to_json(id));
     }
 
     fn authorize(&mut self, token: &str, id: Option<Value>) {
@@ -424,11 +424,12 @@ impl Session {
         self.node.tasks.spawn(async move {
             let started = Instant::now();
             let frame = match node.bus.current().publish(&channel, event, &data).await {
-                Ok(published) => protocol::frame(
-                    "published",
-                    id.as_ref(),
-                    json!({ "channel": channel, "offset": published.offset, "event_id": published.event_id }),
-                ),
+                Ok(published) => ServerFrame::Published {
+                    channel: &channel,
+                    offset: published.offset,
+                    event_id: &published.event_id,
+                }
+                .to_json(id.as_ref()),
                 Err(e) => e.frame(id.as_ref()),
             };
             node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());

@@ -7,13 +7,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt, stream::SplitSink};
-use serde_json::json;
 use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Params, Session};
-use crate::{Node, disconnect::Disconnect, protocol, queue::Outbound};
+use crate::{Node, disconnect::Disconnect, protocol::ServerFrame, queue::Outbound};
 
 /// How long a closing connection's writer may take to flush before it is dropped.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
@@ -137,7 +136,7 @@ async fn write_loop(
         tokio::select! {
             _ = queue.notified() => {}
             _ = ping.tick() => {
-                queue.push(Utf8Bytes::from(protocol::frame("ping", None, json!({}))));
+                queue.push(Utf8Bytes::from(ServerFrame::Ping {}.to_json(None)));
                 if !within(write_timeout, sink.feed(Message::Ping(Bytes::new()))).await {
                     return WriterEnd::Broken;
                 }
@@ -154,11 +153,7 @@ async fn write_loop(
             return if within(write_timeout, sink.close()).await { WriterEnd::Closed } else { WriterEnd::Broken };
         }
         if let Some(d) = drained.close {
-            let bye = protocol::frame(
-                "disconnect",
-                None,
-                json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() }),
-            );
+            let bye = d.frame();
             let close = CloseFrame { code: d.code, reason: Utf8Bytes::from(d.reason) };
             let sent = within(write_timeout, sink.feed(Message::Text(bye.into()))).await
                 && within(write_timeout, sink.send(Message::Close(Some(close)))).await;

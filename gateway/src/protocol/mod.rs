@@ -1,8 +1,13 @@
-//! The browser protocol (SPEC §3): client frames parsed from JSON, server
-//! frames written as JSON. These are the gateway's own types: proto structs
-//! never reach a browser.
+//! The browser protocol (SPEC §3): client frames parsed from JSON here,
+//! server frames written as JSON in `server`. These are the gateway's own
+//! types: proto structs never reach a browser.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+mod server;
+
+pub use server::{
+    ConnectedHeartbeat, ConnectedLimits, EventRef, Position, Recovery, RpcError, ServerFrame, agent_event_frame, error,
+    event_frame, now,
+};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -238,80 +243,6 @@ pub fn parse_since(s: &str) -> Option<Since> {
     Some(Since { offset: offset.parse().ok()?, epoch: epoch.to_owned() })
 }
 
-// === Server frames ===
-
-/// Seconds since the Unix epoch with millisecond precision.
-pub fn now() -> f64 {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-    ms as f64 / 1000.0
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: String,
-}
-
-/// Serializes a server frame: `{"type": kind, ...fields, "timestamp"}`, with
-/// `id` when the frame answers a request that had one.
-pub fn frame(kind: &str, id: Option<&Value>, fields: Value) -> String {
-    let mut obj = match fields {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    obj.insert("type".into(), Value::String(kind.to_owned()));
-    if let Some(id) = id {
-        obj.insert("id".into(), id.clone());
-    }
-    obj.insert("timestamp".into(), serde_json::json!(now()));
-    Value::Object(obj).to_string()
-}
-
-/// An `error` frame.
-pub fn error(code: &str, message: &str, id: Option<&Value>) -> String {
-    frame("error", id, serde_json::json!({ "code": code, "message": message }))
-}
-
-/// A channel event, as the bus delivered it.
-pub struct EventRef<'a> {
-    pub channel: &'a str,
-    pub event: &'a str,
-    /// UTF-8 JSON, checked by the bus; spliced in as it is.
-    pub data: &'a [u8],
-    pub id: &'a str,
-    pub offset: u64,
-    pub epoch: &'a str,
-    pub timestamp_ms: i64,
-}
-
-/// Writes an `event` frame once, splicing the JSON payload without re-encoding it.
-pub fn event_frame(e: &EventRef<'_>) -> String {
-    let data = std::str::from_utf8(e.data).ok().filter(|d| !d.trim().is_empty()).unwrap_or("null");
-    let mut out = String::with_capacity(128 + data.len() + e.channel.len() + e.event.len());
-    out.push_str(r#"{"type":"event","channel":"#);
-    push_json_str(&mut out, e.channel);
-    out.push_str(r#","event":"#);
-    push_json_str(&mut out, e.event);
-    out.push_str(r#","data":"#);
-    out.push_str(data);
-    out.push_str(r#","id":"#);
-    push_json_str(&mut out, e.id);
-    out.push_str(r#","offset":"#);
-    out.push_str(&e.offset.to_string());
-    out.push_str(r#","epoch":"#);
-    push_json_str(&mut out, e.epoch);
-    out.push_str(r#","timestamp":"#);
-    let ts = e.timestamp_ms.max(0);
-    out.push_str(&format!("{}.{:03}", ts / 1000, ts % 1000));
-    out.push('}');
-    out
-}
-
-fn push_json_str(out: &mut String, s: &str) {
-    // serde_json's string escaping cannot fail on a `String` writer.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,25 +292,6 @@ mod tests {
         assert_eq!(e.code(), "unknown_type");
         assert_eq!(parse(r#"{"type":"subscribe","channel":"a","since":5}"#).unwrap_err().code(), "invalid_frame");
         assert_eq!(parse(r#"{"type":"ping","id":[1]}"#).unwrap_err().code(), "invalid_frame");
-    }
-
-    #[test]
-    fn event_frames_are_valid_json_with_the_payload_spliced() {
-        let s = event_frame(&EventRef {
-            channel: "task:\"1\"",
-            event: "done",
-            data: br#"{"a":[1,2]}"#,
-            id: "u",
-            offset: 42,
-            epoch: "ep",
-            timestamp_ms: 1_700_000_000_123,
-        });
-        let v: Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v["type"], "event");
-        assert_eq!(v["channel"], "task:\"1\"");
-        assert_eq!(v["data"], json!({"a":[1,2]}));
-        assert_eq!(v["offset"], 42);
-        assert_eq!(v["timestamp"], json!(1_700_000_000.123));
     }
 
     #[test]
