@@ -101,7 +101,13 @@ mod tests {
 
     #[test]
     fn nothing_missed_is_complete_and_empty() {
-        let m = merge(&since(5, "a"), &at(5, "a"), fetched(6..=5, at(5, "a")), Vec::new(), 1000);
+        let m = merge(
+            &since(5, "a"),
+            &at(5, "a"),
+            Recovered { frames: Vec::new(), position: at(5, "a") },
+            Vec::new(),
+            1000,
+        );
         assert_eq!(m, Merged { complete: true, frames: Vec::new(), last: 5 });
     }
 
@@ -116,7 +122,7 @@ mod tests {
                 Recovered { frames: vec![frame(3, "a"), frame(5, "a")], position: at(5, "a") },
             ),
             ("more missed than the limit", since(0, "a"), fetched(1..=5, at(5, "a"))),
-            ("since ahead of the channel", since(9, "a"), fetched(10..=9, at(5, "a"))),
+            ("since ahead of the channel", since(9, "a"), Recovered { frames: Vec::new(), position: at(5, "a") }),
         ];
         for (why, since, fetched) in cases {
             let m = merge(&since, &at(6, "a"), fetched, buffered(6..=6), 4);
