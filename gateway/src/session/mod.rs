@@ -59,6 +59,10 @@ pub(crate) struct Session {
     /// The path form's channel, held back until the connection may
     /// subscribe: nothing of it is sent before `authorize` succeeds.
     pending: Option<(String, Option<Since>)>,
+    /// Resolves when the connection's last publish is answered: the next one
+    /// waits for it, so that a connection's publishes reach the bus, and
+    /// are answered, in the order it sent them.
+    last_publish: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What closes a connection when, as of now: the server shutting down, an
@@ -98,6 +102,7 @@ impl Session {
             gone: tokio_util::sync::CancellationToken::new(),
             budget: Budget::new(limits),
             pending: None,
+            last_publish: None,
         };
         let user_id = params.credentials.as_ref().map(|c| c.user_id.clone());
         if !node.hub.add_connection(id, queue.clone(), user_id.clone(), limits.max_connections_per_user) {
@@ -421,7 +426,13 @@ impl Session {
         }
         let node = self.node.clone();
         let queue = self.queue.clone();
+        let (done, next) = tokio::sync::oneshot::channel::<()>();
+        let previous = self.last_publish.replace(next);
         self.node.tasks.spawn(async move {
+            // Answered, or dropped with its task: either way it is done.
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
             let started = Instant::now();
             let frame = match node.bus.current().publish(&channel, event, &data).await {
                 Ok(published) => ServerFrame::Published {
@@ -434,6 +445,7 @@ impl Session {
             };
             node.metrics.publish_duration.observe(started.elapsed().as_secs_f64());
             queue.push(Utf8Bytes::from(frame));
+            drop(done);
         });
     }
 }

@@ -168,6 +168,43 @@ async fn client_publish_only_where_the_namespace_allows_it() {
     assert!(h.into_inner().events.is_empty(), "a refused publish must store nothing");
 }
 
+/// A connection's publishes are stored, delivered and answered in the order
+/// it sent them, however many it has in flight (several runtime workers, so
+/// that tasks could overtake each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connections_publishes_keep_their_order() {
+    let bus = BusServer::memory().await;
+    let gw = GatewayServer::start_with(&bus.url(), |c| {
+        c.namespaces.insert(
+            "chat".into(),
+            gateway::Namespace {
+                subscribe: gateway::Access::Anonymous,
+                publish: gateway::Access::Anonymous,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
+    ws.subscribe("chat:order").await;
+    const N: u64 = 150;
+    for i in 0..N {
+        ws.send(json!({ "type": "publish", "channel": "chat:order", "event": "n", "data": { "i": i }, "id": i })).await;
+    }
+    let (mut events, mut replies) = (Vec::new(), Vec::new());
+    while events.len() < N as usize || replies.len() < N as usize {
+        let v = ws.recv().await.unwrap();
+        match v["type"].as_str() {
+            Some("event") => events.push((v["data"]["i"].as_u64().unwrap(), v["offset"].as_u64().unwrap())),
+            Some("published") => replies.push((v["id"].as_u64().unwrap(), v["offset"].as_u64().unwrap())),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let in_order: Vec<(u64, u64)> = (0..N).map(|i| (i, i + 1)).collect();
+    assert_eq!(events, in_order, "events in the order published, offset i + 1 for the i-th");
+    assert_eq!(replies, in_order, "replies in the order sent");
+}
+
 #[tokio::test]
 async fn user_limited_channels_refuse_other_users() {
     let stack = Stack::start().await;
