@@ -18,7 +18,7 @@ use std::{
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
-use tonic::transport::ClientTlsConfig;
+use switchboard_tls::ClientTls;
 
 use clap::{Args, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -112,7 +112,7 @@ pub struct FanoutArgs {
 }
 
 /// Runs a benchmark; `tls` is for an `https://` bus URL (`tls.*`).
-pub async fn run(bench: Bench, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+pub async fn run(bench: Bench, tls: Option<ClientTls>) -> Result<(), String> {
     match bench {
         Bench::Publish(args) => publish(args, tls).await,
         Bench::Fanout(args) => fanout(args, tls).await,
@@ -167,7 +167,7 @@ fn print(report: &Value, json_out: bool) {
     }
 }
 
-async fn publish(args: PublishArgs, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+async fn publish(args: PublishArgs, tls: Option<ClientTls>) -> Result<(), String> {
     check_loopback(&args.url)?;
     let client = crate::tools::bus_client(&args.url, args.key.as_deref(), tls.as_ref())?;
     let data = json!({ "pad": payload(args.size.saturating_sub(12)) }).to_string();
@@ -303,7 +303,7 @@ async fn connect_one(
     Ok(ws)
 }
 
-async fn fanout(args: FanoutArgs, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+async fn fanout(args: FanoutArgs, tls: Option<ClientTls>) -> Result<(), String> {
     for ws in &args.ws {
         check_loopback(ws)?;
     }

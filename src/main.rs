@@ -136,7 +136,7 @@ struct ClientArgs {
     /// For an `https://` URL: `tls.ca`, `tls.client_cert`, `tls.client_key`
     /// of the configuration file and the environment.
     #[arg(skip)]
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<switchboard_tls::ClientTls>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

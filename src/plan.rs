@@ -105,7 +105,7 @@ struct TlsConfigs {
     gateway: Option<switchboard_tls::ServerTls>,
     eventbus: Option<switchboard_tls::ServerTls>,
     bridge: Option<switchboard_tls::ServerTls>,
-    client: Option<tonic::transport::ClientTlsConfig>,
+    client: Option<switchboard_tls::ClientTls>,
 }
 
 fn tls_config(s: &Settings, role: Role) -> Result<TlsConfigs, String> {

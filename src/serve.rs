@@ -13,9 +13,12 @@ impl Plan {
         let stop = CancellationToken::new();
         let bus_stop = CancellationToken::new();
         tokio::spawn(signal(stop.clone()));
-        let certificates: Vec<_> =
-            [&self.gateway.tls, &self.eventbus.tls, &self.bridge.tls].into_iter().flatten().cloned().collect();
-        if !certificates.is_empty() {
+        let certificates = Certificates {
+            servers: [&self.gateway.tls, &self.eventbus.tls, &self.bridge.tls].into_iter().flatten().cloned().collect(),
+            // The gateway's and the bridge's are one `ClientTls`, the `[tls]` section's.
+            client: self.gateway.client_tls.clone().or_else(|| self.bridge.client_tls.clone()),
+        };
+        if !certificates.servers.is_empty() || certificates.client.is_some() {
             // Listening before anything is bound: from the first printed
             // address on, a SIGHUP reloads and never ends the process.
             #[cfg(unix)]
@@ -234,25 +237,36 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, ExitCode> {
     })
 }
 
+/// The certificates a SIGHUP reads again: the listeners', and those our
+/// gRPC clients verify servers with and present (`[tls]`).
+struct Certificates {
+    servers: Vec<switchboard_tls::ServerTls>,
+    client: Option<switchboard_tls::ClientTls>,
+}
+
 /// Reads the certificates again on each SIGHUP (SPEC §8): new connections
 /// get the new ones, open connections keep theirs. A file that cannot be
 /// used is reported, and the certificate in use is kept.
 #[cfg(unix)]
 async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
-    certificates: Vec<switchboard_tls::ServerTls>,
+    certificates: Certificates,
     stop: CancellationToken,
 ) {
+    let report = |section: &str, result: Result<(), switchboard_tls::TlsError>| match result {
+        Ok(()) => tracing::info!(section, "certificates reloaded"),
+        Err(e) => tracing::error!(cause = %e, "certificates not reloaded; the previous ones stay in use"),
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             Some(()) = hangup.recv() => {}
         }
-        for tls in &certificates {
-            match tls.reload() {
-                Ok(()) => tracing::info!(section = tls.section(), "certificates reloaded"),
-                Err(e) => tracing::error!(cause = %e, "certificates not reloaded; the previous ones stay in use"),
-            }
+        for tls in &certificates.servers {
+            report(tls.section(), tls.reload());
+        }
+        if let Some(tls) = &certificates.client {
+            report("tls", tls.reload());
         }
     }
 }

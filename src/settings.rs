@@ -217,13 +217,16 @@ impl Tls {
     ///
     /// # Errors
     /// A message naming the setting at fault.
-    pub fn client_config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    pub fn client_config(&self) -> Result<Option<switchboard_tls::ClientTls>, String> {
         if self.ca.is_none() && self.client_cert.is_none() && self.client_key.is_none() {
             return Ok(None);
         }
-        switchboard_tls::client_config(self.ca.as_deref(), self.client_cert.as_deref(), self.client_key.as_deref())
-            .map(Some)
-            .map_err(|e| e.to_string())
+        let files = switchboard_tls::ClientFiles {
+            ca: self.ca.clone(),
+            cert: self.client_cert.clone(),
+            key: self.client_key.clone(),
+        };
+        switchboard_tls::ClientTls::load(files).map(Some).map_err(|e| e.to_string())
     }
 }
 

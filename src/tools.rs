@@ -54,7 +54,7 @@ pub(crate) fn token_claims(
 pub(crate) fn bus_client(
     url: &str,
     key: Option<&str>,
-    tls: Option<&tonic::transport::ClientTlsConfig>,
+    tls: Option<&switchboard_tls::ClientTls>,
 ) -> Result<BusClient, String> {
     let key = BearerKey::new(key).map_err(|e| format!("--key: {e}"))?;
     switchboard_proto::client::bus(url, key, tls).map_err(|e| format!("--url: {e}"))

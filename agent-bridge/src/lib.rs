@@ -83,7 +83,7 @@ pub struct Config {
     pub tls: Option<switchboard_tls::ServerTls>,
     /// For an `https://` bus URL: the CA that signs it and the certificate
     /// presented to it (`tls.*`).
-    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub client_tls: Option<switchboard_tls::ClientTls>,
 }
 
 impl Default for Config {

@@ -8,7 +8,7 @@ use switchboard_proto::{
     client::{self, BridgeClient},
     error::ErrorCode,
 };
-use tonic::transport::ClientTlsConfig;
+use switchboard_tls::ClientTls;
 
 use crate::{error::CallError, protocol::Position};
 
@@ -76,7 +76,7 @@ impl Bridge {
     ///
     /// # Errors
     /// When the URL or the key is malformed.
-    pub fn new(url: &str, key: Option<&str>, tls: Option<&ClientTlsConfig>) -> Result<Bridge, String> {
+    pub fn new(url: &str, key: Option<&str>, tls: Option<&ClientTls>) -> Result<Bridge, String> {
         let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
         client::bridge(url, key, tls).map(Bridge).map_err(|e| format!("gateway.agent_bridge_url: {e}"))
     }

@@ -11,7 +11,7 @@ use switchboard_proto::{
     error::ErrorCode,
     eventbus::v1 as pb,
 };
-use tonic::transport::ClientTlsConfig;
+use switchboard_tls::ClientTls;
 
 use crate::{
     error::CallError,
@@ -54,7 +54,7 @@ pub struct History(pb::HistoryResponse);
 impl BusNodes {
     /// # Errors
     /// When there is no URL, or a URL or the key is malformed.
-    pub fn new(urls: &[String], key: Option<&str>, tls: Option<&ClientTlsConfig>) -> Result<BusNodes, String> {
+    pub fn new(urls: &[String], key: Option<&str>, tls: Option<&ClientTls>) -> Result<BusNodes, String> {
         if urls.is_empty() {
             return Err("gateway.eventbus_url: no URL given".into());
         }

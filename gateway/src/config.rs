@@ -114,7 +114,7 @@ pub struct Config {
     pub tls: Option<switchboard_tls::ServerTls>,
     /// For `https://` bus and bridge URLs: the CA that signs them and the
     /// certificate presented to them (`tls.*`).
-    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub client_tls: Option<switchboard_tls::ClientTls>,
 }
 
 /// The default allowed origins: pages served from this machine.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use switchboard_tls::ClientTls;
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Channel, ClientTlsConfig, Endpoint},
@@ -22,12 +23,13 @@ const MAX_BUS_ANSWER: usize = 64 * 1024 * 1024;
 
 /// Builds a bus client that connects on first use, so that a service can
 /// start before the bus does. An `https://` URL is reached over TLS with
-/// `tls` (`tls.ca`, `tls.client_cert`, `tls.client_key`; see
-/// `switchboard_tls::client_config`), or the public roots without it.
+/// `tls` (`tls.ca`, `tls.client_cert`, `tls.client_key`: a `ClientTls`, read
+/// again on SIGHUP, whose connector dials every connection of the channel),
+/// or tonic's own TLS with the public roots without it.
 ///
 /// # Errors
 /// When the URL is malformed.
-pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTlsConfig>) -> Result<BusClient, tonic::transport::Error> {
+pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<BusClient, tonic::transport::Error> {
     Ok(EventBusClient::with_interceptor(channel(url, tls)?, key).max_decoding_message_size(MAX_BUS_ANSWER))
 }
 
@@ -35,21 +37,20 @@ pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTlsConfig>) -> Result<B
 ///
 /// # Errors
 /// When the URL is malformed.
-pub fn bridge(
-    url: &str,
-    key: BearerKey,
-    tls: Option<&ClientTlsConfig>,
-) -> Result<BridgeClient, tonic::transport::Error> {
+pub fn bridge(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<BridgeClient, tonic::transport::Error> {
     Ok(AgentBridgeClient::with_interceptor(channel(url, tls)?, key))
 }
 
-fn channel(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+fn channel(url: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
     // A short connect timeout: a caller waiting on a dead node should hear
     // `unavailable` (and a gateway move to the next bus node) soon.
-    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
-    if endpoint.uri().scheme_str() == Some("https") {
-        let tls = tls.cloned().unwrap_or_else(|| ClientTlsConfig::new().with_webpki_roots());
-        endpoint = endpoint.tls_config(tls)?;
+    let endpoint = |url: &str| {
+        Endpoint::from_shared(url.to_owned()).map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
+    };
+    match (url.strip_prefix("https://"), tls) {
+        // The connector runs the handshake; tonic, seeing `http`, adds none.
+        (Some(rest), Some(tls)) => Ok(endpoint(&format!("http://{rest}"))?.connect_with_connector_lazy(tls.clone())),
+        (Some(_), None) => Ok(endpoint(url)?.tls_config(ClientTlsConfig::new().with_webpki_roots())?.connect_lazy()),
+        (None, _) => Ok(endpoint(url)?.connect_lazy()),
     }
-    Ok(endpoint.connect_lazy())
 }

@@ -9,14 +9,19 @@
 //! - `incoming`: TLS connections over a `TcpListener`, for tonic's
 //!   `serve_with_incoming_shutdown` (tonic's own `ServerTlsConfig` cannot
 //!   be reloaded).
-//! - `client_config`: what our gRPC clients use for `https://` URLs
-//!   (`tls.ca`, `tls.client_cert`, `tls.client_key`).
+//! - `ClientTls`: what our gRPC clients use for `https://` URLs (`tls.ca`,
+//!   `tls.client_cert`, `tls.client_key`), reloadable the same way: the
+//!   connector of their channels.
 //!
 //! Every error names the setting at fault, so that the binary can exit 64
 //! with it.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+mod client;
+
+pub use client::{ClientFiles, ClientTls};
 
 use std::{
     fmt,
@@ -37,7 +42,6 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A certificate or key that cannot be used, with the setting that names it.
 #[derive(Debug, thiserror::Error)]
@@ -167,34 +171,6 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// What our gRPC clients use for `https://` URLs: servers verified with the
-/// CA certificates of `ca` (`tls.ca`; the public web roots when unset), and
-/// the client certificate `cert` with its `key` presented when both are set.
-///
-/// # Errors
-/// When a file cannot be read or holds nothing usable, or only one of
-/// `tls.client_cert` and `tls.client_key` is set.
-pub fn client_config(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<ClientTlsConfig, TlsError> {
-    let mut config = ClientTlsConfig::new();
-    config = match ca {
-        Some(ca) => {
-            certs("tls.ca", ca)?;
-            config.ca_certificate(Certificate::from_pem(read("tls.ca", ca)?))
-        }
-        None => config.with_webpki_roots(),
-    };
-    match (cert, key) {
-        (Some(cert), Some(key)) => {
-            certs("tls.client_cert", cert)?;
-            private_key("tls.client_key", key)?;
-            Ok(config.identity(Identity::from_pem(read("tls.client_cert", cert)?, read("tls.client_key", key)?)))
-        }
-        (None, None) => Ok(config),
-        (Some(cert), None) => Err(error("tls.client_key", cert, "required with tls.client_cert")),
-        (None, Some(key)) => Err(error("tls.client_cert", key, "required with tls.client_key")),
-    }
-}
-
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -267,9 +243,11 @@ mod tests {
         };
         let e = ServerTls::load(files).unwrap_err();
         assert_eq!(e.setting, "eventbus.tls_cert");
-        let e = client_config(Some(Path::new("/nonexistent/ca.pem")), None, None).unwrap_err();
+        let e = ClientTls::load(ClientFiles { ca: Some("/nonexistent/ca.pem".into()), ..ClientFiles::default() })
+            .unwrap_err();
         assert_eq!(e.setting, "tls.ca");
-        let e = client_config(None, Some(Path::new("/nonexistent/c.pem")), None).unwrap_err();
+        let e = ClientTls::load(ClientFiles { cert: Some("/nonexistent/c.pem".into()), ..ClientFiles::default() })
+            .unwrap_err();
         assert_eq!(e.setting, "tls.client_key");
     }
 }

@@ -110,9 +110,12 @@ async fn tls_bus(tls: ServerTls) -> (SocketAddr, CancellationToken) {
 }
 
 fn client(url: &str, ca: &Path, identity: Option<&Leaf>) -> BusClient {
-    let tls =
-        switchboard_tls::client_config(Some(ca), identity.map(|l| l.cert.as_path()), identity.map(|l| l.key.as_path()))
-            .expect("client tls");
+    let files = switchboard_tls::ClientFiles {
+        ca: Some(ca.to_owned()),
+        cert: identity.map(|l| l.cert.clone()),
+        key: identity.map(|l| l.key.clone()),
+    };
+    let tls = switchboard_tls::ClientTls::load(files).expect("client tls");
     switchboard_proto::client::bus(url, BearerKey::new(None).unwrap(), Some(&tls)).expect("bus client")
 }
 
@@ -184,7 +187,13 @@ async fn wss_client_gets_events_published_over_grpc_tls() {
     let config = gateway::Config {
         eventbus_urls: vec![format!("https://{bus_addr}")],
         tls: Some(server_tls("gateway", &pki.leaf("gateway", false), None)),
-        client_tls: Some(switchboard_tls::client_config(Some(&pki.ca), None, None).unwrap()),
+        client_tls: Some(
+            switchboard_tls::ClientTls::load(switchboard_tls::ClientFiles {
+                ca: Some(pki.ca.clone()),
+                ..Default::default()
+            })
+            .unwrap(),
+        ),
         ..gateway::Config::default()
     };
     let stop = CancellationToken::new();
@@ -429,4 +438,50 @@ async fn a_stalled_tls_handshake_times_out_and_is_evicted_to_make_room() {
     assert!(closed_by_server(&mut stalled).await, "the stalled handshake was not evicted");
     ws.send(Message::text(json!({"type": "ping", "id": 1}).to_string())).await.unwrap();
     assert_eq!(expect(&mut ws, "pong").await["id"], 1);
+}
+
+/// Our gRPC clients' certificates are read again on SIGHUP too: a gateway
+/// whose client certificate the mTLS bus refuses links once the files hold
+/// one it accepts and the process got SIGHUP, without a restart.
+#[tokio::test]
+async fn sighup_reloads_the_client_certificate_the_gateway_presents_to_the_bus() {
+    let pki = Pki::new("ca");
+    let rogue = Pki::new("rogue");
+    let (bus_addr, _bus) = tls_bus(server_tls("eventbus", &pki.leaf("bus", false), Some(&pki.ca))).await;
+    let presented = rogue.leaf("gateway-client", true);
+    let (ca, cert, key) = (pki.ca.to_str().unwrap(), presented.cert.to_str().unwrap(), presented.key.to_str().unwrap());
+    let url = format!("https://{bus_addr}");
+    let process = Process::start_with(
+        &["gateway", "--gateway-listen", "127.0.0.1:0"],
+        &[
+            ("SWITCHBOARD_GATEWAY__EVENTBUS_URL", &url),
+            ("SWITCHBOARD_TLS__CA", ca),
+            ("SWITCHBOARD_TLS__CLIENT_CERT", cert),
+            ("SWITCHBOARD_TLS__CLIENT_KEY", key),
+            ("SWITCHBOARD_AUTH__ADMIN_KEY", ADMIN_KEY),
+            ("SWITCHBOARD_AUTH__HS256_SECRET", "a-secret-of-at-least-32-characters-0"),
+        ],
+    );
+    let addr = process.gateway_addr();
+    let ready = || async move { http(addr, "GET", "/ready", None, None).await.unwrap() };
+    // Refused by the bus: a certificate of a CA it does not trust.
+    let (status, body) = ready().await;
+    assert_eq!((status, &body["bus_linked"]), (503, &json!(false)), "{body}");
+
+    let good = pki.leaf("gateway-client-2", true);
+    std::fs::copy(&good.cert, &presented.cert).unwrap();
+    std::fs::copy(&good.key, &presented.key).unwrap();
+    let pid = process.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = ready().await;
+        if status == 200 {
+            assert_eq!(body["bus_linked"], true);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never linked with the new certificate: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(process);
 }
