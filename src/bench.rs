@@ -111,12 +111,12 @@ pub struct FanoutArgs {
     json: bool,
 }
 
-/// Runs a benchmark; `tls` is for an `https://` bus URL (`tls.*`).
+/// Runs a benchmark; `tls` is for an `https://` bus or bridge URL (`tls.*`).
 pub async fn run(bench: Bench, tls: Option<ClientTls>) -> Result<(), String> {
     match bench {
         Bench::Publish(args) => publish(args, tls).await,
         Bench::Fanout(args) => fanout(args, tls).await,
-        Bench::Runs(args) => runs::runs(args).await,
+        Bench::Runs(args) => runs::runs(args, tls).await,
         Bench::Threads(args) => threads::threads(args).await,
     }
 }

@@ -10,12 +10,16 @@ use tonic::{
 };
 
 use crate::{
-    agent::v1::agent_bridge_client::AgentBridgeClient, auth::BearerKey, eventbus::v1::event_bus_client::EventBusClient,
+    agent::v1::{agent_bridge_client::AgentBridgeClient, agent_worker_client::AgentWorkerClient},
+    auth::BearerKey,
+    eventbus::v1::event_bus_client::EventBusClient,
 };
 
 pub type BusClient = EventBusClient<InterceptedService<Channel, BearerKey>>;
 
 pub type BridgeClient = AgentBridgeClient<InterceptedService<Channel, BearerKey>>;
+
+pub type WorkerClient = AgentWorkerClient<InterceptedService<Channel, BearerKey>>;
 
 /// The largest bus answer a client reads: a history page of `recovery_max`
 /// events can be far over tonic's default of 4 MiB.
@@ -39,6 +43,15 @@ pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<BusClie
 /// When the URL is malformed.
 pub fn bridge(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<BridgeClient, tonic::transport::Error> {
     Ok(AgentBridgeClient::with_interceptor(channel(url, tls)?, key))
+}
+
+/// Builds an `AgentWorker` client, for a worker that attaches to a bridge
+/// (`switchboard bench runs`); `tls` as for `bus`.
+///
+/// # Errors
+/// When the URL is malformed.
+pub fn worker(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<WorkerClient, tonic::transport::Error> {
+    Ok(AgentWorkerClient::with_interceptor(channel(url, tls)?, key))
 }
 
 fn channel(url: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {

@@ -127,7 +127,7 @@ struct Slot {
     done: bool,
 }
 
-pub async fn runs(args: RunsArgs) -> Result<(), String> {
+pub async fn runs(args: RunsArgs, tls: Option<switchboard_tls::ClientTls>) -> Result<(), String> {
     for ws in &args.ws {
         check_loopback(ws)?;
     }
@@ -143,7 +143,7 @@ pub async fn runs(args: RunsArgs) -> Result<(), String> {
     if args.agent == Agent::Worker {
         let per_worker = args.runs.div_ceil(args.workers.max(1)) as u32 + 16;
         for w in 0..args.workers.max(1) {
-            workers.push(attach(&args, w, per_worker, stop_workers.clone()).await?);
+            workers.push(attach(&args, tls.as_ref(), w, per_worker, stop_workers.clone()).await?);
         }
     }
     let connections = args.connections.clamp(1, args.runs.max(1));
@@ -205,18 +205,13 @@ pub async fn runs(args: RunsArgs) -> Result<(), String> {
 /// deltas at `rate` per second, each delta `"<index>:<emit time in µs> "`.
 async fn attach(
     args: &RunsArgs,
+    tls: Option<&switchboard_tls::ClientTls>,
     index: usize,
     max_runs: u32,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let key = switchboard_proto::auth::BearerKey::new(args.key.as_deref()).map_err(|e| format!("--key: {e}"))?;
-    let channel = tonic::transport::Endpoint::from_shared(args.bridge.clone())
-        .map_err(|e| format!("--bridge: {e}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("--bridge {}: {e}", args.bridge))?;
-    let mut client = apb::agent_worker_client::AgentWorkerClient::with_interceptor(channel, key);
+    let mut client = switchboard_proto::client::worker(&args.bridge, key, tls).map_err(|e| format!("--bridge: {e}"))?;
     let (tx, rx) = mpsc::channel::<apb::WorkerMessage>(4096);
     let hello = apb::Hello {
         worker_name: format!("bench-{index}"),
@@ -230,7 +225,7 @@ async fn attach(
     let mut stream = client
         .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("attach: {e}"))?
+        .map_err(|e| format!("attach to --bridge {}: {e}", args.bridge))?
         .into_inner();
     match stream.message().await {
         Ok(Some(apb::BridgeMessage { message: Some(apb::bridge_message::Message::Welcome(_)) })) => {}
