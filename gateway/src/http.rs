@@ -61,6 +61,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/agui/{agent}", post(agui))
+        .route("/sse", get(session::sse::connect))
         .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }
