@@ -62,6 +62,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .route("/agui/{agent}", post(agui))
         .route("/sse", get(session::sse::connect))
+        .route("/", get(crate::console::page))
+        .route("/console.js", get(crate::console::script))
         .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }

@@ -9,6 +9,7 @@ mod bus;
 mod channels;
 mod cli;
 mod cluster;
+mod console;
 mod existing_clients;
 mod frames_prop;
 mod http_api;
