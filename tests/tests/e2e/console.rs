@@ -23,7 +23,8 @@ async fn get(gw: &GatewayServer, path: &str) -> (u16, String, String) {
 }
 
 fn asset(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/assets").join(name)).unwrap()
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/assets").join(name))
+        .unwrap()
 }
 
 #[tokio::test]
