@@ -214,6 +214,11 @@ async fn last_event_id_recovers_every_channel_with_no_gap_and_names_round_trip()
     }
     let cursor = sse.last_id.clone().unwrap();
     drop(sse);
+    // A client that leaves is forgotten (stats, hub) as soon as its socket closes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats(&stack.gateway).await["total_connections"] != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the closed stream is still counted");
+    }
 
     // Missed while away: offsets 3..5 of each channel.
     publish_each(&mut client, &channels, 3).await;
