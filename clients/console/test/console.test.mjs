@@ -82,9 +82,10 @@ test("over WebSocket: connects, watches a channel, publishes, chats, stops a run
   await subscribe(page, channel);
   await snap(page, "ws-02-subscribed");
 
-  // Published by a service through the HTTP API (the bus), then from the page.
-  assert.equal(await server.publish(channel, "mission_updated", { n: 1 }), 1);
+  // Published by a producer over gRPC, then from the page (HTTP API).
+  await server.publishGrpc(channel, "mission_updated", { n: 1 });
   await page.waitForSelector(`#events li[data-channel="${channel}"][data-offset="1"]`);
+  assert.match(await page.textContent(`#events li[data-offset="1"]`), /mission_updated \{"n":1\}/);
   await page.fill("#pub-channel", channel);
   await page.fill("#pub-data", '{"n": 2}');
   await page.click("#publish");

@@ -87,6 +87,8 @@ export class Server {
         }
       });
       createInterface({ input: child.stdout }).on("line", (line) => {
+        const bus = /^eventbus\s+grpc:\/\/(127\.0\.0\.1:\d+)/.exec(line);
+        if (bus) this.grpc = `http://${bus[1]}`;
         const m = /^console\s+http:\/\/127\.0\.0\.1:(\d+)\//.exec(line);
         if (m && !done) {
           done = true;
@@ -112,6 +114,21 @@ export class Server {
   async close() {
     await this.stop("SIGKILL");
     rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /** Publishes over gRPC, as a producer does: `switchboard publish` against the bus. */
+  publishGrpc(channel, event, data) {
+    return new Promise((resolve, reject) => {
+      const child = spawn(BIN, ["publish", "--url", this.grpc, "--key", ADMIN_KEY, channel, event, JSON.stringify(data)], { stdio: ["ignore", "pipe", "pipe"] });
+      started.add(child);
+      let out = "";
+      child.stdout.on("data", (d) => (out += d));
+      child.stderr.on("data", (d) => (out += d));
+      child.on("exit", (code) => {
+        started.delete(child);
+        code === 0 ? resolve(out) : reject(new Error(`switchboard publish exited ${code}: ${out}`));
+      });
+    });
   }
 
   /** Publishes through the HTTP API (which goes through the bus); resolves with the offset. */

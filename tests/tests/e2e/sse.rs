@@ -1,7 +1,7 @@
 //! `GET /sse` (SPEC §4): Server-Sent Events with the permissions, recovery,
 //! queue and limits of a WebSocket connection, read by a raw HTTP/1.1 client.
 
-use std::{future::poll_fn, net::SocketAddr, pin::Pin};
+use std::{future::poll_fn, net::SocketAddr, pin::Pin, time::Duration};
 
 use anyhow::{Result, anyhow};
 use hyper::body::{Body as _, Incoming};
@@ -27,6 +27,13 @@ struct Sse {
     first_line: Option<String>,
     /// The `id:` of the last message read.
     last_id: Option<String>,
+}
+
+/// What a stream carries.
+enum Item {
+    Msg(Msg),
+    Comment,
+    End,
 }
 
 impl Sse {
@@ -58,8 +65,22 @@ impl Sse {
     /// The next message (comments and `retry:` skipped), or `None` when the stream ended.
     async fn next(&mut self) -> Result<Option<Msg>> {
         loop {
+            match self.read(WAIT).await? {
+                Item::Msg(m) => return Ok(Some(m)),
+                Item::Comment => continue,
+                Item::End => return Ok(None),
+            }
+        }
+    }
+
+    /// The next message or comment.
+    async fn read(&mut self, wait: Duration) -> Result<Item> {
+        loop {
             while let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
+                if block.starts_with(':') {
+                    return Ok(Item::Comment);
+                }
                 let (mut event, mut id, mut data) = (None, None, Vec::new());
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("event: ") {
@@ -74,18 +95,18 @@ impl Sse {
                 }
                 if let Some(event) = event {
                     if id.is_some() {
-                        self.last_id = id.clone();
+                        self.last_id = id;
                     }
                     let data = serde_json::from_str(&data.join("\n"))?;
-                    return Ok(Some(Msg { event, data }));
+                    return Ok(Item::Msg(Msg { event, data }));
                 }
             }
             let Some(body) = self.body.as_mut() else {
-                return Ok(None);
+                return Ok(Item::End);
             };
-            let frame = tokio::time::timeout(WAIT, poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)))
+            let frame = tokio::time::timeout(wait, poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)))
                 .await
-                .map_err(|_| anyhow!("no message within {WAIT:?}"))?;
+                .map_err(|_| anyhow!("nothing within {wait:?}"))?;
             match frame {
                 None => {
                     self.body = None;
@@ -447,4 +468,15 @@ async fn shutdown_says_disconnect_1001_and_ends_the_stream() {
         (last.event.as_str(), &last.data["code"], &last.data["reconnect"]),
         ("disconnect", &json!(1001), &json!(true))
     );
+}
+
+#[tokio::test]
+async fn an_idle_stream_gets_a_comment_every_15_seconds() {
+    let stack = Stack::start().await;
+    let mut sse = Sse::open(stack.gateway.addr, &path(&["quiet"], ""), None).await;
+    sse.expect("subscribed").await;
+    let started = tokio::time::Instant::now();
+    assert!(matches!(sse.read(Duration::from_secs(20)).await.unwrap(), Item::Comment), "a keep-alive comment");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(14), "after 15 s of silence, not before ({waited:?})");
 }
