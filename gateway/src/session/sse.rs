@@ -16,11 +16,21 @@
 //!
 //! The session is the same state machine as a WebSocket's, with the same
 //! byte-bounded queue: the response body drains it, and a session task
-//! watches the clock (shutdown, token expiry) and the queue's close. A
-//! socket that takes nothing for `limits.write_timeout` after its queue
-//! closed has its TCP connection dropped.
+//! watches the clock (shutdown, token expiry), the queue's close, and the
+//! socket: one that takes none of the queued frames for
+//! `limits.write_timeout` is closed with `4002`, and when it does not take
+//! the `disconnect` either within that time its TCP connection is dropped.
 
-use std::{collections::BTreeMap, convert::Infallible, fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Extension,
@@ -128,22 +138,37 @@ pub(crate) async fn connect(
     }
 
     let gone = CancellationToken::new();
+    let polls = Arc::new(AtomicU64::new(0));
     let body = Writer {
         queue: queue.clone(),
         cursor: positions,
         started: false,
         done: false,
+        polls: polls.clone(),
         _gone: gone.clone().drop_guard(),
     };
     let write_timeout = node.config.limits.write_timeout;
     let sessions = node.sessions.clone();
     let task = async move {
-        let open = queue.closing().is_none();
-        if open {
+        // Hyper asks the body for more only once the socket took what it
+        // had: frames queued while the body was not asked for more during a
+        // whole `write_timeout` mean a socket that takes nothing (SPEC §9).
+        // Checked at each tick against the one before: something was queued
+        // then, and hyper has not asked for more since.
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + write_timeout, write_timeout);
+        let (mut seen, mut queued) = (polls.load(Ordering::Relaxed), false);
+        while queue.closing().is_none() {
             tokio::select! {
                 reason = session.clock().fired() => queue.close(reason),
                 _ = queue.closed() => {}
-                _ = gone.cancelled() => {}
+                _ = gone.cancelled() => break,
+                _ = check.tick() => {
+                    let now = polls.load(Ordering::Relaxed);
+                    if queued && now == seen {
+                        queue.close(Disconnect::SLOW);
+                    }
+                    (seen, queued) = (now, queue.queued_bytes() > 0);
+                }
             }
         }
         // Whatever closes it, it gets no more events and leaves the stats now.
@@ -187,6 +212,9 @@ struct Writer {
     cursor: BTreeMap<String, Option<Position>>,
     started: bool,
     done: bool,
+    /// How many times hyper asked for more, which it does once the socket
+    /// took the last chunk; the session task watches it.
+    polls: Arc<AtomicU64>,
     /// Tells the session task the body is gone (sent all, or dropped by hyper).
     _gone: DropGuard,
 }
@@ -213,6 +241,7 @@ struct Pos {
 impl Writer {
     /// The next chunk of the body; `None` once the `disconnect` was sent.
     async fn next(&mut self) -> Option<Bytes> {
+        self.polls.fetch_add(1, Ordering::Relaxed);
         if self.done {
             return None;
         }

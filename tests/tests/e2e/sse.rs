@@ -480,3 +480,56 @@ async fn an_idle_stream_gets_a_comment_every_15_seconds() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(14), "after 15 s of silence, not before ({waited:?})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_takes_nothing_is_cut_off_after_the_write_timeout() {
+    let bus = BusServer::memory().await;
+    // A queue that never overflows here: only the write timeout can cut it off.
+    let gw = GatewayServer::start_with(&bus.url(), |c| {
+        c.limits.outbound_queue_bytes = 256 * 1024 * 1024;
+        c.limits.write_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let mut slow = Sse::open(gw.addr, &path(&["stuck"], ""), None).await;
+    slow.expect("subscribed").await;
+
+    // 32 MB, far more than the socket buffers between the gateway and a
+    // reader that reads nothing, far less than its queue.
+    let pad = "x".repeat(16 * 1024);
+    let mut client = bus_client(&bus.url()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut published = 0u64;
+    while stats(&gw).await["total_connections"] != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never cut off ({published} events published)");
+        if published < 2000 {
+            let requests: Vec<pb::PublishRequest> = (1..=100)
+                .map(|i| pb::PublishRequest {
+                    channel: "stuck".into(),
+                    event: "e".into(),
+                    data: json!({ "i": published + i, "pad": pad }).to_string().into(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut responses = client.publish_stream(futures::stream::iter(requests)).await.unwrap().into_inner();
+            while responses.message().await.unwrap().is_some() {}
+            published += 100;
+        }
+    }
+    // Closed as a slow consumer (counted once the session has ended).
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no 4002 counted");
+        let (_, metrics) = http(gw.addr, "GET", "/metrics", None, None).await.unwrap();
+        if metrics.as_str().unwrap().lines().any(|l| l == "switchboard_disconnects_total{code=\"4002\"} 1") {
+            break;
+        }
+    }
+    // What it did get has no gap (its TCP connection may be gone before the `disconnect`).
+    let mut offsets = Vec::new();
+    while let Ok(Item::Msg(m)) = slow.read(WAIT).await {
+        if m.event == "event" {
+            offsets.push(m.data["offset"].as_u64().unwrap());
+        }
+    }
+    assert!((offsets.len() as u64) < published);
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "no gap");
+}
