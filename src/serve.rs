@@ -150,6 +150,7 @@ impl Plan {
                 let (ws, http) = if self.gateway.tls.is_some() { ("wss", "https") } else { ("ws", "http") };
                 println!("gateway   {ws}://{a}/ws/connect");
                 println!("          {http}://{a}/api/ws/info");
+                println!("console   {http}://{a}/");
             }
             let token = stop.clone();
             let config = self.gateway.clone();

@@ -16,7 +16,8 @@
 //!   frames; `auth`, `jwks`: token checks and keys.
 //! - `queue`: the byte-bounded outbound queue of a connection.
 //! - `protocol`: browser JSON frames (never the proto structs).
-//! - `http`: the router: WebSocket endpoints and the HTTP API.
+//! - `http`: the router: WebSocket endpoints and the HTTP API; `console`:
+//!   the embedded console page.
 //! - `config`, `disconnect`, `metrics`.
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod bridge;
 pub mod bus;
 pub mod config;
+mod console;
 pub mod disconnect;
 pub mod error;
 mod http;

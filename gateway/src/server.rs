@@ -85,6 +85,32 @@ impl Pending {
     }
 }
 
+/// What a request's handler may do with the connection that carries it
+/// (a request extension): a Server-Sent Events stream is a session, counted
+/// by the hub rather than as a pending connection, and when its socket takes
+/// nothing for `limits.write_timeout` its TCP connection is dropped, as a
+/// WebSocket's is.
+#[derive(Clone)]
+pub struct ConnectionControl {
+    pending: Arc<Pending>,
+    id: u64,
+    drop: CancellationToken,
+}
+
+impl ConnectionControl {
+    /// The connection is a session from now on: it no longer counts as pending.
+    pub fn is_session(&self) {
+        let mut inner = self.pending.inner.lock().expect("pending lock");
+        inner.evictable.remove(&self.id);
+        inner.requested.remove(&self.id);
+    }
+
+    /// Drops the TCP connection, whatever it is doing.
+    pub fn abort(&self) {
+        self.drop.cancel();
+    }
+}
+
 /// One pending connection; dropped when its HTTP phase ends.
 struct PendingGuard {
     pending: Arc<Pending>,
@@ -139,8 +165,11 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
         let (guard, evicted) = node.pending.enter();
         // The router, telling `Pending` when the connection's first request is whole.
         let (router, pending, id) = (TowerToHyperService::new(app.clone()), node.pending.clone(), guard.id);
-        let service = hyper::service::service_fn(move |request| {
+        let abort = CancellationToken::new();
+        let control = ConnectionControl { pending: pending.clone(), id, drop: abort.clone() };
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             pending.requested(id);
+            request.extensions_mut().insert(control.clone());
             hyper::service::Service::call(&router, request)
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -164,6 +193,7 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
                 () = serve => {}
                 // Dropping the connection closes its socket.
                 Ok(()) = evicted => tracing::debug!("pending connection closed to make room"),
+                () = abort.cancelled() => tracing::debug!("connection dropped by its session"),
             }
             drop(guard);
         });

@@ -10,9 +10,9 @@ mod ws;
 
 use std::sync::Arc;
 
-use axum::{Router, http::header};
+use axum::{Router, http::header, routing::get};
 
-use crate::{Node, config::origin_allowed};
+use crate::{Node, config::origin_allowed, console, session};
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
@@ -20,6 +20,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(admin::routes())
         .merge(status::routes())
         .merge(agui::routes())
+        // Server-Sent Events, a session of its own transport, and the console page.
+        .route("/sse", get(session::sse::connect))
+        .route("/", get(console::page))
+        .route("/console.js", get(console::script))
         .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }

@@ -1,10 +1,12 @@
 //! The protocol state machine of one connection (SPEC §3), whatever
 //! carries its frames: opening, authentication and expiry, the frames a
 //! client sends and the answers queued on its outbound queue. Its
-//! transports (`ws`) read the client's frames into it and drain the queue.
+//! transports (`ws`, and `sse`, which reads nothing) read the client's
+//! frames into it and drain the queue.
 
 mod access;
 mod limits;
+pub(crate) mod sse;
 mod ws;
 
 use std::{sync::Arc, time::Duration};
