@@ -322,3 +322,42 @@ async fn threads_on_the_bus_have_one_owner_and_keep_their_newest_messages() {
     assert!(b.messages("never-started").await.unwrap().is_empty());
     assert_eq!(b.owner("never-started").await.unwrap(), None);
 }
+
+/// `interrupt_stream` reaches a run on whichever bridge it is: by run id
+/// (which any bridge may hold, so every bridge is asked) and by thread id
+/// (which goes to the thread's bridge).
+#[tokio::test]
+async fn interrupts_reach_runs_on_either_bridge() {
+    let c = Cluster::start();
+    let mut worker = Worker::attach(&c.urls, "scripted").await;
+    let mut ws = c.ws().await;
+    let threads = c.threads(1);
+    let on: Vec<&String> = (0..c.urls.len()).map(|b| threads.iter().find(|t| c.owner(t) == b).unwrap()).collect();
+    for (bridge, thread) in on.iter().enumerate() {
+        for by_thread in [false, true] {
+            let run = chat(&mut ws, thread, "long").await;
+            let (served_by, start) = worker.start_run().await;
+            assert_eq!(served_by, bridge);
+            worker.begin(served_by, &start, "a long ").await;
+            events_until(&mut ws, "TEXT_MESSAGE_CONTENT").await;
+            let target = if by_thread { json!({ "thread_id": thread }) } else { json!({ "run_id": run["run_id"] }) };
+            let mut frame = json!({ "type": "interrupt_stream", "id": "stop" });
+            frame.as_object_mut().unwrap().extend(target.as_object().unwrap().clone());
+            ws.send(frame).await;
+            let (mut interrupted, mut end) = (None, None);
+            while interrupted.is_none() || end.is_none() {
+                let f = ws.recv().await.unwrap();
+                match f["type"].as_str().unwrap() {
+                    "interrupted" => interrupted = Some(f),
+                    "agent_event" if f["event"]["type"] == "RUN_ERROR" => end = Some(f),
+                    "agent_event" => assert_eq!(f["event"]["type"], "TEXT_MESSAGE_END", "{f}"),
+                    _ => panic!("unexpected {f}"),
+                }
+            }
+            let interrupted = interrupted.unwrap();
+            assert_eq!((&interrupted["run_id"], interrupted["cancelled"].as_bool()), (&run["run_id"], Some(true)));
+            assert_eq!(interrupted["thread_id"], thread.as_str());
+            assert_eq!(end.unwrap()["event"]["code"], "cancelled");
+        }
+    }
+}
