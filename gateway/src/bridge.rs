@@ -518,7 +518,7 @@ mod tests {
         // The list's order does not matter, and the second choice is the owner once the first is gone.
         let reversed = [three[2], three[1], three[0]];
         for t in &threads[..100] {
-            let named = |urls: &[&str]| order(urls, t).into_iter().map(|i| urls[i]).collect::<Vec<_>>();
+            let named = |urls: &[&'static str]| order(urls, t).into_iter().map(|i| urls[i]).collect::<Vec<_>>();
             assert_eq!(named(&three), named(&reversed));
             let without_first: Vec<&str> = three.iter().copied().filter(|u| *u != named(&three)[0]).collect();
             assert_eq!(named(&without_first)[0], named(&three)[1]);

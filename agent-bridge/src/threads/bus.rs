@@ -37,10 +37,14 @@ const CACHED_OWNERS: usize = 65_536;
 /// The thread store on the bus: a cheap handle.
 #[derive(Clone)]
 pub struct BusThreads {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     bus: BusClient,
     max_messages: u64,
     /// Owners read or claimed. A std lock: held only for map updates.
-    owners: Arc<Mutex<HashMap<String, String>>>,
+    owners: Mutex<HashMap<String, String>>,
 }
 
 fn io(e: impl std::fmt::Display) -> ThreadError {
@@ -60,24 +64,25 @@ pub fn log_channel(thread: &str, owner: &str) -> String {
 impl BusThreads {
     /// A store on `bus` keeping the newest `max_messages` (at least 1) of each thread.
     pub fn new(bus: BusClient, max_messages: usize) -> Self {
-        BusThreads { bus, max_messages: max_messages.max(1) as u64, owners: Arc::default() }
+        let inner = Inner { bus, max_messages: max_messages.max(1) as u64, owners: Mutex::default() };
+        BusThreads { inner: Arc::new(inner) }
     }
 
     pub fn max_messages(&self) -> usize {
-        self.max_messages as usize
+        self.inner.max_messages as usize
     }
 
     /// Returns the owner of a thread, if it exists.
     pub async fn owner(&self, thread: &str) -> Result<Option<String>, ThreadError> {
-        if let Some(owner) = self.owners.lock().unwrap().get(thread) {
+        if let Some(owner) = self.inner.owners.lock().unwrap().get(thread) {
             return Ok(Some(owner.clone()));
         }
         let request = pb::HistoryRequest { channel: owner_channel(thread), limit: 1, ..Default::default() };
-        let response = self.bus.clone().history(request).await.map_err(|s| io(s.message()))?.into_inner();
+        let response = self.inner.bus.clone().history(request).await.map_err(|s| io(s.message()))?.into_inner();
         let Some(first) = response.events.first() else { return Ok(None) };
         let data: Value = serde_json::from_slice(&first.data).map_err(io)?;
         let owner = data["user_id"].as_str().ok_or_else(|| io("an owner event without `user_id`"))?.to_owned();
-        let mut owners = self.owners.lock().unwrap();
+        let mut owners = self.inner.owners.lock().unwrap();
         if owners.len() >= CACHED_OWNERS {
             owners.clear();
         }
@@ -89,20 +94,21 @@ impl BusThreads {
     pub async fn messages(&self, thread: &str) -> Result<Vec<Value>, ThreadError> {
         let Some(owner) = self.owner(thread).await? else { return Ok(Vec::new()) };
         let channel = log_channel(thread, &owner);
-        let mut bus = self.bus.clone();
+        let mut bus = self.inner.bus.clone();
         let newest = |limit: u64| pb::HistoryRequest {
             channel: channel.clone(),
             limit: limit as u32,
             reverse: true,
             ..Default::default()
         };
-        let first = bus.history(newest(self.max_messages.min(PAGE))).await.map_err(|s| io(s.message()))?.into_inner();
+        let first =
+            bus.history(newest(self.inner.max_messages.min(PAGE))).await.map_err(|s| io(s.message()))?.into_inner();
         let mut events = first.events;
         events.reverse();
-        if self.max_messages > PAGE && events.len() as u64 == PAGE {
+        if self.inner.max_messages > PAGE && events.len() as u64 == PAGE {
             // More than one read holds: forward from the oldest wanted, page by page.
             let top = first.position.map_or(0, |p| p.offset);
-            let (mut after, epoch) = (top.saturating_sub(self.max_messages), first_epoch(&events));
+            let (mut after, epoch) = (top.saturating_sub(self.inner.max_messages), first_epoch(&events));
             events.clear();
             while after < top {
                 let request = pb::HistoryRequest {
@@ -133,7 +139,7 @@ impl BusThreads {
             return Err(ThreadError::NotOwner(found));
         }
         let channel = log_channel(thread, owner);
-        let mut bus = self.bus.clone();
+        let mut bus = self.inner.bus.clone();
         // One at a time, each acknowledged: the log keeps the thread's order.
         for m in messages {
             let request = pb::PublishRequest {
@@ -156,7 +162,7 @@ impl BusThreads {
             idempotency_key: "owner".into(),
             ..Default::default()
         };
-        self.bus.clone().publish(request).await.map_err(|s| io(s.message()))?;
+        self.inner.bus.clone().publish(request).await.map_err(|s| io(s.message()))?;
         self.owner(thread).await?.ok_or_else(|| io("the thread's owner was not stored"))
     }
 }
