@@ -207,7 +207,7 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
     };
     let l = &s.limits;
     let history = switchboard_eventbus::HistoryPolicy { size: l.history_size, ttl: l.history_ttl.0 };
-    let namespaces = s
+    let mut namespaces: HashMap<String, switchboard_eventbus::HistoryPolicy> = s
         .namespaces
         .iter()
         .map(|(name, ns)| {
@@ -218,6 +218,14 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
             (name.clone(), policy)
         })
         .collect();
+    // Threads on the bus (`agent_bridge.threads = "bus"`) are durable: their
+    // channels keep the newest `agents.thread_max_messages` and do not age
+    // out, unless configured otherwise.
+    use switchboard_agent_bridge::threads::bus::{LOG_NAMESPACE, OWNER_NAMESPACE};
+    let kept = |size: u64| switchboard_eventbus::HistoryPolicy { size, ttl: THREAD_TTL };
+    namespaces.entry(LOG_NAMESPACE.into()).or_insert(kept(s.agents.thread_max_messages as u64));
+    // Claims only: more than one only when users race to start a thread.
+    namespaces.entry(OWNER_NAMESPACE.into()).or_insert(kept(16));
     Ok(switchboard_eventbus::Config {
         backend,
         data_dir: s.eventbus.data_dir.clone(),
@@ -236,6 +244,10 @@ fn eventbus_config(s: &Settings) -> Result<switchboard_eventbus::Config, String>
         ..switchboard_eventbus::Config::default()
     })
 }
+
+/// How long threads on the bus are kept: for good (ten years, which every
+/// backend's expiry can represent).
+const THREAD_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Refuses the limits and intervals that would stop everything at 0.
 fn check_positive(s: &Settings) -> Result<(), String> {
@@ -382,6 +394,11 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
     }
     Ok(switchboard_agent_bridge::Config {
         data_dir: s.agent_bridge.data_dir.clone(),
+        threads: match s.agent_bridge.threads.as_str() {
+            "local" => switchboard_agent_bridge::ThreadsAt::Local,
+            "bus" => switchboard_agent_bridge::ThreadsAt::Bus,
+            other => return Err(format!("agent_bridge.threads: {other:?} is not one of local, bus")),
+        },
         eventbus_url: Some(
             s.agent_bridge
                 .eventbus_url
@@ -418,12 +435,10 @@ fn gateway_config(
             Some(urls) => urls.0.clone(),
             None => vec![format!("{}://{eventbus_listen}", scheme(&s.eventbus.tls_cert))],
         },
-        agent_bridge_url: Some(
-            s.gateway
-                .agent_bridge_url
-                .clone()
-                .unwrap_or_else(|| format!("{}://{bridge_listen}", scheme(&s.agent_bridge.tls_cert))),
-        ),
+        agent_bridge_urls: match &s.gateway.agent_bridge_url {
+            Some(urls) => urls.0.clone(),
+            None => vec![format!("{}://{bridge_listen}", scheme(&s.agent_bridge.tls_cert))],
+        },
         admin_key: keys.admin_key,
         anonymous: keys.anonymous,
         heartbeat_interval: s.gateway.heartbeat_interval.0,

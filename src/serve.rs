@@ -105,7 +105,7 @@ impl Plan {
             let bridge_addr = listener.local_addr().ok();
             if let (true, Some(a)) = (self.local_bridge, bridge_addr) {
                 let scheme = if self.bridge.tls.is_some() { "https" } else { "http" };
-                self.gateway.agent_bridge_url = Some(format!("{scheme}://{a}"));
+                self.gateway.agent_bridge_urls = vec![format!("{scheme}://{a}")];
             }
             let bridge = match switchboard_agent_bridge::open(self.bridge.clone()) {
                 Ok(b) => b,

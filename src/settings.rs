@@ -103,7 +103,7 @@ pub struct Settings {
 pub struct Gateway {
     pub listen: String,
     pub eventbus_url: Option<Urls>,
-    pub agent_bridge_url: Option<String>,
+    pub agent_bridge_url: Option<Urls>,
     pub node: Option<String>,
     pub heartbeat_interval: Dur,
     pub heartbeat_timeout: Dur,
@@ -180,6 +180,8 @@ pub struct AgentBridge {
     pub metrics_listen: Option<String>,
     pub eventbus_url: Option<String>,
     pub data_dir: PathBuf,
+    /// Where threads are kept: `local` (`data_dir`) or `bus` (for several bridges).
+    pub threads: String,
     /// As the bus's.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -193,6 +195,7 @@ impl Default for AgentBridge {
             metrics_listen: None,
             eventbus_url: None,
             data_dir: PathBuf::from("./data"),
+            threads: "local".into(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,

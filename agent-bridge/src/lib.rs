@@ -7,7 +7,9 @@
 //!   `# Layout` lists its parts).
 //! - `agui`: AG-UI ordering rules and the repair of a broken run.
 //! - `echo`: the built-in `echo` agent.
-//! - `threads`: durable thread storage (redb), one row per message, bounded.
+//! - `threads`: durable thread storage, bounded: one row per message in the
+//!   bridge's redb file, or (`threads::bus`) one event per message on the
+//!   bus, where every bridge reads them.
 //! - `service`: the tonic service; with `runs::bus` (bus messages), the only
 //!   modules that build or read proto messages.
 
@@ -55,10 +57,23 @@ impl Caller {
     }
 }
 
+/// Where a bridge keeps its threads (`agent_bridge.threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThreadsAt {
+    /// `threads.redb` in `data_dir`: for a bridge that serves every thread alone.
+    #[default]
+    Local,
+    /// Channels on the event bus: for several bridges, any of which may
+    /// serve a thread (SPEC §10).
+    Bus,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where threads are kept.
+    /// Where threads are kept with `ThreadsAt::Local`.
     pub data_dir: PathBuf,
+    /// Where threads are kept: this bridge's file, or the bus.
+    pub threads: ThreadsAt,
     /// The event bus, for thread channels and status events; none runs without.
     pub eventbus_url: Option<String>,
     /// Required from callers as `authorization: Bearer <key>`, and sent to the bus.
@@ -90,6 +105,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./data"),
+            threads: ThreadsAt::Local,
             eventbus_url: Some("http://127.0.0.1:50051".into()),
             api_key: None,
             default_agent: "echo".into(),
@@ -108,15 +124,22 @@ impl Default for Config {
 /// Opens the thread store and builds the bridge, binding nothing.
 ///
 /// # Errors
-/// When the thread store or the bus URL is unusable.
+/// When the thread store or the bus URL is unusable, or threads are to be
+/// on the bus and there is none.
 pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send + Sync>> {
-    let threads = threads::Threads::open(&config.data_dir, config.thread_max_messages)?;
     let bus = match &config.eventbus_url {
         Some(url) => {
             let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;
             Some(switchboard_proto::client::bus(url, key, config.client_tls.as_ref())?)
         }
         None => None,
+    };
+    let threads = match (config.threads, &bus) {
+        (ThreadsAt::Local, _) => threads::Threads::open(&config.data_dir, config.thread_max_messages)?.into(),
+        (ThreadsAt::Bus, Some(bus)) => {
+            threads::ThreadStore::Bus(threads::bus::BusThreads::new(bus.clone(), config.thread_max_messages))
+        }
+        (ThreadsAt::Bus, None) => return Err("agent_bridge.threads: \"bus\" needs agent_bridge.eventbus_url".into()),
     };
     let openai = match &config.openai {
         Some(c) => Some(openai::OpenAi::new(c.clone())?),

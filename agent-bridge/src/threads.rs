@@ -1,5 +1,8 @@
 //! Durable threads: who owns each, and its messages (user, assistant, tool)
-//! in AG-UI form, one row per message, in one redb file.
+//! in AG-UI form. `ThreadStore` is where a bridge keeps them: `Threads`
+//! (here), one row per message in the bridge's own redb file, or
+//! `bus::BusThreads`, on the event bus, where every bridge of a cluster
+//! reads them.
 //!
 //! Appending writes only the new rows and a small meta row, so a long thread
 //! appends as fast as a new one; a thread keeps its newest `max_messages`
@@ -13,6 +16,60 @@ use std::{path::Path, sync::Arc, thread::JoinHandle};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+
+pub mod bus;
+
+/// Where a bridge keeps its threads.
+#[derive(Clone)]
+pub enum ThreadStore {
+    /// The bridge's own file: threads that only this bridge serves.
+    Local(Threads),
+    /// The event bus: threads any bridge may serve.
+    Bus(bus::BusThreads),
+}
+
+impl From<Threads> for ThreadStore {
+    fn from(t: Threads) -> Self {
+        ThreadStore::Local(t)
+    }
+}
+
+impl ThreadStore {
+    /// Messages each thread keeps.
+    pub fn max_messages(&self) -> usize {
+        match self {
+            ThreadStore::Local(t) => t.max_messages(),
+            ThreadStore::Bus(t) => t.max_messages(),
+        }
+    }
+
+    /// Returns the owner of a thread, if it exists.
+    pub async fn owner(&self, thread: &str) -> Result<Option<String>, ThreadError> {
+        match self {
+            ThreadStore::Local(t) => t.owner(thread).await,
+            ThreadStore::Bus(t) => t.owner(thread).await,
+        }
+    }
+
+    /// Returns a thread's messages, oldest first: its newest `max_messages`.
+    pub async fn messages(&self, thread: &str) -> Result<Vec<Value>, ThreadError> {
+        match self {
+            ThreadStore::Local(t) => t.messages(thread).await,
+            ThreadStore::Bus(t) => t.messages(thread).await,
+        }
+    }
+
+    /// Creates the thread for `owner` if new, and appends messages to it.
+    ///
+    /// # Errors
+    /// `NotOwner` when the thread belongs to another user (nothing is written).
+    pub async fn append(&self, thread: &str, owner: &str, messages: Vec<Value>) -> Result<(), ThreadError> {
+        match self {
+            ThreadStore::Local(t) => t.append(thread, owner, messages).await,
+            ThreadStore::Bus(t) => t.append(thread, owner, messages).await,
+        }
+    }
+}
 
 const OWNERS: TableDefinition<'static, &str, &str> = TableDefinition::new("owners");
 /// One row per message, keyed by `(thread, seq)`; a thread's seqs are

@@ -19,7 +19,14 @@ Every run and every call is an asyncio task, so several runs go on at once (up
 to `--max-runs`, which the bridge enforces). A heartbeat goes out every 10 s.
 The worker does not reconnect: it exits when the stream ends.
 
+With several agent bridges (SPEC §10: the gateway routes each thread to one
+of them), a worker attaches to every one, so that whichever bridge a thread
+is on finds it: `--bridge` takes a comma-separated list, and the worker keeps
+one attachment (one `Worker` below) per bridge. A bridge that goes away ends
+only its attachment; the worker serves the others, and exits when all ended.
+
     python worker.py --bridge 127.0.0.1:50052
+    python worker.py --bridge 10.0.0.1:50052,10.0.0.2:50052
 
 The stubs are generated from the repository's `proto/` at start-up with
 `grpc_tools.protoc`, into a temporary directory; nothing is written to the tree.
@@ -311,28 +318,36 @@ def grpc_target(url: str) -> str:
     return url
 
 
+async def attach(worker: Worker, pb2_grpc: ModuleType, target: str, metadata) -> int:
+    """Serves one bridge until its stream ends; 0 when it ended it, 1 on a gRPC error."""
+    log.info("attaching to the bridge at %s", target)
+    # Plaintext, as in dev mode on loopback; use grpc.aio.secure_channel() with
+    # grpc.ssl_channel_credentials() when the bridge is behind TLS.
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            await worker.serve(pb2_grpc.AgentWorkerStub(channel), metadata)
+        except grpc.aio.AioRpcError as err:
+            log.error("Attach to %s failed: %s: %s", target, err.code().name, err.details())
+            return 1
+    return 0
+
+
 async def main_async(args: argparse.Namespace) -> int:
     pb2, pb2_grpc = load_stubs(args.proto_dir)
     metadata = [("authorization", f"Bearer {args.key}")] if args.key else None
-    worker = Worker(pb2, args)
+    targets = [grpc_target(url.strip()) for url in args.bridge.split(",") if url.strip()]
+    # One attachment per bridge: each has its own stream, runs and calls.
+    workers = [Worker(pb2, args) for _ in targets]
 
-    # SIGINT/SIGTERM end our side of the stream: the bridge ends our runs
+    # SIGINT/SIGTERM end our side of every stream: each bridge ends our runs
     # (agent_lost) and then the stream, and we exit 0.
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, lambda s=signum: (
-            log.info("%s: detaching", signal.Signals(s).name), worker.close()))
+            log.info("%s: detaching", signal.Signals(s).name), [w.close() for w in workers]))
 
-    log.info("attaching to the bridge at %s", grpc_target(args.bridge))
-    # Plaintext, as in dev mode on loopback; use grpc.aio.secure_channel() with
-    # grpc.ssl_channel_credentials() when the bridge is behind TLS.
-    async with grpc.aio.insecure_channel(grpc_target(args.bridge)) as channel:
-        try:
-            await worker.serve(pb2_grpc.AgentWorkerStub(channel), metadata)
-        except grpc.aio.AioRpcError as err:
-            log.error("Attach failed: %s: %s", err.code().name, err.details())
-            return 1
-    return 0
+    codes = await asyncio.gather(*(attach(w, pb2_grpc, t, metadata) for w, t in zip(workers, targets)))
+    return max(codes, default=0)
 
 
 def positive(kind):
@@ -347,7 +362,8 @@ def positive(kind):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A Python agent worker for the Switchboard agent bridge.")
     parser.add_argument("--bridge", default="127.0.0.1:50052",
-                        help="agent bridge address, host:port (default: %(default)s)")
+                        help="agent bridge address, host:port, or a comma-separated list of them: the "
+                             "worker attaches to every one (default: %(default)s)")
     parser.add_argument("--key", default="",
                         help="API key, sent as 'authorization: Bearer KEY' (not needed in dev mode)")
     parser.add_argument("--agent", default="py-writer", help="agent name to serve (default: %(default)s)")

@@ -83,8 +83,11 @@ pub struct Config {
     /// Event bus nodes, such as `http://127.0.0.1:50051`: the link uses the
     /// first that answers, and the next one when it is lost.
     pub eventbus_urls: Vec<String>,
-    /// The agent bridge; without one, agent frames answer `unavailable`.
-    pub agent_bridge_url: Option<String>,
+    /// Agent bridges, such as `http://127.0.0.1:50052`: each thread's runs
+    /// go to one of them, by rendezvous hashing on the thread id, and to the
+    /// next when it cannot be reached. Without any, agent frames answer
+    /// `unavailable`.
+    pub agent_bridge_urls: Vec<String>,
     /// Key for the admin HTTP API, also sent to the bus as a bearer token.
     pub admin_key: Option<String>,
     /// Whether connections without a token are let in.
@@ -117,6 +120,11 @@ pub struct Config {
     pub client_tls: Option<switchboard_tls::ClientTls>,
 }
 
+/// The namespaces of the agent bridges' threads on the bus (the bridge's
+/// `threads::bus::{OWNER_NAMESPACE, LOG_NAMESPACE}`; the gateway does not
+/// depend on the bridge, so they are named again here).
+pub const BRIDGE_NAMESPACES: [&str; 2] = ["thread_owner", "thread_log"];
+
 /// The default allowed origins: pages served from this machine.
 pub fn localhost_origins() -> Vec<String> {
     ["http://localhost:*", "http://127.0.0.1:*", "https://localhost:*", "https://127.0.0.1:*"]
@@ -144,7 +152,7 @@ impl Default for Config {
         Config {
             node: "gateway".to_owned(),
             eventbus_urls: vec!["http://127.0.0.1:50051".to_owned()],
-            agent_bridge_url: None,
+            agent_bridge_urls: Vec::new(),
             admin_key: None,
             anonymous: true,
             heartbeat_interval: Duration::from_secs(30),
@@ -168,8 +176,14 @@ impl Config {
         self.namespaces.iter().filter(|(_, ns)| ns.presence).map(|(name, _)| name.clone()).collect()
     }
 
+    /// The rules of `channel`'s namespace. The agent bridges' thread store
+    /// (`thread_owner`, `thread_log`) is never open to clients, whatever
+    /// is configured: its channels are how bridges share threads.
     pub fn namespace(&self, channel: &str) -> Namespace {
         let ns = switchboard_proto::channel::namespace(channel);
+        if BRIDGE_NAMESPACES.contains(&ns) {
+            return Namespace { subscribe: Access::None, publish: Access::None, presence: false };
+        }
         self.namespaces.get(ns).cloned().unwrap_or_default()
     }
 
@@ -205,6 +219,18 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(configured.rpc_access("get_status"), Access::Roles(vec!["ops".into()]));
+    }
+
+    #[test]
+    fn the_bridges_thread_store_is_closed_to_clients_whatever_is_configured() {
+        let open = Namespace { subscribe: Access::Anonymous, publish: Access::Anonymous, presence: false };
+        let config =
+            Config { namespaces: HashMap::from([("thread_log".to_owned(), open.clone())]), ..Config::default() };
+        for channel in ["thread_log:t#alice", "thread_owner:t"] {
+            let ns = config.namespace(channel);
+            assert_eq!((ns.subscribe, ns.publish), (Access::None, Access::None), "{channel}");
+        }
+        assert_eq!(config.namespace("thread:t#alice").subscribe, Access::Anonymous);
     }
 
     #[test]

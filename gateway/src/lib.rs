@@ -59,7 +59,7 @@ pub struct Node {
     pub config: Config,
     pub hub: Arc<hub::Hub>,
     pub bus: Arc<bus::BusNodes>,
-    /// The agent bridge, when configured.
+    /// The agent bridges, when configured.
     pub bridge: Option<bridge::Bridge>,
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins: runs started here are cancelled (and
@@ -103,9 +103,11 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bus =
         Arc::new(bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref(), config.client_tls.as_ref())?);
-    let bridge = match &config.agent_bridge_url {
-        Some(url) => Some(bridge::Bridge::new(url, config.admin_key.as_deref(), config.client_tls.as_ref())?),
-        None => None,
+    let bridge = match config.agent_bridge_urls.as_slice() {
+        [] => None,
+        urls => {
+            Some(bridge::Bridge::new(urls, config.admin_key.as_deref(), config.client_tls.as_ref(), Some(bus.clone()))?)
+        }
     };
     let metrics = Arc::new(metrics::Metrics::new());
     // Room for a burst of joins and leaves; the hub answers `unavailable` past it.

@@ -482,7 +482,7 @@ impl AgentStack {
         bridge(&mut config);
         let bridge = BridgeServer::start(config).await;
         let gateway = GatewayServer::start_with(&bus.url(), |c| {
-            c.agent_bridge_url = Some(bridge.url());
+            c.agent_bridge_urls = vec![bridge.url()];
             gateway(c);
         })
         .await;

@@ -22,7 +22,7 @@ use crate::{
     Config, echo,
     metrics::Metrics,
     openai::OpenAi,
-    threads::{ThreadError, Threads},
+    threads::{ThreadError, ThreadStore, bus as bus_threads},
     workers::{AgentMsg, Workers},
 };
 
@@ -141,7 +141,7 @@ pub struct Bridge {
 
 struct Shared {
     config: Config,
-    threads: Threads,
+    threads: ThreadStore,
     bus: Option<BusClient>,
     /// Active and waiting runs per thread. A std lock: held only for map updates.
     slots: Mutex<Slots>,
@@ -167,11 +167,16 @@ struct Admitted {
 }
 
 impl Bridge {
-    pub fn new(config: Config, threads: Threads, bus: Option<BusClient>, openai: Option<OpenAi>) -> Self {
+    pub fn new(
+        config: Config,
+        threads: impl Into<ThreadStore>,
+        bus: Option<BusClient>,
+        openai: Option<OpenAi>,
+    ) -> Self {
         Bridge {
             shared: Arc::new(Shared {
                 config,
-                threads,
+                threads: threads.into(),
                 bus,
                 slots: Mutex::default(),
                 runs: tokio_util::task::TaskTracker::new(),
@@ -299,7 +304,18 @@ impl Bridge {
             .filter(|t| !t.is_empty())
             .or_else(|| input["threadId"].as_str().filter(|t| !t.is_empty()).map(str::to_owned))
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if switchboard_proto::channel::validate(&format!("thread:{thread_id}#{}", spec.user_id)).is_err() {
+        // Its channel, and its log when threads are on the bus, must be channel names.
+        let on_bus = matches!(self.shared.threads, ThreadStore::Bus(_));
+        let (log, owner) = match on_bus {
+            true => (
+                Some(bus_threads::log_channel(&thread_id, &spec.user_id)),
+                Some(bus_threads::owner_channel(&thread_id)),
+            ),
+            false => (None, None),
+        };
+        let channel = format!("thread:{thread_id}#{}", spec.user_id);
+        if [Some(channel), log, owner].into_iter().flatten().any(|c| switchboard_proto::channel::validate(&c).is_err())
+        {
             return Err(BridgeError::InvalidInput("thread id or user id has characters a channel cannot".into()));
         }
         match self.shared.threads.owner(&thread_id).await.map_err(|e| BridgeError::Internal(e.to_string()))? {

@@ -48,6 +48,8 @@ fn invalid_configuration_exits_64_naming_the_setting() {
         (&["up"], &[("SWITCHBOARD_GATEWAYS__LISTEN", "127.0.0.1:1")], "SWITCHBOARD_GATEWAYS__LISTEN"),
         (&["up"], &[("SWITCHBOARD_RPC__GET_STATUS", "everyone")], "rpc.get_status"),
         (&["up"], &[("SWITCHBOARD_AGENTS__THREAD_MAX_MESSAGES", "0")], "agents.thread_max_messages"),
+        (&["up"], &[("SWITCHBOARD_AGENT_BRIDGE__THREADS", "shared")], "agent_bridge.threads"),
+        (&["up"], &[("SWITCHBOARD_GATEWAY__AGENT_BRIDGE_URL", ",")], "agent_bridge_url"),
         (&["up", "--config", file], &[], "lisen"),
         (&["gateway"], &[], "auth.admin_key"),
         (&["gateway"], &[("SWITCHBOARD_AUTH__ADMIN_KEY", "an-admin-key-0123456789")], "auth.hs256_secret"),
@@ -77,6 +79,8 @@ pub(crate) struct Process {
     metrics: Vec<String>,
     pub(crate) grpc: String,
     pub(crate) ws: Option<String>,
+    /// `http://ADDR` of the agent bridge, when it runs one.
+    pub(crate) bridge: Option<String>,
 }
 
 impl Process {
@@ -107,13 +111,17 @@ impl Process {
             .spawn()
             .expect("spawn switchboard");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut grpc, mut ws, mut metrics) = (None, None, Vec::new());
+        let (mut grpc, mut ws, mut bridge, mut metrics) = (None, None, None, Vec::new());
         let wants_gateway = args[0] == "up" || args[0] == "gateway";
-        let wants_bus = args[0] != "gateway";
-        while (wants_bus && grpc.is_none()) || (wants_gateway && ws.is_none()) {
+        let wants_bridge = args[0] == "agent-bridge";
+        let wants_bus = !wants_bridge && args[0] != "gateway";
+        while (wants_bus && grpc.is_none()) || (wants_gateway && ws.is_none()) || (wants_bridge && bridge.is_none()) {
             let line = lines.next().expect("switchboard exited before printing its addresses").unwrap();
             if let Some(rest) = line.strip_prefix("eventbus  grpc://") {
                 grpc = Some(format!("http://{}", rest.split_whitespace().next().unwrap()));
+            }
+            if let Some(rest) = line.strip_prefix("bridge    grpc://") {
+                bridge = Some(format!("http://{}", rest.split_whitespace().next().unwrap()));
             }
             if let Some(rest) = line.strip_prefix("gateway   ") {
                 ws = Some(rest.trim().to_owned());
@@ -124,7 +132,7 @@ impl Process {
         }
         // Keep draining stdout so the process never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Process { child, grpc: grpc.unwrap_or_default(), metrics, ws }
+        Process { child, grpc: grpc.unwrap_or_default(), metrics, ws, bridge }
     }
 
     /// The gateway's address, from the WebSocket URL it printed.

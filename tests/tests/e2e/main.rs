@@ -5,6 +5,7 @@ mod abuse;
 mod agents;
 mod auth;
 mod bad_input;
+mod bridges;
 mod bus;
 mod channels;
 mod cli;
