@@ -339,16 +339,23 @@ mod tests {
         ));
         let first = b.start(spec("alice", "t", "")).await.unwrap();
         let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut queued = Vec::new();
         for i in 0..6 {
-            let (bridge, order) = (b.clone(), order_tx.clone());
+            let (bridge, order, count) = (b.clone(), order_tx.clone(), started.clone());
             queued.push(tokio::spawn(async move {
-                let started = bridge.start(spec("alice", "t", "enqueue")).await.unwrap();
+                let run = bridge.start(spec("alice", "t", "enqueue")).await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 order.send(i).unwrap();
-                finish(started).await;
+                finish(run).await;
             }));
-            // In line before the next one comes.
-            while b.shared.slots.lock().unwrap().waiting.get("t").map_or(0, Vec::len) <= i {
+            // In line (or, on a slow machine where the run before has ended
+            // already, started) before the next one comes.
+            loop {
+                let waiting = b.shared.slots.lock().unwrap().waiting.get("t").map_or(0, Vec::len);
+                if waiting + started.load(std::sync::atomic::Ordering::SeqCst) > i {
+                    break;
+                }
                 tokio::task::yield_now().await;
             }
         }
