@@ -61,6 +61,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/agui/{agent}", post(agui))
+        .merge(session::socketio::router(node.clone()))
         .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }
