@@ -31,6 +31,9 @@ use crate::{
     session::{Params, Session},
 };
 
+/// The event that carries the `disconnect` frame (see `Conn::farewell`).
+pub(crate) const FAREWELL: &str = "disconnect_reason";
+
 /// How long a closing connection may take to hand its last packets over.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
@@ -103,16 +106,19 @@ impl Conn {
         frames.iter().map(|f| packet::encode(f, nsp, &mut st.requests)).collect()
     }
 
-    /// What a closing session says last: the `disconnect` event, and when
-    /// the client should not reconnect, Socket.IO's disconnect (after which
-    /// a client does not reconnect by itself; after a transport close it does).
+    /// What a closing session says last: our `disconnect` frame as the event
+    /// `disconnect_reason` (Socket.IO clients refuse an event named
+    /// `disconnect`, a reserved name: their parser drops the connection), and
+    /// when the client should not reconnect, Socket.IO's disconnect packet
+    /// (after which a client does not reconnect by itself; after a transport
+    /// close it does).
     pub(crate) fn farewell(&self, d: Disconnect) -> Vec<Utf8Bytes> {
         let st = self.state.lock().unwrap();
         let Some(nsp) = st.nsp.as_deref() else {
             return Vec::new();
         };
         let arg = json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() });
-        let mut out = vec![packet::event(nsp, "disconnect", &arg)];
+        let mut out = vec![packet::event(nsp, FAREWELL, &arg)];
         if !d.reconnect() {
             out.push(packet::control('1', nsp, None));
         }

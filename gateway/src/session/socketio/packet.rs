@@ -261,7 +261,7 @@ pub fn control(kind: char, nsp: &str, json: Option<&Value>) -> Utf8Bytes {
     Utf8Bytes::from(out)
 }
 
-/// An event of `nsp` we emit that is no frame of the queue (`disconnect`).
+/// An event of `nsp` we emit that is no frame of the queue (the farewell).
 pub fn event(nsp: &str, name: &str, arg: &Value) -> Utf8Bytes {
     let mut out = String::from("42");
     push_nsp(&mut out, nsp);
