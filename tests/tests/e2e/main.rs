@@ -19,5 +19,6 @@ mod relink;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod socketio;
 mod tls;
 mod workers;

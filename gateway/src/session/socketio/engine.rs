@@ -34,6 +34,10 @@ use crate::{
 /// The event that carries the `disconnect` frame (see `Conn::farewell`).
 pub(crate) const FAREWELL: &str = "disconnect_reason";
 
+/// The client left by a Socket.IO or Engine.IO packet (`41`, `1`), its
+/// WebSocket still open: closed with 1000, nothing more said.
+pub(crate) const CLIENT_LEFT: Disconnect = Disconnect { code: 1000, reason: "disconnected by the client" };
+
 /// How long a closing connection may take to hand its last packets over.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
@@ -111,10 +115,10 @@ impl Conn {
     /// `disconnect`, a reserved name: their parser drops the connection), and
     /// when the client should not reconnect, Socket.IO's disconnect packet
     /// (after which a client does not reconnect by itself; after a transport
-    /// close it does).
+    /// close it does). Nothing when the client itself left (code 1000).
     pub(crate) fn farewell(&self, d: Disconnect) -> Vec<Utf8Bytes> {
         let st = self.state.lock().unwrap();
-        let Some(nsp) = st.nsp.as_deref() else {
+        let Some(nsp) = st.nsp.as_deref().filter(|_| d.code != 1000) else {
             return Vec::new();
         };
         let arg = json!({ "code": d.code, "reason": d.reason, "reconnect": d.reconnect() });
@@ -311,7 +315,7 @@ impl Engine {
             Some(b'2') => {
                 queue.push(Utf8Bytes::from_static("3"));
             }
-            Some(b'1') => queue.close(Disconnect::CLIENT_CLOSED),
+            Some(b'1') => queue.close(CLIENT_LEFT),
             // Base64 binary on polling.
             Some(b'b') => {
                 if let Some(s) = self.session.as_mut() {
@@ -333,7 +337,7 @@ impl Engine {
             Ok(packet::Packet::Connect { nsp, auth }) => self.connect(nsp, auth),
             Ok(packet::Packet::Disconnect { nsp }) => {
                 if connected.as_deref() == Some(nsp) {
-                    self.conn.queue.close(Disconnect::CLIENT_CLOSED);
+                    self.conn.queue.close(CLIENT_LEFT);
                 }
             }
             Ok(packet::Packet::Event { nsp, ack, name, arg }) => {

@@ -22,6 +22,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use crate::{Node, config::origin_allowed, disconnect::Disconnect};
 use axum::{
     Router,
     extract::{FromRequestParts, Query, Request, State, WebSocketUpgrade, ws::Utf8Bytes},
@@ -29,10 +30,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
+use engine::{Conn, Input};
 use serde::Deserialize;
 use serde_json::json;
-use crate::{Node, config::origin_allowed, disconnect::Disconnect};
-use engine::{Conn, Input};
 
 /// A WebSocket's read buffer, as for `/ws` (see `http.rs`).
 const READ_BUFFER: usize = 256;
@@ -164,7 +164,11 @@ fn admit(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
         return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down"));
     }
     if node.hub.connection_count() >= node.config.limits.max_connections {
-        return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "limit_exceeded", "this node is at its connection limit"));
+        return Err(api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_exceeded",
+            "this node is at its connection limit",
+        ));
     }
     Ok(())
 }
@@ -183,9 +187,7 @@ async fn poll(node: &Node, conn: &Arc<Conn>) -> Response {
         if !drained.frames.is_empty() || drained.close.is_some() {
             let mut packets = conn.encode(drained.frames);
             if let Some(d) = drained.close {
-                if d != Disconnect::CLIENT_CLOSED {
-                    packets.extend(conn.farewell(d));
-                }
+                packets.extend(conn.farewell(d));
                 packets.push(Utf8Bytes::from_static("1"));
                 conn.done.cancel();
             }

@@ -22,9 +22,19 @@ pub const NAMESPACES: [&str; 2] = ["/", "/ws"];
 /// A Socket.IO packet from a client.
 #[derive(Debug, PartialEq)]
 pub enum Packet<'a> {
-    Connect { nsp: &'a str, auth: Option<Value> },
-    Disconnect { nsp: &'a str },
-    Event { nsp: &'a str, ack: Option<u64>, name: String, arg: Value },
+    Connect {
+        nsp: &'a str,
+        auth: Option<Value>,
+    },
+    Disconnect {
+        nsp: &'a str,
+    },
+    Event {
+        nsp: &'a str,
+        ack: Option<u64>,
+        name: String,
+        arg: Value,
+    },
     /// The client acknowledged an event; we never ask it to.
     Ack,
     /// Binary events and acks (attachments follow as binary messages).
@@ -291,7 +301,10 @@ mod tests {
             parse(r#"2["subscribe","bench"]"#).unwrap(),
             Packet::Event { nsp: "/", ack: None, name: "subscribe".into(), arg: json!("bench") }
         );
-        assert_eq!(parse(r#"2["ping"]"#).unwrap(), Packet::Event { nsp: "/", ack: None, name: "ping".into(), arg: Value::Null });
+        assert_eq!(
+            parse(r#"2["ping"]"#).unwrap(),
+            Packet::Event { nsp: "/", ack: None, name: "ping".into(), arg: Value::Null }
+        );
         assert_eq!(parse("1/ws,").unwrap(), Packet::Disconnect { nsp: "/ws" });
         assert_eq!(parse(r#"51-["x",{"_placeholder":true,"num":0}]"#).unwrap(), Packet::Binary);
     }
@@ -335,7 +348,10 @@ mod tests {
         let other = r.open(None, None, false);
         let frame = format!(r#"{{"type":"rpc_response","id":{other},"result":5}}"#);
         let body: Value = serde_json::from_str(&encode(&Utf8Bytes::from(frame), "/", &mut r).as_str()[2..]).unwrap();
-        assert_eq!((&body[1]["type"], &body[1]["data"], body[1].get("id")), (&json!("command_response"), &json!(5), None));
+        assert_eq!(
+            (&body[1]["type"], &body[1]["data"], body[1].get("id")),
+            (&json!("command_response"), &json!(5), None)
+        );
 
         // A second frame for an answered request is emitted, not acked.
         let sub = r.open(Some(json!(9)), Some(1), false);
