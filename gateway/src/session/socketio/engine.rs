@@ -46,7 +46,7 @@ pub(crate) enum Input {
     /// The body of a POST: packets separated by `\x1e`.
     Payload(String),
     /// A WebSocket that wants to take over from polling.
-    Upgrade(WebSocket),
+    Upgrade(Box<WebSocket>),
 }
 
 /// The part of an engine connection its polls, posts and writer share.
@@ -220,7 +220,7 @@ impl Engine {
                     }
                     Some(Input::Upgrade(socket)) => {
                         if stream.is_none() && open {
-                            let (sink, st) = socket.split();
+                            let (sink, st) = (*socket).split();
                             stream = Some(st);
                             probe = Some(sink);
                         }

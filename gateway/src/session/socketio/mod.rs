@@ -110,11 +110,11 @@ async fn handle(State(engines): State<Arc<Engines>>, Query(q): Query<EioQuery>, 
                         return engine_error(1, "Session ID unknown");
                     };
                     ws.on_upgrade(move |socket| async move {
-                        let _ = conn.input.send(Input::Upgrade(socket)).await;
+                        let _ = conn.input.send(Input::Upgrade(Box::new(socket))).await;
                     })
                 }
                 None => {
-                    if let Err(refused) = admit(&node, &parts.headers) {
+                    if let Some(refused) = admit(&node, &parts.headers) {
                         return refused;
                     }
                     let (conn, rx) = Conn::new(&node);
@@ -126,7 +126,7 @@ async fn handle(State(engines): State<Arc<Engines>>, Query(q): Query<EioQuery>, 
             }
         }
         (Some("polling"), None) if parts.method == Method::GET => {
-            if let Err(refused) = admit(&node, &parts.headers) {
+            if let Some(refused) = admit(&node, &parts.headers) {
                 return refused;
             }
             let (conn, rx) = Conn::new(&node);
@@ -154,23 +154,23 @@ async fn handle(State(engines): State<Arc<Engines>>, Query(q): Query<EioQuery>, 
 }
 
 /// The checks before a connection opens, as for `/ws`: its origin, the
-/// node shutting down, the node's connection limit.
-fn admit(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
+/// node shutting down, the node's connection limit. Returns the refusal.
+fn admit(node: &Node, headers: &HeaderMap) -> Option<Response> {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if origin.is_some_and(|o| !origin_allowed(&node.config.allowed_origins, o)) {
-        return Err(api_error(StatusCode::FORBIDDEN, "permission_denied", "origin not allowed"));
+        return Some(api_error(StatusCode::FORBIDDEN, "permission_denied", "origin not allowed"));
     }
     if !node.ready() && node.shutdown.is_cancelled() {
-        return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down"));
+        return Some(api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down"));
     }
     if node.hub.connection_count() >= node.config.limits.max_connections {
-        return Err(api_error(
+        return Some(api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "limit_exceeded",
             "this node is at its connection limit",
         ));
     }
-    Ok(())
+    None
 }
 
 /// A long poll: what is queued, as one payload (packets separated by
