@@ -204,9 +204,11 @@ impl Engine {
                 _ = ping.tick(), if open => {
                     queue.push(Utf8Bytes::from_static("2"));
                     // A poller that takes nothing queued for `write_timeout`
-                    // is a socket that accepts nothing (SPEC §9).
+                    // is a socket that accepts nothing (SPEC §9); one with a
+                    // poll waiting is about to take it.
                     let idle = self.conn.last_drain.lock().unwrap().elapsed();
-                    if polling && probe.is_none() && queue.queued_bytes() > 2 && idle > write_timeout {
+                    let waiting = self.conn.poll.try_lock().is_err();
+                    if polling && probe.is_none() && !waiting && queue.queued_bytes() > 2 && idle > write_timeout {
                         queue.close(Disconnect::SLOW);
                     }
                 }
