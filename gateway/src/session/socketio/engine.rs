@@ -54,7 +54,9 @@ pub(crate) struct Conn {
     /// Engine.IO's session id: it names the connection in polls and posts.
     pub(crate) sid: String,
     pub(crate) queue: Arc<Outbound>,
-    pub(crate) input: mpsc::Sender<Input>,
+    /// To the engine task: polling connections only (a WebSocket from
+    /// the start needs none, and an idle connection keeps its memory).
+    pub(crate) input: Option<mpsc::Sender<Input>>,
     /// One poll at a time.
     pub(crate) poll: tokio::sync::Mutex<()>,
     /// Set once a WebSocket took over: polls and posts are refused.
@@ -74,8 +76,13 @@ struct State {
 }
 
 impl Conn {
-    pub(crate) fn new(node: &Node) -> (Arc<Conn>, mpsc::Receiver<Input>) {
-        let (input, rx) = mpsc::channel(16);
+    pub(crate) fn new(node: &Node, polling: bool) -> (Arc<Conn>, Option<mpsc::Receiver<Input>>) {
+        let (input, rx) = if polling {
+            let (tx, rx) = mpsc::channel(16);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let conn = Conn {
             sid: Uuid::new_v4().simple().to_string(),
             queue: Arc::new(Outbound::new(node.config.limits.outbound_queue_bytes)),
@@ -140,7 +147,7 @@ impl Conn {
 pub(crate) async fn run(
     engines: Arc<Engines>,
     conn: Arc<Conn>,
-    rx: mpsc::Receiver<Input>,
+    rx: Option<mpsc::Receiver<Input>>,
     socket: Option<WebSocket>,
     token: Option<String>,
 ) {
@@ -162,7 +169,7 @@ struct Engine {
 }
 
 impl Engine {
-    async fn run(&mut self, mut rx: mpsc::Receiver<Input>, socket: Option<WebSocket>) {
+    async fn run(&mut self, mut rx: Option<mpsc::Receiver<Input>>, socket: Option<WebSocket>) {
         let node = self.node.clone();
         let queue = self.conn.queue.clone();
         let interval = node.config.heartbeat_interval;
@@ -213,7 +220,7 @@ impl Engine {
                     }
                 }
                 _ = tokio::time::sleep_until(last_seen + window), if open => queue.close(Disconnect::NO_PONG),
-                input = rx.recv() => match input {
+                input = recv(&mut rx), if rx.is_some() => match input {
                     Some(Input::Payload(payload)) => {
                         last_seen = Instant::now();
                         for packet in payload.split('\u{1e}') {
@@ -430,6 +437,13 @@ async fn sleep_until(deadline: Option<Instant>) {
 async fn next(stream: &mut Option<SplitStream<WebSocket>>) -> Option<Result<Message, axum::Error>> {
     match stream {
         Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<Input>>) -> Option<Input> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

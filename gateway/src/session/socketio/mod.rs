@@ -109,15 +109,18 @@ async fn handle(State(engines): State<Arc<Engines>>, Query(q): Query<EioQuery>, 
                     let Some(conn) = engines.find(sid) else {
                         return engine_error(1, "Session ID unknown");
                     };
+                    let Some(input) = conn.input.clone() else {
+                        return engine_error(3, "Bad request");
+                    };
                     ws.on_upgrade(move |socket| async move {
-                        let _ = conn.input.send(Input::Upgrade(Box::new(socket))).await;
+                        let _ = input.send(Input::Upgrade(Box::new(socket))).await;
                     })
                 }
                 None => {
                     if let Some(refused) = admit(&node, &parts.headers) {
                         return refused;
                     }
-                    let (conn, rx) = Conn::new(&node);
+                    let (conn, rx) = Conn::new(&node, false);
                     let sessions = node.sessions.clone();
                     ws.on_upgrade(move |socket| {
                         sessions.track_future(engine::run(engines, conn, rx, Some(socket), q.token))
@@ -129,7 +132,7 @@ async fn handle(State(engines): State<Arc<Engines>>, Query(q): Query<EioQuery>, 
             if let Some(refused) = admit(&node, &parts.headers) {
                 return refused;
             }
-            let (conn, rx) = Conn::new(&node);
+            let (conn, rx) = Conn::new(&node, true);
             let open = conn.open_packet(&node, true);
             engines.polling.lock().unwrap().insert(conn.sid.clone(), conn.clone());
             node.sessions.spawn(engine::run(engines.clone(), conn, rx, None, q.token));
@@ -231,7 +234,10 @@ async fn post(node: &Node, conn: &Arc<Conn>, body: axum::body::Body) -> Response
         conn.queue.close(Disconnect::INVALID_UTF8);
         return engine_error(3, "Bad request");
     };
-    if conn.input.send(Input::Payload(payload)).await.is_err() {
+    let Some(input) = &conn.input else {
+        return engine_error(3, "Bad request");
+    };
+    if input.send(Input::Payload(payload)).await.is_err() {
         return engine_error(1, "Session ID unknown");
     }
     text("ok".to_owned())
