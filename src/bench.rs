@@ -107,6 +107,9 @@ pub struct FanoutArgs {
     /// Channel names are `PREFIX:N`; give each of several bench processes its own.
     #[arg(long, default_value = "bench")]
     prefix: String,
+    /// The CA (PEM) that signs the gateway's certificate, for `wss://` endpoints.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -282,12 +285,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A bench client's socket: TCP, or TLS over it for `wss://`.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type BenchSocket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
 async fn connect_one(
     url: &str,
     source: Option<IpAddr>,
-) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
-    let host = url.trim_start_matches("ws://").split('/').next().unwrap_or("");
-    let addr: SocketAddr = host.parse().map_err(|_| format!("{url}: use ws://IP:PORT/…"))?;
+    tls: Option<&switchboard_tls::TlsConnector>,
+) -> Result<BenchSocket, String> {
+    let host = url.trim_start_matches("ws://").trim_start_matches("wss://").split('/').next().unwrap_or("");
+    let addr: SocketAddr = host.parse().map_err(|_| format!("{url}: use ws://IP:PORT/… or wss://IP:PORT/…"))?;
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
@@ -298,6 +307,14 @@ async fn connect_one(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
+    let stream: Box<dyn Io> = match (url.starts_with("wss://"), tls) {
+        (false, _) => Box::new(stream),
+        (true, Some(tls)) => {
+            let name = switchboard_tls::ServerName::from(addr.ip());
+            Box::new(tls.connect(name, stream).await.map_err(|e| e.to_string())?)
+        }
+        (true, None) => return Err(format!("{url}: wss:// needs --ca")),
+    };
     let (ws, _) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await.map_err(|e| e.to_string())?;
     Ok(ws)
@@ -309,6 +326,10 @@ async fn fanout(args: FanoutArgs, tls: Option<ClientTls>) -> Result<(), String> 
     }
     check_loopback(&args.url)?;
     let channels = args.channels.max(1);
+    let wss = match &args.ca {
+        Some(ca) => Some(switchboard_tls::connector(ca).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let rss_before = args.server_pid.and_then(rss_kib);
     let received = Arc::new(AtomicU64::new(0));
     let started_connect = Instant::now();
@@ -323,7 +344,7 @@ async fn fanout(args: FanoutArgs, tls: Option<ClientTls>) -> Result<(), String> 
     for i in 0..args.clients {
         let source =
             (args.source_addrs > 0).then(|| IpAddr::from([127, 0, 0, 1 + ((i / 20_000) as u8 % args.source_addrs)]));
-        let mut ws = match connect_one(&args.ws[i % args.ws.len()], source).await {
+        let mut ws = match connect_one(&args.ws[i % args.ws.len()], source, wss.as_ref()).await {
             Ok(ws) => ws,
             Err(_) => {
                 connect_errors += 1;

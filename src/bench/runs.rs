@@ -153,7 +153,7 @@ pub async fn runs(args: RunsArgs, tls: Option<switchboard_tls::ClientTls>) -> Re
     let mut tasks = Vec::new();
     for c in 0..connections {
         let url = args.ws[c % args.ws.len()].clone();
-        let ws = connect_one(&url, None).await.map_err(|e| format!("{url}: {e}"))?;
+        let ws = connect_one(&url, None, None).await.map_err(|e| format!("{url}: {e}"))?;
         let slots = (c..args.runs).step_by(connections).count();
         let counts = counts.clone();
         let (tokens, worker_mode) = (args.tokens, args.agent == Agent::Worker);
@@ -302,7 +302,7 @@ async fn serve_run(run_id: String, thread_id: String, tokens: usize, rate: u64, 
 /// histograms.
 #[allow(clippy::too_many_arguments)]
 async fn connection(
-    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    ws: super::BenchSocket,
     slots: usize,
     agent: &'static str,
     tokens: usize,

@@ -9,7 +9,7 @@
 use std::{
     future::Future,
     io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
@@ -106,9 +106,10 @@ impl tower_service::Service<Uri> for ClientTls {
     }
 }
 
-fn build(files: &ClientFiles) -> Result<ClientConfig, TlsError> {
+/// The CA certificates servers are verified with: `tls.ca`'s, or the public web roots.
+pub(crate) fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    match &files.ca {
+    match ca {
         Some(path) => {
             for cert in certs("tls.ca", path)? {
                 roots.add(cert).map_err(|e| error("tls.ca", path, e))?;
@@ -116,6 +117,11 @@ fn build(files: &ClientFiles) -> Result<ClientConfig, TlsError> {
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    Ok(roots)
+}
+
+fn build(files: &ClientFiles) -> Result<ClientConfig, TlsError> {
+    let roots = roots(files.ca.as_deref())?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError { setting: "tls".into(), path: String::new(), message: e.to_string() })?

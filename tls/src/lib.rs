@@ -171,6 +171,24 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// A TLS connector for our own `wss://` clients (`switchboard bench`):
+/// servers verified with the CA certificates of `ca` (`tls.ca`).
+///
+/// # Errors
+/// When the file cannot be read or holds no usable certificate.
+pub fn connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let roots = client::roots(Some(ca))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error("tls.ca", ca, e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// For clients of `connector`, so they need no TLS crate of their own.
+pub use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -20,8 +20,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(admin::routes())
         .merge(status::routes())
         .merge(agui::routes())
-        // Server-Sent Events, a session of its own transport, and the console page.
+        // The sessions of other transports (Server-Sent Events, Socket.IO), and the console page.
         .route("/sse", get(session::sse::connect))
+        .merge(session::socketio::router(node.clone()))
         .route("/", get(console::page))
         .route("/console.js", get(console::script))
         .layer(cors(&node.config.allowed_origins))

@@ -120,6 +120,11 @@ impl FrameError {
 /// Parses one client text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let value: Value = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    parse_value(value)
+}
+
+/// Parses a client frame already read as JSON (a Socket.IO event's fields).
+pub fn parse_value(value: Value) -> Result<ClientFrame, FrameError> {
     let Value::Object(mut obj) = value else {
         return Err(invalid(None, "frame must be a JSON object"));
     };

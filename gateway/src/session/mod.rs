@@ -6,6 +6,7 @@
 
 mod access;
 mod limits;
+pub(crate) mod socketio;
 pub(crate) mod sse;
 mod ws;
 
@@ -169,12 +170,33 @@ impl Session {
     /// Handles one text frame of the client.
     pub(crate) fn on_text(&mut self, text: &str) {
         if self.admit() {
-            match protocol::parse(text) {
-                Ok(frame) => self.on_frame(frame),
-                Err(e) => {
-                    self.error(e.code(), &e.message(), e.id());
-                    self.protocol_error();
-                }
+            self.on_parsed(protocol::parse(text));
+        }
+    }
+
+    /// Handles a client frame already read as JSON (a Socket.IO event's
+    /// fields with its name as `type`), with the admission of a text frame.
+    pub(crate) fn on_value(&mut self, value: Value) {
+        if self.admit() {
+            self.on_parsed(protocol::parse_value(value));
+        }
+    }
+
+    /// Handles a message of the transport that carries no frame (a
+    /// malformed Socket.IO packet): an `invalid_frame` protocol error.
+    pub(crate) fn on_malformed(&mut self, message: &str) {
+        if self.admit() {
+            self.error("invalid_frame", message, None);
+            self.protocol_error();
+        }
+    }
+
+    fn on_parsed(&mut self, parsed: Result<ClientFrame, protocol::FrameError>) {
+        match parsed {
+            Ok(frame) => self.on_frame(frame),
+            Err(e) => {
+                self.error(e.code(), &e.message(), e.id());
+                self.protocol_error();
             }
         }
     }

@@ -21,6 +21,7 @@ mod relink;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod socketio;
 mod sse;
 mod tls;
 mod workers;
