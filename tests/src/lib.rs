@@ -236,6 +236,19 @@ pub struct Ws {
     pub connected: Value,
 }
 
+/// A gateway configuration tweak: the `chat` namespace open to anonymous
+/// subscribers and publishers.
+pub fn open_chat(c: &mut gateway::Config) {
+    c.namespaces.insert(
+        "chat".into(),
+        gateway::Namespace {
+            subscribe: gateway::Access::Anonymous,
+            publish: gateway::Access::Anonymous,
+            ..Default::default()
+        },
+    );
+}
+
 /// What `Ws::next_within` read.
 #[derive(Debug)]
 pub enum Next {

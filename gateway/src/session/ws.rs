@@ -1,4 +1,5 @@
-//! The WebSocket transport of a session: reads the client's messages into
+//! The WebSocket transport of a session (its read-error rule, writer ends
+//! and bounded writes serve Socket.IO's WebSocket too): reads the client's messages into
 //! it, watches the heartbeat, and runs the writer task that drains the
 //! outbound queue into the socket and performs the closing handshake.
 
@@ -103,7 +104,7 @@ async fn run_inner(node: Arc<Node>, socket: WebSocket, params: Params, id: Uuid)
 /// The close a read error calls for (SPEC §9), when the socket can still
 /// take one: a frame over the limit, invalid UTF-8 in a text frame, or a
 /// WebSocket protocol violation. Other errors are a connection that broke.
-fn read_error(err: axum::Error) -> Option<Disconnect> {
+pub(super) fn read_error(err: axum::Error) -> Option<Disconnect> {
     match err.into_inner().downcast_ref::<tungstenite::Error>()? {
         tungstenite::Error::Capacity(_) => Some(Disconnect::MESSAGE_TOO_BIG),
         tungstenite::Error::Utf8(_) => Some(Disconnect::INVALID_UTF8),
@@ -114,7 +115,7 @@ fn read_error(err: axum::Error) -> Option<Disconnect> {
 
 /// How the writer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WriterEnd {
+pub(super) enum WriterEnd {
     /// It sent the `disconnect` and close frames.
     Closed,
     /// The socket broke, or took nothing for `write_timeout`.
@@ -166,6 +167,6 @@ async fn write_loop(
 }
 
 /// Whether a write completed, without error, within `limit`.
-async fn within(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
+pub(super) async fn within(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }

@@ -135,17 +135,7 @@ async fn broadcast_all_reaches_every_connection() {
 #[tokio::test]
 async fn client_publish_only_where_the_namespace_allows_it() {
     let bus = BusServer::memory().await;
-    let gw = GatewayServer::start_with(&bus.url(), |c| {
-        c.namespaces.insert(
-            "chat".into(),
-            gateway::Namespace {
-                subscribe: gateway::Access::Anonymous,
-                publish: gateway::Access::Anonymous,
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let gw = GatewayServer::start_with(&bus.url(), open_chat).await;
     let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     ws.subscribe("chat:room1").await;
     ws.send(json!({ "type": "publish", "channel": "chat:room1", "event": "said", "data": { "text": "hi" }, "id": 5 }))
@@ -174,17 +164,7 @@ async fn client_publish_only_where_the_namespace_allows_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connections_publishes_keep_their_order() {
     let bus = BusServer::memory().await;
-    let gw = GatewayServer::start_with(&bus.url(), |c| {
-        c.namespaces.insert(
-            "chat".into(),
-            gateway::Namespace {
-                subscribe: gateway::Access::Anonymous,
-                publish: gateway::Access::Anonymous,
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let gw = GatewayServer::start_with(&bus.url(), open_chat).await;
     let mut ws = Ws::connect(&gw.ws_url("/ws")).await.unwrap();
     ws.subscribe("chat:order").await;
     const N: u64 = 150;

@@ -109,17 +109,7 @@ fn arbitrary_frame_sequences_never_break_a_connection() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stack = rt.block_on(async {
         let bus = BusServer::memory().await;
-        let gateway = GatewayServer::start_with(&bus.url(), |c| {
-            c.namespaces.insert(
-                "chat".into(),
-                gateway::Namespace {
-                    subscribe: gateway::Access::Anonymous,
-                    publish: gateway::Access::Anonymous,
-                    ..Default::default()
-                },
-            );
-        })
-        .await;
+        let gateway = GatewayServer::start_with(&bus.url(), open_chat).await;
         Stack { bus, gateway }
     });
     let mut runner = TestRunner::new(Config { cases: 48, failure_persistence: None, ..Config::default() });

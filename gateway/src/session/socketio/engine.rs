@@ -4,7 +4,6 @@
 //! writer that drains the outbound queue.
 
 use std::{
-    future::Future,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -28,7 +27,10 @@ use crate::{
     Node, auth,
     disconnect::Disconnect,
     queue::Outbound,
-    session::{Params, Session},
+    session::{
+        Params, Session,
+        ws::{WriterEnd, read_error, within},
+    },
 };
 
 /// The event that carries the `disconnect` frame (see `Conn::farewell`).
@@ -455,22 +457,6 @@ async fn join(writer: &mut Option<JoinHandle<WriterEnd>>) -> WriterEnd {
     }
 }
 
-/// The close a read error calls for (SPEC §9), as on `/ws`.
-fn read_error(err: axum::Error) -> Option<Disconnect> {
-    match err.into_inner().downcast_ref::<tungstenite::Error>()? {
-        tungstenite::Error::Capacity(_) => Some(Disconnect::MESSAGE_TOO_BIG),
-        tungstenite::Error::Utf8(_) => Some(Disconnect::INVALID_UTF8),
-        tungstenite::Error::Protocol(_) => Some(Disconnect::PROTOCOL_VIOLATION),
-        _ => None,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WriterEnd {
-    Closed,
-    Broken,
-}
-
 /// Drains the queue into the WebSocket, each item as its packet, and ends
 /// with the farewell and the close frame. Every write has `write_timeout`.
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, conn: Arc<Conn>, write_timeout: Duration) -> WriterEnd {
@@ -506,8 +492,4 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, conn: Arc<Conn>, wr
             }
         }
     }
-}
-
-async fn within(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
-    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
