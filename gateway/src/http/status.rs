@@ -33,7 +33,11 @@ async fn info(State(node): State<Arc<Node>>) -> ApiResult {
         "node": node.config.node,
         "endpoints": {
             "websocket": ["/ws", "/ws/connect", "/ws/channel/{channel}", "/ws/tasks/{task_id}"],
+            "socketio": "/socket.io/",
+            "sse": "/sse",
             "api": "/api/ws",
+            "agui": "/agui/{agent}",
+            "console": "/",
             "health": "/health",
             "ready": "/ready",
             "metrics": "/metrics",

@@ -42,6 +42,9 @@ async fn admin_endpoints_need_the_key() {
     let (status, info) = http(addr, "GET", "/api/ws/info", None, None).await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(info["limits"]["max_message_bytes"], 65536);
+    // Every transport a client may pick is listed.
+    assert_eq!((&info["endpoints"]["sse"], &info["endpoints"]["socketio"]), (&json!("/sse"), &json!("/socket.io/")));
+    assert_eq!(info["endpoints"]["console"], "/");
 }
 
 #[tokio::test]
