@@ -143,15 +143,7 @@ pub async fn run(listener: TcpListener, app: Router, node: Arc<Node>, stop: Canc
     loop {
         let (tcp, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, most often: let some close.
-                    tracing::warn!(cause = %e, "accept error");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = switchboard_tls::accept(&listener) => accepted,
         };
         if node.open_connections() >= max && !node.pending.evict_oldest() {
             tokio::spawn(refuse(tcp));

@@ -6,6 +6,8 @@
 //!   from PEM files and read again by `reload` (on SIGHUP, in the binary);
 //!   each handshake takes the configuration current at its start, so a
 //!   reload never touches an open connection.
+//! - `accept`: the next TCP connection, riding out accept errors (the
+//!   gateway's accept loop and `incoming` share it).
 //! - `incoming`: TLS connections over a `TcpListener`, for tonic's
 //!   `serve_with_incoming_shutdown` (tonic's own `ServerTlsConfig` cannot
 //!   be reloaded).
@@ -128,6 +130,21 @@ impl ServerTls {
     }
 }
 
+/// The next connection of `listener`. An accept error (out of file
+/// descriptors, most often) is logged and retried after 50 ms, so that
+/// some connections can close meanwhile; it never ends the accept loop.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(cause = %e, "accept error");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves TLS connections accepted on `listener`, for tonic's
 /// `serve_with_incoming_shutdown`. Handshakes run in their own tasks, each
 /// bounded by `handshake_timeout`, so a slow client never holds up the
@@ -144,15 +161,7 @@ pub fn incoming(
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors, most often: let some close.
-                        tracing::warn!(cause = %e, "accept error");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = accept(&listener) => accepted,
             };
             // gRPC messages are written as they come (as `TcpIncoming::with_nodelay` does).
             let _ = tcp.set_nodelay(true);
