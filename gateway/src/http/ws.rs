@@ -19,7 +19,7 @@ use crate::{
     config::origin_allowed,
     disconnect::Disconnect,
     protocol::{self, Since},
-    session::{self, Params},
+    session::{self, Params, READ_BUFFER, WRITE_BUFFER},
 };
 
 /// This module's routes.
@@ -30,18 +30,6 @@ pub(super) fn routes() -> Router<Arc<Node>> {
         .route("/ws/channel/{channel}", any(ws_channel))
         .route("/ws/tasks/{task_id}", any(ws_task))
 }
-
-/// The read buffer of a WebSocket, allocated for every connection up front:
-/// tungstenite's default (128 KiB) would be most of an idle connection's
-/// memory. Client frames are mostly small; bigger ones are read in pieces of
-/// this size, up to `max_message_bytes`. Measured: 256 bytes brings an idle
-/// connection to 5.8 KiB of RSS (BENCHMARKS.md).
-const READ_BUFFER: usize = 256;
-
-/// How much a connection's writer gathers before writing to the socket; the
-/// buffer grows only while frames are waiting, and the writer flushes after
-/// every batch it takes from the queue.
-const WRITE_BUFFER: usize = 64 * 1024;
 
 #[derive(Deserialize, Default)]
 struct WsQuery {

@@ -32,6 +32,7 @@ use crate::{
 use limits::Budget;
 
 pub use ws::run;
+pub(crate) use ws::{READ_BUFFER, WRITE_BUFFER};
 
 /// Who is on the other end, as established before the upgrade.
 #[derive(Debug, Clone, Default)]

@@ -22,7 +22,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{Node, config::origin_allowed, disconnect::Disconnect};
+use crate::{
+    Node,
+    config::origin_allowed,
+    disconnect::Disconnect,
+    session::{READ_BUFFER, WRITE_BUFFER},
+};
 use axum::{
     Router,
     extract::{FromRequestParts, Query, Request, State, WebSocketUpgrade, ws::Utf8Bytes},
@@ -34,9 +39,6 @@ use engine::{Conn, Input};
 use serde::Deserialize;
 use serde_json::json;
 
-/// A WebSocket's read buffer, as for `/ws` (see `http.rs`).
-const READ_BUFFER: usize = 256;
-const WRITE_BUFFER: usize = 64 * 1024;
 /// What a packet may carry on top of a frame of `max_message_bytes`.
 const PACKET_OVERHEAD: usize = 256;
 
