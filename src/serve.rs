@@ -12,6 +12,7 @@ impl Plan {
     pub(crate) async fn run(mut self) -> ExitCode {
         let stop = CancellationToken::new();
         let bus_stop = CancellationToken::new();
+        let bus_overdue = CancellationToken::new();
         tokio::spawn(signal(stop.clone()));
         let certificates = Certificates {
             servers: [&self.gateway.tls, &self.eventbus.tls, &self.bridge.tls].into_iter().flatten().cloned().collect(),
@@ -94,11 +95,12 @@ impl Plan {
             }
             // The bus stops last: runs publish their last events to it.
             let token = bus_stop.clone();
-            bus_task = Some(tokio::spawn(async move {
+            let serve = async move {
                 let r = switchboard_eventbus::serve_bus(bus, listener, token.cancelled_owned()).await;
                 handle.stop().await;
                 r.map_err(|e| e.to_string())
-            }));
+            };
+            bus_task = Some(if runs_gateway { own_thread(serve, bus_overdue.clone()) } else { tokio::spawn(serve) });
         }
         let mut bridge_task = None;
         if let Some(listener) = bridge_listener {
@@ -172,7 +174,6 @@ impl Plan {
         // what still runs is dropped, so the process always exits in time.
         let grace = self.gateway.shutdown_grace;
         let overdue = CancellationToken::new();
-        let bus_overdue = CancellationToken::new();
         let (stopped, late, bus_late) = (stop.clone(), overdue.clone(), bus_overdue.clone());
         tokio::spawn(async move {
             stopped.cancelled().await;
@@ -198,6 +199,26 @@ impl Plan {
         }
         if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     }
+}
+
+/// Runs a service on a runtime and thread of its own, so that its tasks are
+/// scheduled beside the other services' rather than queued behind them: in
+/// `up` the bus's hops of each event (its gRPC tasks, the `Subscribe` stream)
+/// no longer wait for the gateway's fan-out of the event before. Dropped,
+/// with its tasks, once `overdue` is cancelled.
+fn own_thread(
+    service: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+    overdue: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            tokio::select! {
+                r = service => r,
+                _ = overdue.cancelled() => Ok(()),
+            }
+        })
+    })
 }
 
 /// Waits for a service to end; one that fails stops the others, and one
