@@ -394,6 +394,7 @@ fn bridge_config(s: &Settings, eventbus_listen: SocketAddr) -> Result<switchboar
     }
     Ok(switchboard_agent_bridge::Config {
         data_dir: s.agent_bridge.data_dir.clone(),
+        local_bus: None,
         threads: match s.agent_bridge.threads.as_str() {
             "local" => switchboard_agent_bridge::ThreadsAt::Local,
             "bus" => switchboard_agent_bridge::ThreadsAt::Bus,
@@ -431,6 +432,7 @@ fn gateway_config(
     let l = &s.limits;
     switchboard_gateway::Config {
         node: s.gateway.node.clone().unwrap_or_else(|| "gateway".into()),
+        local_bus: None,
         eventbus_urls: match &s.gateway.eventbus_url {
             Some(urls) => urls.0.clone(),
             None => vec![format!("{}://{eventbus_listen}", scheme(&s.eventbus.tls_cert))],

@@ -93,6 +93,13 @@ impl Plan {
                     Err(code) => return code,
                 }
             }
+            // This process's gateway and bridge call the bus in place.
+            if self.local_bus {
+                self.gateway.local_bus = Some(switchboard_eventbus::in_process(bus.clone(), bus_stop.clone()));
+            }
+            if self.local_bridge_bus {
+                self.bridge.local_bus = Some(switchboard_eventbus::in_process(bus.clone(), bus_stop.clone()));
+            }
             // The bus stops last: runs publish their last events to it.
             let token = bus_stop.clone();
             let serve = async move {

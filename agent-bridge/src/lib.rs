@@ -76,6 +76,9 @@ pub struct Config {
     pub threads: ThreadsAt,
     /// The event bus, for thread channels and status events; none runs without.
     pub eventbus_url: Option<String>,
+    /// The bus's service in this process (`switchboard up`): when set, the
+    /// bridge calls it in place of `eventbus_url`, with no socket between.
+    pub local_bus: Option<switchboard_proto::client::BusTransport>,
     /// Required from callers as `authorization: Bearer <key>`, and sent to the bus.
     pub api_key: Option<String>,
     /// The agent `default` names.
@@ -107,6 +110,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             threads: ThreadsAt::Local,
             eventbus_url: Some("http://127.0.0.1:50051".into()),
+            local_bus: None,
             api_key: None,
             default_agent: "echo".into(),
             echo_delay: Duration::from_millis(20),
@@ -127,12 +131,11 @@ impl Default for Config {
 /// When the thread store or the bus URL is unusable, or threads are to be
 /// on the bus and there is none.
 pub fn open(config: Config) -> Result<Bridge, Box<dyn std::error::Error + Send + Sync>> {
-    let bus = match &config.eventbus_url {
-        Some(url) => {
-            let key = switchboard_proto::auth::BearerKey::new(config.api_key.as_deref())?;
-            Some(switchboard_proto::client::bus(url, key, config.client_tls.as_ref())?)
-        }
-        None => None,
+    let key = || switchboard_proto::auth::BearerKey::new(config.api_key.as_deref());
+    let bus = match (&config.local_bus, &config.eventbus_url) {
+        (Some(local), _) => Some(switchboard_proto::client::bus_over(local.clone(), key()?)),
+        (None, Some(url)) => Some(switchboard_proto::client::bus(url, key()?, config.client_tls.as_ref())?),
+        (None, None) => None,
     };
     let threads = match (config.threads, &bus) {
         (ThreadsAt::Local, _) => threads::Threads::open(&config.data_dir, config.thread_max_messages)?.into(),

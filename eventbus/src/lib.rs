@@ -47,6 +47,7 @@ pub use error::{BusError, StoreError};
 pub use event::{Event, NewEvent, Position, Published};
 pub(crate) use event::{IDEMPOTENCY_WINDOW, now_ms};
 pub use presence::PresenceEntry;
+pub use service::in_process;
 
 /// Opens the configured store (or connects to the shared backend) and
 /// returns a running bus core, without binding anything. The writer thread

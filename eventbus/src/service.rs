@@ -41,6 +41,13 @@ pub fn with_key(
     InterceptedService::new(server, KeyCheck::new(key.as_deref()))
 }
 
+/// The service with its key check, for a client in this process
+/// (`switchboard up`'s gateway and bridge).
+pub fn in_process(bus: Bus, shutdown: CancellationToken) -> switchboard_proto::client::BusTransport {
+    let key = bus.config().api_key.clone();
+    switchboard_proto::client::in_process(with_key(EventBusService::new(bus, shutdown), key))
+}
+
 fn new_event(req: pb::PublishRequest) -> NewEvent {
     NewEvent {
         channel: req.channel,
@@ -99,6 +106,58 @@ fn delivery(d: Delivery) -> pb::SubscribeResponse {
         Delivery::Left { channel } => R::Left(pb::Left { channel: channel.to_string() }),
     };
     pb::SubscribeResponse { response: Some(response) }
+}
+
+/// One `Subscribe` stream: its requests in, its deliveries out.
+struct SubscribeStream {
+    inbound: Streaming<pb::SubscribeRequest>,
+    subscription: crate::bus::Subscription,
+    deliveries: mpsc::Receiver<Delivery>,
+    lagged: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+impl SubscribeStream {
+    /// The next answer, acting on the requests that come before it; `None`
+    /// when the client ended its requests.
+    async fn next(&mut self) -> Option<Result<pb::SubscribeResponse, Status>> {
+        use pb::subscribe_request::Request as R;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Some(Err(Status::unavailable("the event bus is shutting down"))),
+                _ = self.lagged.cancelled() => {
+                    return Some(Err(Status::resource_exhausted("subscriber lagged; resubscribe from your positions")));
+                }
+                // Deliveries before requests: a stream that pipelines
+                // thousands of joins must not queue their answers behind
+                // them before the first is sent.
+                Some(d) = self.deliveries.recv() => return Some(Ok(delivery(d))),
+                item = self.inbound.next() => match item {
+                    Some(Ok(pb::SubscribeRequest { request: Some(R::Join(join)) })) => {
+                        let since = join.since.map(|s| Position { offset: s.offset, epoch: Arc::from(s.epoch) });
+                        self.subscription.join(&join.channel, since);
+                    }
+                    Some(Ok(pb::SubscribeRequest { request: Some(R::Leave(leave)) })) => {
+                        self.subscription.leave(&leave.channel);
+                    }
+                    Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceJoin(join)) })) => {
+                        let entry = PresenceEntry { connection_id: join.connection_id, user_id: join.user_id, node: join.node };
+                        if let Err(e) = self.subscription.presence_join(&join.channel, entry) {
+                            tracing::warn!(cause = %e, channel = %join.channel, "presence join refused");
+                        }
+                    }
+                    Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceLeave(leave)) })) => {
+                        self.subscription.presence_leave(&leave.channel, &leave.connection_id);
+                    }
+                    Some(Ok(pb::SubscribeRequest { request: None })) => {
+                        return Some(Err(Status::invalid_argument("empty subscribe request")));
+                    }
+                    Some(Err(_)) | None => return None,
+                },
+            }
+        }
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -172,60 +231,22 @@ impl pb::event_bus_server::EventBus for EventBusService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (mut subscription, mut deliveries, lagged) = self.bus.subscribe();
-        let shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the event bus is shutting down"))).await;
-                        return;
-                    }
-                    _ = lagged.cancelled() => {
-                        let _ = tx.send(Err(Status::resource_exhausted("subscriber lagged; resubscribe from your positions"))).await;
-                        return;
-                    }
-                    // Deliveries before requests: a stream that pipelines
-                    // thousands of joins must not fill its own queue with
-                    // their answers before the first is sent.
-                    Some(d) = deliveries.recv() => {
-                        if tx.send(Ok(delivery(d))).await.is_err() {
-                            return;
-                        }
-                    }
-                    item = inbound.next() => {
-                        use pb::subscribe_request::Request as R;
-                        match item {
-                            Some(Ok(pb::SubscribeRequest { request: Some(R::Join(join)) })) => {
-                                let since = join.since.map(|s| Position { offset: s.offset, epoch: Arc::from(s.epoch) });
-                                subscription.join(&join.channel, since);
-                            }
-                            Some(Ok(pb::SubscribeRequest { request: Some(R::Leave(leave)) })) => {
-                                subscription.leave(&leave.channel);
-                            }
-                            Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceJoin(join)) })) => {
-                                let entry = PresenceEntry { connection_id: join.connection_id, user_id: join.user_id, node: join.node };
-                                if let Err(e) = subscription.presence_join(&join.channel, entry) {
-                                    tracing::warn!(cause = %e, channel = %join.channel, "presence join refused");
-                                }
-                            }
-                            Some(Ok(pb::SubscribeRequest { request: Some(R::PresenceLeave(leave)) })) => {
-                                subscription.presence_leave(&leave.channel, &leave.connection_id);
-                            }
-                            Some(Ok(pb::SubscribeRequest { request: None })) => {
-                                let _ = tx.send(Err(Status::invalid_argument("empty subscribe request"))).await;
-                                return;
-                            }
-                            Some(Err(_)) | None => return,
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (subscription, deliveries, lagged) = self.bus.subscribe();
+        let stream = SubscribeStream {
+            inbound: request.into_inner(),
+            subscription,
+            deliveries,
+            lagged,
+            shutdown: self.shutdown.clone(),
+        };
+        // The answer stream runs the subscription as it is polled, with no
+        // task and queue of its own between the bus and the transport.
+        Ok(Response::new(Box::pin(futures::stream::unfold(Some(stream), |s| async move {
+            let mut s = s?;
+            let next = s.next().await;
+            let more = matches!(next, Some(Ok(_)));
+            next.map(|item| (item, more.then_some(s)))
+        }))))
     }
 
     async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
@@ -280,5 +301,52 @@ impl pb::event_bus_server::EventBus for EventBusService {
             subscriptions,
             published_total,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_proto::{auth::BearerKey, client::bus_over, eventbus::v1 as pb};
+    use tokio_util::sync::CancellationToken;
+
+    fn join(channel: &str) -> pb::SubscribeRequest {
+        let join = pb::Join { channel: channel.to_owned(), since: None };
+        pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Join(join)) }
+    }
+
+    /// The in-process transport runs the same key check, publishes and
+    /// `Subscribe` stream as the network, and ends the stream at shutdown.
+    #[tokio::test]
+    async fn in_process_calls_check_the_key_and_stream_until_shutdown() {
+        let config = crate::Config { api_key: Some("bus-key-0123456789".into()), ..crate::Config::memory() };
+        let (bus, handle) = crate::open(config).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let transport = super::in_process(bus, shutdown.clone());
+
+        let mut stranger = bus_over(transport.clone(), BearerKey::new(Some("wrong-key-0123456789")).unwrap());
+        let refused = stranger.publish(pb::PublishRequest { channel: "a".into(), ..Default::default() }).await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+        let mut client = bus_over(transport, BearerKey::new(Some("bus-key-0123456789")).unwrap());
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        requests.send(join("a")).await.unwrap();
+        let mut answers = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let joined = answers.message().await.unwrap().unwrap();
+        assert!(matches!(joined.response, Some(pb::subscribe_response::Response::Joined(_))), "{joined:?}");
+
+        let request =
+            pb::PublishRequest { channel: "a".into(), event: "tick".into(), data: "1".into(), ..Default::default() };
+        let published = client.publish(request).await.unwrap().into_inner();
+        let Some(pb::subscribe_response::Response::Events(batch)) = answers.message().await.unwrap().unwrap().response
+        else {
+            panic!("expected the published event");
+        };
+        assert_eq!((batch.events[0].offset, batch.events[0].event.as_str()), (published.offset, "tick"));
+
+        shutdown.cancel();
+        assert_eq!(answers.message().await.unwrap_err().code(), tonic::Code::Unavailable);
+        assert!(answers.message().await.unwrap().is_none(), "the stream ends after its error");
+        drop(requests);
+        handle.stop().await;
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 use switchboard_proto::{
     auth::BearerKey,
-    client::{self, BusClient},
+    client::{self, BusClient, BusTransport},
     error::ErrorCode,
     eventbus::v1 as pb,
 };
@@ -64,6 +64,15 @@ impl BusNodes {
             .map(|url| client::bus(url, key.clone(), tls).map(Bus).map_err(|e| format!("gateway.eventbus_url: {e}")))
             .collect::<Result<_, _>>()?;
         Ok(BusNodes { nodes, current: AtomicUsize::new(0) })
+    }
+
+    /// The one bus of this process, called in place.
+    ///
+    /// # Errors
+    /// When the key is malformed.
+    pub fn in_process(transport: BusTransport, key: Option<&str>) -> Result<BusNodes, String> {
+        let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
+        Ok(BusNodes { nodes: vec![Bus(client::bus_over(transport, key))], current: AtomicUsize::new(0) })
     }
 
     /// The node in use.

@@ -83,6 +83,9 @@ pub struct Config {
     /// Event bus nodes, such as `http://127.0.0.1:50051`: the link uses the
     /// first that answers, and the next one when it is lost.
     pub eventbus_urls: Vec<String>,
+    /// The bus's service in this process (`switchboard up`): when set, the
+    /// gateway calls it in place of `eventbus_urls`, with no socket between.
+    pub local_bus: Option<switchboard_proto::client::BusTransport>,
     /// Agent bridges, such as `http://127.0.0.1:50052`: each thread's runs
     /// go to one of them, by rendezvous hashing on the thread id, and to the
     /// next when it cannot be reached. Without any, agent frames answer
@@ -152,6 +155,7 @@ impl Default for Config {
         Config {
             node: "gateway".to_owned(),
             eventbus_urls: vec!["http://127.0.0.1:50051".to_owned()],
+            local_bus: None,
             agent_bridge_urls: Vec::new(),
             admin_key: None,
             anonymous: true,

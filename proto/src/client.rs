@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use switchboard_tls::ClientTls;
 use tonic::{
+    body::Body,
+    codegen::StdError,
     service::interceptor::InterceptedService,
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
+use tower::{ServiceExt, util::BoxCloneSyncService};
 
 use crate::{
     agent::v1::{agent_bridge_client::AgentBridgeClient, agent_worker_client::AgentWorkerClient},
@@ -15,7 +18,12 @@ use crate::{
     eventbus::v1::event_bus_client::EventBusClient,
 };
 
-pub type BusClient = EventBusClient<InterceptedService<Channel, BearerKey>>;
+/// What a bus client sends its calls over: a channel to a bus node, or the
+/// bus's own service called in this process (`switchboard up`), where an
+/// event crosses no socket, HTTP/2 connection or connection task.
+pub type BusTransport = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tonic::transport::Error>;
+
+pub type BusClient = EventBusClient<InterceptedService<BusTransport, BearerKey>>;
 
 pub type BridgeClient = AgentBridgeClient<InterceptedService<Channel, BearerKey>>;
 
@@ -34,7 +42,32 @@ const MAX_BUS_ANSWER: usize = 64 * 1024 * 1024;
 /// # Errors
 /// When the URL is malformed.
 pub fn bus(url: &str, key: BearerKey, tls: Option<&ClientTls>) -> Result<BusClient, tonic::transport::Error> {
-    Ok(EventBusClient::with_interceptor(channel(url, tls)?, key).max_decoding_message_size(MAX_BUS_ANSWER))
+    Ok(bus_over(over_channel(channel(url, tls)?), key))
+}
+
+/// The transport of a service called in this process, such as the bus's
+/// own (with its key check), for a client beside it: calls run its handlers
+/// on the caller's task, and streams pass messages without a socket.
+pub fn in_process<S, B>(service: S) -> BusTransport
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<B>, Error = std::convert::Infallible>,
+    S: Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<StdError>,
+{
+    let service = service.map_response(|r| r.map(Body::new)).map_err(|never| match never {});
+    BoxCloneSyncService::new(service)
+}
+
+/// The transport of a channel to a bus node.
+pub fn over_channel(channel: Channel) -> BusTransport {
+    BoxCloneSyncService::new(channel)
+}
+
+/// A bus client over `transport`, such as the bus's in-process service.
+pub fn bus_over(transport: BusTransport, key: BearerKey) -> BusClient {
+    EventBusClient::with_interceptor(transport, key).max_decoding_message_size(MAX_BUS_ANSWER)
 }
 
 /// Builds an agent bridge client that connects on first use; `tls` as for `bus`.

@@ -207,7 +207,7 @@ pub async fn bus_client_with_key(url: &str, key: Option<&str>) -> BusClient {
         .await
         .expect("connect to bus");
     let key = switchboard_proto::auth::BearerKey::new(key).expect("bearer key");
-    pb::event_bus_client::EventBusClient::with_interceptor(channel, key)
+    switchboard_proto::client::bus_over(switchboard_proto::client::over_channel(channel), key)
 }
 
 /// The `type` of each AG-UI event, in order.
