@@ -243,9 +243,10 @@ impl pb::event_bus_server::EventBus for EventBusService {
         // task and queue of its own between the bus and the transport.
         Ok(Response::new(Box::pin(futures::stream::unfold(Some(stream), |s| async move {
             let mut s = s?;
-            let next = s.next().await;
-            let more = matches!(next, Some(Ok(_)));
-            next.map(|item| (item, more.then_some(s)))
+            let item = s.next().await?;
+            // An error is the stream's last answer.
+            let more = item.is_ok().then_some(s);
+            Some((item, more))
         }))))
     }
 

@@ -52,27 +52,29 @@ pub struct History(pb::HistoryResponse);
 // === impl BusNodes ===
 
 impl BusNodes {
-    /// # Errors
-    /// When there is no URL, or a URL or the key is malformed.
-    pub fn new(urls: &[String], key: Option<&str>, tls: Option<&ClientTls>) -> Result<BusNodes, String> {
-        if urls.is_empty() {
-            return Err("gateway.eventbus_url: no URL given".into());
-        }
-        let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-        let nodes = urls
-            .iter()
-            .map(|url| client::bus(url, key.clone(), tls).map(Bus).map_err(|e| format!("gateway.eventbus_url: {e}")))
-            .collect::<Result<_, _>>()?;
-        Ok(BusNodes { nodes, current: AtomicUsize::new(0) })
-    }
-
-    /// The one bus of this process, called in place.
+    /// The nodes of `urls`, or this process's own bus when `local` is given
+    /// (`switchboard up`), called in place.
     ///
     /// # Errors
-    /// When the key is malformed.
-    pub fn in_process(transport: BusTransport, key: Option<&str>) -> Result<BusNodes, String> {
+    /// When there is no bus, or a URL or the key is malformed.
+    pub fn new(
+        urls: &[String],
+        local: Option<BusTransport>,
+        key: Option<&str>,
+        tls: Option<&ClientTls>,
+    ) -> Result<BusNodes, String> {
         let key = BearerKey::new(key).map_err(|e| format!("auth.admin_key: {e}"))?;
-        Ok(BusNodes { nodes: vec![Bus(client::bus_over(transport, key))], current: AtomicUsize::new(0) })
+        let nodes = match local {
+            Some(transport) => vec![Bus(client::bus_over(transport, key))],
+            None if urls.is_empty() => return Err("gateway.eventbus_url: no URL given".into()),
+            None => urls
+                .iter()
+                .map(|url| {
+                    client::bus(url, key.clone(), tls).map(Bus).map_err(|e| format!("gateway.eventbus_url: {e}"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(BusNodes { nodes, current: AtomicUsize::new(0) })
     }
 
     /// The node in use.

@@ -101,10 +101,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let bus = Arc::new(match config.local_bus.clone() {
-        Some(local) => bus::BusNodes::in_process(local, config.admin_key.as_deref())?,
-        None => bus::BusNodes::new(&config.eventbus_urls, config.admin_key.as_deref(), config.client_tls.as_ref())?,
-    });
+    let bus = Arc::new(bus::BusNodes::new(
+        &config.eventbus_urls,
+        config.local_bus.clone(),
+        config.admin_key.as_deref(),
+        config.client_tls.as_ref(),
+    )?);
     let bridge = match config.agent_bridge_urls.as_slice() {
         [] => None,
         urls => {
